@@ -1,0 +1,1 @@
+"""The HTTP surface of a node: the OpenAI-compatible proxy on :9337."""

@@ -1,0 +1,46 @@
+"""Copy-paste commands for agents and clients, filled with the real model id and port (pure)."""
+
+from __future__ import annotations
+
+import json
+
+
+def pi_models_json(model_id: str, base_url: str, context_window: int) -> str:
+    """The `mesh` provider block for ~/.pi/agent/models.json."""
+    provider = {
+        "providers": {
+            "mesh": {
+                "api": "openai-completions",
+                "apiKey": "mesh",
+                "baseUrl": base_url,
+                "models": [
+                    {
+                        "id": model_id,
+                        "name": f"{model_id} (Mesh)",
+                        "contextWindow": context_window,
+                        "maxTokens": min(8192, context_window),
+                        "input": ["text"],
+                        "compat": {
+                            "maxTokensField": "max_tokens",
+                            "supportsDeveloperRole": False,
+                            "supportsUsageInStreaming": False,
+                        },
+                    }
+                ],
+            }
+        }
+    }
+    return json.dumps(provider, indent=2)
+
+
+def agent_commands(model_id: str, port: int, context_window: int) -> dict[str, str]:
+    host = f"http://localhost:{port}"
+    base = f"{host}/v1"
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hello"}]})
+    return {
+        "curl": f"curl {base}/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        "goose": f"GOOSE_PROVIDER=openai OPENAI_HOST={host} OPENAI_API_KEY=mesh GOOSE_MODEL={model_id} goose session",
+        "opencode": f"OPENAI_API_KEY=dummy OPENAI_BASE_URL={base} opencode -m openai/{model_id}",
+        "pi": f"pi --model mesh/{model_id}   (add the provider below to ~/.pi/agent/models.json)",
+        "pi models.json": pi_models_json(model_id, base, context_window),
+    }

@@ -1,0 +1,99 @@
+"""Command line: parses arguments and hands over; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from mesh_llm import __version__
+from mesh_llm.engine.flavor import FLAVORS
+from mesh_llm.errors import UserError
+from mesh_llm.paths import default_state_dir
+
+DESCRIPTION = """\
+Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible API
+on http://localhost:9337/v1, powered by llama.cpp.
+
+examples:
+  mesh-llm --model gemma-3-270m          serve the packaged Gemma 3 270M
+  mesh-llm --model ~/models/model.gguf   serve a local GGUF file
+  mesh-llm engine                        show which llama.cpp binaries are used
+  mesh-llm engine build                  build llama.cpp into the cache now
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mesh-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
+    p.add_argument("--model", action="append", default=[], metavar="PATH|NAME", help="GGUF file or built-in model name to serve (gemma-3-270m)")
+    p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
+    p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
+    p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
+    p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token")
+    _engine_options(p)
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR", help=f"logs and node state (default {default_state_dir()})")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
+    eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
+    eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
+    _engine_options(eng)
+    return p
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bin-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR", help="folder holding llama-server and ggml-rpc-server (else $MESH_LLM_BIN_DIR, PATH, cache)")
+    p.add_argument("--llama-flavor", choices=["auto", *FLAVORS], default=argparse.SUPPRESS, help="engine build: cpu, cuda, metal, vulkan, rocm (default auto)")
+    p.add_argument("--device", default=argparse.SUPPRESS, metavar="DEV", help="llama.cpp device to use, e.g. CUDA0, MTL0, Vulkan0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    out = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        return dispatch(args, out)
+    except UserError as exc:
+        err.print(f"mesh-llm: error: {exc}", markup=False, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("mesh-llm: interrupted")
+        return 130
+
+
+def dispatch(args: argparse.Namespace, out: Console) -> int:
+    bin_dir = getattr(args, "bin_dir", None)
+    flavor = getattr(args, "llama_flavor", None)
+    if args.command == "engine":
+        from mesh_llm.engine.commands import engine_command
+
+        return engine_command(args.action, bin_dir, flavor, args.force, out)
+    if args.client:
+        if args.model:
+            raise UserError("--client runs without a model: drop --model, or drop --client to serve it")
+        if not args.join:
+            raise UserError("--client needs a mesh to join: pass --join TOKEN")
+        raise UserError("joining a mesh is not available in this version yet (only solo serving): run without --client/--join")
+    if args.join:
+        raise UserError("joining a mesh is not available in this version yet (only solo serving): drop --join")
+    from mesh_llm.node import NodeConfig, run_node
+
+    cfg = NodeConfig(
+        models=args.model,
+        port=args.port,
+        listen_all=args.listen_all,
+        bin_dir=bin_dir,
+        device=getattr(args, "device", None),
+        flavor=flavor,
+        state_dir=(args.state_dir or default_state_dir()).expanduser(),
+        ctx_size=args.ctx_size,
+    )
+    return run_node(cfg, out)

@@ -1,0 +1,1 @@
+"""The llama.cpp engine: finding or building its binaries and running them."""

@@ -1,0 +1,1 @@
+"""Models: resolving `--model` references, inspecting GGUF files, tiny test models."""

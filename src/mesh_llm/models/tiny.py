@@ -1,0 +1,147 @@
+"""Small random-weight GGUF models for tests and benchmarks.
+
+`write_tiny_model` writes a dense llama-architecture model with a working
+byte-level BPE tokenizer (GPT-2 byte alphabet, a few merges, ChatML special
+tokens and template) that llama-server loads in well under a second. The
+output head only has weights for printable ASCII tokens, so greedy text is
+visible characters and generation never stops early on EOS.
+
+`TinyModelSpec.n_experts` is the hook for an MoE variant: the FFN tensors are
+produced by one method so an expert layout can replace them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter, LlamaFileType, TokenType
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+COMMON_PAIRS = ["t h", "th e", "i n", "a n", "e r", "o n", "r e", "Ġ t", "Ġt he", "Ġ a", "e n", "a t", "o r", "e s"]
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    n_layers: int = 4
+    n_embd: int = 64
+    n_ff: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    context_length: int = 4096
+    dtype: str = "f32"  # "f32" or "f16" for the 2-D weights
+    seed: int = 0
+    name: str = "tiny-llama"
+    n_experts: int = 0  # reserved for the MoE variant; 0 = dense
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError("n_embd must divide by n_heads, and n_heads by n_kv_heads")
+        if self.dtype not in ("f32", "f16"):
+            raise ValueError("dtype must be f32 or f16")
+        if self.n_experts:
+            raise NotImplementedError("MoE tiny models are not written yet")
+
+
+def gpt2_byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2 style BPE uses for raw bytes, indexed by byte."""
+    direct = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping: dict[int, str] = {b: chr(b) for b in direct}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return [mapping[b] for b in range(256)]
+
+
+def tiny_vocab() -> tuple[list[str], list[int], list[str], list[int]]:
+    """tokens, token types, merges, and ids of printable-ASCII tokens."""
+    alphabet = gpt2_byte_alphabet()
+    tokens = list(alphabet)
+    merges = []
+    for pair in COMMON_PAIRS:
+        left, right = pair.split(" ")
+        if left + right not in tokens:
+            merges.append(pair)
+            tokens.append(left + right)
+    n_normal = len(tokens)
+    tokens += SPECIAL_TOKENS
+    types = [TokenType.NORMAL] * n_normal + [TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    printable = [b for b in range(0x20, 0x7F)] + list(range(256, n_normal))
+    return tokens, [int(t) for t in types], merges, printable
+
+
+def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    tokens, types, merges, printable = tiny_vocab()
+    n_vocab = len(tokens)
+    head_dim = spec.n_embd // spec.n_heads
+    n_embd_kv = head_dim * spec.n_kv_heads
+    wtype = np.float16 if spec.dtype == "f16" else np.float32
+
+    def mat(rows: int, cols: int, scale: float | None = None) -> np.ndarray:
+        s = scale if scale is not None else 1.0 / np.sqrt(cols)
+        return (rng.standard_normal((rows, cols)) * s).astype(wtype)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_name(spec.name)
+    w.add_file_type(LlamaFileType.MOSTLY_F16 if spec.dtype == "f16" else LlamaFileType.ALL_F32)
+    w.add_context_length(spec.context_length)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_block_count(spec.n_layers)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    w.add_tensor("token_embd.weight", mat(n_vocab, spec.n_embd, 1.0))
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+        w.add_tensor(p + "attn_q.weight", mat(spec.n_embd, spec.n_embd))
+        w.add_tensor(p + "attn_k.weight", mat(n_embd_kv, spec.n_embd))
+        w.add_tensor(p + "attn_v.weight", mat(n_embd_kv, spec.n_embd))
+        w.add_tensor(p + "attn_output.weight", mat(spec.n_embd, spec.n_embd))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+        for name, tensor in _dense_ffn(spec, mat):
+            w.add_tensor(p + name, tensor)
+    w.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    head = np.zeros((n_vocab, spec.n_embd), dtype=wtype)
+    head[printable] = mat(len(printable), spec.n_embd, 4.0 / np.sqrt(spec.n_embd))
+    w.add_tensor("output.weight", head)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _dense_ffn(spec: TinyModelSpec, mat) -> list[tuple[str, np.ndarray]]:
+    return [
+        ("ffn_gate.weight", mat(spec.n_ff, spec.n_embd)),
+        ("ffn_up.weight", mat(spec.n_ff, spec.n_embd)),
+        ("ffn_down.weight", mat(spec.n_embd, spec.n_ff)),
+    ]
