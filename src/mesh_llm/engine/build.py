@@ -63,7 +63,8 @@ class EngineDir:
         return self.stamp.is_file() and all((self.bin_dir / t).is_file() for t in TARGETS)
 
 
-def engine_dir(flavor: str, pin: PinnedSource = LLAMA_CPP) -> EngineDir:
+def engine_dir(flavor: str, pin: PinnedSource | None = None) -> EngineDir:
+    pin = pin or LLAMA_CPP
     return EngineDir(cache_dir() / "engine" / f"llama.cpp-{pin.engine_version}-{flavor}")
 
 
@@ -89,7 +90,7 @@ def parse_progress(line: str) -> tuple[int, int] | None:
 
 def build_engine(flavor: str, *, force: bool = False, console: Console | None = None) -> EngineDir:
     """Build (or reuse) the engine for `flavor`; returns its directory."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     edir = engine_dir(flavor)
     if edir.is_built() and not force:
         return edir

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny GGUF models, the engine, and a running node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The llama.cpp binaries; built into the cache if missing (CI builds them first)."""
+    from rich.console import Console
+
+    from mesh_llm.engine.provision import provide_engine
+
+    return provide_engine(None, None, Console(stderr=True))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python -m mesh_llm ARGS` the way a user would, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_llm", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+    )
+
+
+class NodeProcess:
+    """A `mesh-llm` node started as a real subprocess."""
+
+    def __init__(self, args: list[str], state_dir: Path, port: int) -> None:
+        self.port = port
+        self.state_dir = state_dir
+        self.log = state_dir / "node-stdout.log"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._out = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh_llm", *args, "--port", str(port), "--state-dir", str(state_dir)],
+            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"node not ready after {timeout}s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_node(tmp_path: Path):
+    nodes: list[NodeProcess] = []
+
+    def start(*args: str, port: int | None = None) -> NodeProcess:
+        node = NodeProcess(list(args), tmp_path / f"node{len(nodes)}", port or free_port())
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop(signal.SIGKILL)

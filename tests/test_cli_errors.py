@@ -1,0 +1,112 @@
+"""Every bad input gets one actionable line on stderr, a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from mesh_llm.engine import build as build_mod
+from mesh_llm.engine.source import PinnedSource, sha256_of
+from mesh_llm.errors import UserError
+from tests.conftest import free_port, run_cli
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mesh-llm: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_no_arguments_prints_help_and_exits_0() -> None:
+    r = run_cli()
+    assert r.returncode == 0 and "usage: mesh-llm" in r.stdout and "--model" in r.stdout
+
+
+def test_version() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("mesh-llm ")
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("--model", str(tmp_path / "missing.gguf"), "--port", str(free_port())), "model file not found")
+
+
+def test_unknown_model_name_lists_known_names() -> None:
+    assert_one_line_error(run_cli("--model", "no-such-model", "--port", str(free_port())), "unknown model 'no-such-model'", "gemma-3-270m")
+
+
+def test_file_that_is_not_gguf(tmp_path: Path) -> None:
+    f = tmp_path / "notes.gguf"
+    f.write_text("hello\n" * 100)
+    assert_one_line_error(run_cli("--model", str(f), "--port", str(free_port())), "not a GGUF file")
+
+
+def test_truncated_gguf(tmp_path: Path, tiny_model: Path) -> None:
+    f = tmp_path / "half.gguf"
+    f.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])
+    assert_one_line_error(run_cli("--model", str(f), "--port", str(free_port())), "truncated")
+
+
+def test_port_in_use(tiny_model: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_one_line_error(run_cli("--model", str(tiny_model), "--port", str(port)), f"port {port}", "already in use", "--port")
+
+
+def test_client_with_model(tiny_model: Path) -> None:
+    assert_one_line_error(run_cli("--client", "--model", str(tiny_model)), "--client runs without a model")
+
+
+def test_client_without_join() -> None:
+    assert_one_line_error(run_cli("--client"), "--join TOKEN")
+
+
+def test_bad_bin_dir(tmp_path: Path, tiny_model: Path) -> None:
+    assert_one_line_error(run_cli("--model", str(tiny_model), "--bin-dir", str(tmp_path), "--port", str(free_port())), "--bin-dir", "lacks llama-server")
+
+
+def test_engine_that_fails_to_start(tmp_path: Path, tiny_model: Path) -> None:
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    for name in ("llama-server", "ggml-rpc-server"):
+        (bins / name).write_text("#!/bin/sh\necho 'error: this engine is broken' >&2\nexit 1\n")
+        (bins / name).chmod(0o755)
+    r = run_cli("--model", str(tiny_model), "--bin-dir", str(bins), "--port", str(free_port()), "--state-dir", str(tmp_path / "state"))
+    assert_one_line_error(r, "llama-server failed to start", "exited with code 1", "this engine is broken", "llama-server.log")
+
+
+def test_build_without_cmake(tmp_path: Path, tiny_model: Path) -> None:
+    env = {"PATH": str(tmp_path), "MESH_LLM_CACHE_DIR": str(tmp_path / "cache")}
+    r = run_cli("--model", str(tiny_model), "--port", str(free_port()), env=env)
+    assert_one_line_error(r, "cmake is not installed")
+
+
+def test_build_failure_names_the_log(tmp_path: Path, monkeypatch) -> None:
+    """A real cmake run on a tree that fails to configure."""
+    sdist = tmp_path / "broken-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        data = b'cmake_minimum_required(VERSION 3.14)\nproject(x)\nmessage(FATAL_ERROR "this tree is broken")\n'
+        info = tarfile.TarInfo("broken-1.0/llama.cpp/CMakeLists.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    pin = PinnedSource("broken", "1.0", "http://127.0.0.1:9/x", sha256_of(sdist), "broken-1.0/llama.cpp/")
+    monkeypatch.setattr(build_mod, "LLAMA_CPP", pin)
+    monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MESH_LLM_ENGINE_SDIST", str(sdist))
+    with pytest.raises(UserError) as info:
+        build_mod.build_engine("cpu")
+    message = str(info.value)
+    assert "engine configure failed" in message and "build.log" in message and "\n" not in message
+    log = (tmp_path / "cache" / "engine" / "llama.cpp-b1-cpu" / "build.log").read_text()
+    assert "this tree is broken" in log
+    assert not build_mod.engine_dir("cpu").is_built()

@@ -1,0 +1,148 @@
+"""The API proxy against a scripted upstream: routing, streaming, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mesh_llm.api.proxy import ApiProxy, Upstream, UpstreamTable
+from mesh_llm.errors import UserError
+from tests.conftest import free_port
+
+
+class FakeUpstream:
+    """An SSE upstream that sends event N+1 only after the test saw event N."""
+
+    def __init__(self) -> None:
+        self.seen = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.requests: list[dict] = []
+        self.port = free_port()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization")})
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(3):
+                await resp.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+                self.seen.clear()
+                await asyncio.wait_for(self.seen.wait(), 5)
+            if body.get("hang"):
+                await asyncio.sleep(30)
+            await resp.write(b"data: [DONE]\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled.set()
+            raise
+        return resp
+
+    async def __aenter__(self) -> "FakeUpstream":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def proxied():
+    async with FakeUpstream() as up:
+        table = UpstreamTable()
+        state = {"ready": True}
+        table.add(Upstream("tiny", f"http://127.0.0.1:{up.port}", is_ready=lambda: state["ready"], status=lambda: "ready" if state["ready"] else "restarting"))
+        proxy = ApiProxy(table)
+        port = free_port()
+        await proxy.start("127.0.0.1", port)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            yield up, client, state, table
+        await proxy.close()
+
+
+async def test_stream_is_relayed_event_by_event(proxied) -> None:
+    up, client, _, _ = proxied
+    events = []
+    async with client.post("/v1/chat/completions", json={"model": "tiny", "stream": True}) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                events.append(line.strip())
+                up.seen.set()  # the upstream waits for this before its next event: buffering would deadlock
+    assert events[-1] == b"data: [DONE]" and len(events) == 4
+
+
+async def test_non_streaming_and_headers_pass_through(proxied) -> None:
+    up, client, _, _ = proxied
+    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": "Bearer k"}) as r:
+        assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "hi"
+    assert up.requests[-1]["auth"] == "Bearer k" and up.requests[-1]["body"] == {"model": "tiny"}
+
+
+async def test_client_disconnect_cancels_upstream(proxied) -> None:
+    up, client, _, _ = proxied
+    r = await client.post("/v1/chat/completions", json={"model": "tiny", "stream": True, "hang": True})
+    await r.content.readline()
+    r.close()  # the client goes away mid-stream
+    up.seen.set()
+    await asyncio.wait_for(up.cancelled.wait(), 5)
+
+
+async def test_unknown_model_is_404_naming_models(proxied) -> None:
+    _, client, _, _ = proxied
+    async with client.post("/v1/chat/completions", json={"model": "gpt-4"}) as r:
+        body = await r.json()
+    assert r.status == 404 and body["error"]["available"] == ["tiny"] and "tiny" in body["error"]["message"]
+
+
+async def test_models_and_health(proxied) -> None:
+    _, client, state, _ = proxied
+    async with client.get("/v1/models") as r:
+        assert [m["id"] for m in (await r.json())["data"]] == ["tiny"]
+    async with client.get("/v1/models/tiny") as r:
+        assert r.status == 200 and (await r.json())["id"] == "tiny"
+    async with client.get("/health") as r:
+        assert r.status == 200
+    state["ready"] = False
+    async with client.get("/health") as r:
+        assert r.status == 503 and (await r.json())["models"] == {"tiny": "restarting"}
+
+
+async def test_not_ready_is_503_json(proxied) -> None:
+    _, client, state, _ = proxied
+    state["ready"] = False
+    async with client.post("/v1/chat/completions", json={"model": "tiny"}) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "5"
+        assert (await r.json())["error"]["type"] == "unavailable_error"
+
+
+async def test_upstream_down_is_502_json(proxied) -> None:
+    _, client, _, table = proxied
+    table.add(Upstream("dead", f"http://127.0.0.1:{free_port()}", is_ready=lambda: True))
+    async with client.post("/v1/chat/completions", json={"model": "dead"}) as r:
+        assert r.status == 502 and "upstream for dead failed" in (await r.json())["error"]["message"]
+
+
+async def test_unknown_route_is_404_json(proxied) -> None:
+    _, client, _, _ = proxied
+    async with client.get("/nope") as r:
+        assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
+
+
+async def test_port_in_use_is_a_user_error() -> None:
+    port = free_port()
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)
+    try:
+        with pytest.raises(UserError, match=f"port {port} .* already in use"):
+            await ApiProxy(UpstreamTable()).start("127.0.0.1", port)
+    finally:
+        blocker.close()
