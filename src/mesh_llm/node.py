@@ -20,7 +20,7 @@ from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
 from mesh_llm.api.proxy import ApiProxy, Upstream, UpstreamTable
 from mesh_llm.engine.binaries import EngineBinaries
-from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, server_argv
+from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, fallback_chat_template, is_embedding_model, server_argv
 from mesh_llm.engine.provision import list_devices, provide_engine
 from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
 from mesh_llm.errors import UserError
@@ -113,6 +113,8 @@ async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, co
             ctx_size=choose_ctx(cfg.ctx_size, model.info.context_length),
             gpu=bool(devices),
             device=cfg.device,
+            chat_template_file=fallback_chat_template(model.info.metadata),
+            embeddings=is_embedding_model(model.info.metadata),
         )
         base_url = f"http://127.0.0.1:{port}"
         holder: dict[str, ManagedProcess] = {}

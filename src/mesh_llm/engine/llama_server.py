@@ -6,6 +6,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CTX = 8192
+TEMPLATES = Path(__file__).parent / "templates"
+EMBEDDING_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"}
+
+
+def fallback_chat_template(metadata: dict[str, object]) -> Path | None:
+    """A template file for models that ship without one (llama-server would fall
+    back to ChatML, which e.g. Gemma does not understand)."""
+    if "tokenizer.chat_template" in metadata:
+        return None
+    arch = str(metadata.get("general.architecture", ""))
+    if arch.startswith("gemma"):
+        return TEMPLATES / "gemma.jinja"
+    return None
+
+
+def is_embedding_model(metadata: dict[str, object]) -> bool:
+    """Encoder models serve /v1/embeddings only (llama-server --embeddings)."""
+    arch = str(metadata.get("general.architecture", ""))
+    return arch in EMBEDDING_ARCHS or f"{arch}.pooling_type" in metadata
 
 
 @dataclass(frozen=True)
@@ -18,6 +37,8 @@ class ServerConfig:
     device: str | None = None
     threads: int | None = None
     parallel: int | None = None
+    chat_template_file: Path | None = None
+    embeddings: bool = False
     extra: tuple[str, ...] = ()
 
 
@@ -42,6 +63,10 @@ def server_argv(binary: Path, cfg: ServerConfig) -> list[str]:
         "--jinja",
         "--load-mode", "mmap",
     ]
+    if cfg.chat_template_file:
+        argv += ["--chat-template-file", str(cfg.chat_template_file)]
+    if cfg.embeddings:
+        argv += ["--embeddings"]
     if cfg.device:
         argv += ["--device", cfg.device]
     if cfg.threads:
