@@ -117,6 +117,7 @@ def _run_logged(argv: list[str], log, edir: EngineDir, step: str, console: Conso
     log.flush()
     columns = [TextColumn(f"[bold]llama.cpp {step}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     last_line = ""
+    reported = -1  # without a terminal (CI, logs) print a plain line every 10 %
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(step, total=None)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
@@ -127,6 +128,10 @@ def _run_logged(argv: list[str], log, edir: EngineDir, step: str, console: Conso
                 last_line = line.strip()
             if (p := parse_progress(line)) is not None:
                 bar.update(task, completed=p[0], total=p[1])
+                tenth = p[0] * 10 // max(1, p[1])
+                if not console.is_terminal and tenth > reported:
+                    reported = tenth
+                    console.print(f"llama.cpp {step}: {p[0]}/{p[1]}")
         code = proc.wait()
     log.flush()
     if code != 0:
