@@ -101,3 +101,33 @@ def test_kill_9_of_node_takes_llama_server_with_it(engine, tiny_model: Path, sta
     children = psutil.Process(node.proc.pid).children(recursive=True)
     node.stop(signal.SIGKILL)
     assert not psutil.wait_procs(children, timeout=10)[1]
+
+
+def test_disconnecting_client_cancels_generation(engine, tiny_model: Path, start_node) -> None:
+    """A client that goes away mid-stream frees llama-server's slot instead of generating on."""
+    import http.client
+
+    node = start_node("--model", str(tiny_model), "--ctx-size", "16384")
+    node.wait_ready()
+    (server,) = llama_servers(node.proc.pid)
+    cmd = server.cmdline()
+    direct = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+
+    def busy_slots() -> int:
+        slots = json.loads(urllib.request.urlopen(direct + "/slots", timeout=5).read())
+        return sum(1 for s in slots if s["is_processing"])
+
+    conn = http.client.HTTPConnection("127.0.0.1", node.port)
+    body = {"model": "tiny-llama", "prompt": "go", "max_tokens": 15000, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # first event arrived: generation is under way
+    assert busy_slots() == 1
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 10
+    while busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert busy_slots() == 0, "generation kept running after the client left"
+    node.stop()
