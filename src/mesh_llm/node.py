@@ -51,6 +51,19 @@ class ServedModel:
     info: GGUFInfo
 
 
+class LocalServer:
+    """This node's llama-server as the proxy sees it: starting until the supervisor hands it over."""
+
+    def __init__(self) -> None:
+        self.process: ManagedProcess | None = None
+
+    def status(self) -> str:
+        return self.process.state.value if self.process else ProcState.STARTING.value
+
+    def is_ready(self) -> bool:
+        return self.status() == ProcState.READY.value
+
+
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -117,13 +130,8 @@ async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, co
             embeddings=is_embedding_model(model.info.metadata),
         )
         base_url = f"http://127.0.0.1:{port}"
-        holder: dict[str, ManagedProcess] = {}
-
-        def status() -> str:
-            mp = holder.get("llama")
-            return mp.state.value if mp else ProcState.STARTING.value
-
-        table.add(Upstream(model.model_id, base_url, is_ready=lambda: status() == ProcState.READY.value, status=status))
+        local = LocalServer()
+        table.add(Upstream(model.model_id, base_url, is_ready=local.is_ready, status=local.status))
         spec = ProcessSpec(
             name="llama-server",
             argv=server_argv(engine.llama_server, server_cfg),
@@ -142,7 +150,7 @@ async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, co
                 return 0
             stopper.cancel()
             try:
-                holder["llama"] = start.result()
+                local.process = start.result()
             except StartFailed as exc:
                 raise UserError(f"llama-server failed to start: {exc.reason} (log: {exc.log_path})") from None
         print_ready(console, cfg, model, engine, server_cfg.ctx_size)
