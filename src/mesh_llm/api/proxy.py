@@ -152,16 +152,9 @@ class ApiProxy:
         return await self._relay(request, upstream, body)
 
     async def _relay(self, request: web.Request, upstream: Upstream, body: bytes) -> web.StreamResponse:
+        assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         url = upstream.base_url + request.path_qs
-        try:
-            return await self._relay_once(request, url, headers, body)
-        except _NothingSent as failed:
-            exc = failed.cause
-            return error_response(502, f"upstream for {upstream.model_id} failed: {exc.__class__.__name__}: {exc}", "upstream_error")
-
-    async def _relay_once(self, request: web.Request, url: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
-        assert self._session is not None
         response: web.StreamResponse | None = None
         try:
             async with self._session.request(request.method, url, data=body, headers=headers) as up:
@@ -175,10 +168,10 @@ class ApiProxy:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            message = f"upstream for {upstream.model_id} failed: {exc.__class__.__name__}: {exc}"
             if response is None:
-                raise _NothingSent(exc) from exc
+                return error_response(502, message, "upstream_error")
             # Mid-stream: tell an SSE client in-band, then end the stream.
-            message = f"upstream failed mid-response: {exc.__class__.__name__}: {exc}"
             if "text/event-stream" in (response.headers.get("Content-Type") or ""):
                 event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
                 with contextlib.suppress(ConnectionError, RuntimeError):
@@ -186,11 +179,3 @@ class ApiProxy:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await response.write_eof()
             return response
-
-
-class _NothingSent(Exception):
-    """The upstream failed before any response reached our client."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
