@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
-from mesh_llm.api.proxy import ApiProxy, Upstream, UpstreamTable
+from mesh_llm.api.proxy import ApiProxy, Upstream, UpstreamTable, port_in_use
 from mesh_llm.engine.binaries import EngineBinaries
 from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, fallback_chat_template, is_embedding_model, server_argv
 from mesh_llm.engine.provision import list_devices, provide_engine
@@ -75,8 +75,8 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"port {port} on {host} is already in use ({exc.strerror}): stop the other process or pass --port N") from None
+        except OSError:
+            raise port_in_use(host, port) from None
 
 
 def prepare_model(ref: str) -> ServedModel:
@@ -96,13 +96,22 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
     return asyncio.run(_serve(cfg, model, engine, console))
 
 
-def http_health(url: str):
-    async def check() -> bool:
-        timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url) as r:
+class HealthProbe:
+    """GET /health on a local llama-server over one reused client session."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self) -> bool:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2), connector=aiohttp.TCPConnector(force_close=True))
+        async with self._session.get(self.url) as r:
             return r.status == 200
 
-    return check
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, console: Console) -> int:
@@ -116,6 +125,7 @@ async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, co
     table = UpstreamTable()
     proxy = ApiProxy(table)
     await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
+    probe: HealthProbe | None = None
     try:
         devices = await asyncio.to_thread(list_devices, engine.llama_server)
         port = free_loopback_port()
@@ -132,11 +142,12 @@ async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, co
         base_url = f"http://127.0.0.1:{port}"
         local = LocalServer()
         table.add(Upstream(model.model_id, base_url, is_ready=local.is_ready, status=local.status))
+        probe = HealthProbe(base_url + "/health")
         spec = ProcessSpec(
             name="llama-server",
             argv=server_argv(engine.llama_server, server_cfg),
             log_path=cfg.state_dir / "logs" / "llama-server.log",
-            health=http_health(base_url + "/health"),
+            health=probe,
         )
         size_mb = model.info.file_size / 1e6
         with console.status(f"Loading {model.model_id} ({size_mb:,.0f} MB) into llama-server…"):
@@ -160,6 +171,8 @@ async def _serve(cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, co
     finally:
         await proxy.close()
         await supervisor.stop_all()
+        if probe is not None:
+            await probe.close()
 
 
 def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int) -> None:

@@ -58,6 +58,10 @@ class UpstreamTable:
         return self._by_model[model_id]
 
 
+def port_in_use(host: str, port: int) -> UserError:
+    return UserError(f"port {port} on {host} is already in use: stop the other process or pass --port N")
+
+
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     headers = {"Retry-After": "5"} if status == 503 else None
@@ -99,7 +103,7 @@ class ApiProxy:
         except OSError as exc:
             await self.close()
             if exc.errno == errno.EADDRINUSE:
-                raise UserError(f"port {port} on {host} is already in use: stop the other process or pass --port N") from None
+                raise port_in_use(host, port) from None
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
     async def close(self) -> None:

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -93,7 +93,6 @@ class ManagedProcess:
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     last_exit: int | None = None
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task | None = None
 
     @property
@@ -154,10 +153,6 @@ class Supervisor:
     def _set(self, mp: ManagedProcess, state: ProcState) -> None:
         if mp.state != state:
             mp.state = state
-            if state == ProcState.READY:
-                mp._ready.set()
-            else:
-                mp._ready.clear()
             self._on_change(mp)
 
     async def _spawn(self, mp: ManagedProcess) -> None:
