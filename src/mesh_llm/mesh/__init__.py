@@ -1,0 +1,1 @@
+"""The mesh: identity, invite tokens, QUIC transport, gossip membership and tunnels."""

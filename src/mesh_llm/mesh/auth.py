@@ -1,0 +1,30 @@
+"""Proof of the mesh secret (pure), bound to both endpoint ids.
+
+The dialer and the acceptor each send a fresh nonce; each side then proves it
+knows the secret with an HMAC over both nonces and both TLS-verified endpoint
+ids, labelled by its role so one side's proof can never be replayed as the
+other's. The secret itself never crosses the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+NONCE_BYTES = 32
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def proof(secret: bytes, side: str, dialer_id: bytes, acceptor_id: bytes, dialer_nonce: bytes, acceptor_nonce: bytes) -> bytes:
+    if side not in ("dialer", "acceptor"):
+        raise ValueError(side)
+    msg = b"mesh-llm/join/v1|" + side.encode() + b"|" + dialer_id + acceptor_id + dialer_nonce + acceptor_nonce
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def check(expected: bytes, given: object) -> bool:
+    return isinstance(given, bytes) and hmac.compare_digest(expected, given)

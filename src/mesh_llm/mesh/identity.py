@@ -1,0 +1,84 @@
+"""This node's Ed25519 key (its endpoint id is the public half) and the mesh credentials.
+
+Both live in the state dir with mode 0600: the key so a node keeps its id across
+restarts, the credentials so invite tokens printed earlier stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh_llm.errors import UserError
+
+KEY_FILE = "key"
+MESH_FILE = "mesh.json"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def new_secret_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def load_or_create_key(state_dir: Path) -> bytes:
+    path = state_dir / KEY_FILE
+    if not path.exists():
+        key = new_secret_key()
+        _write_private(path, key.hex() + "\n")
+        return key
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except (ValueError, OSError):
+        key = b""
+    if len(key) != 32:
+        raise UserError(f"node key {path} is corrupt: run `mesh-llm rotate-key` to make a new one")
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return key
+
+
+def rotate_key(state_dir: Path) -> bytes:
+    key = new_secret_key()
+    _write_private(state_dir / KEY_FILE, key.hex() + "\n")
+    return key
+
+
+@dataclass(frozen=True)
+class MeshCredentials:
+    """What makes a mesh: a public id (tells meshes apart) and a secret (proves membership)."""
+
+    mesh_id: bytes  # 16 bytes
+    secret: bytes  # 32 bytes
+
+    @staticmethod
+    def generate() -> MeshCredentials:
+        return MeshCredentials(secrets.token_bytes(16), secrets.token_bytes(32))
+
+
+def load_mesh(state_dir: Path) -> MeshCredentials | None:
+    path = state_dir / MESH_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        creds = MeshCredentials(bytes.fromhex(doc["mesh_id"]), bytes.fromhex(doc["secret"]))
+    except (ValueError, KeyError, TypeError, OSError):
+        raise UserError(f"mesh credentials {path} are corrupt: delete the file to start a new mesh") from None
+    if len(creds.mesh_id) != 16 or len(creds.secret) != 32:
+        raise UserError(f"mesh credentials {path} are corrupt: delete the file to start a new mesh")
+    return creds
+
+
+def save_mesh(state_dir: Path, creds: MeshCredentials) -> None:
+    _write_private(state_dir / MESH_FILE, json.dumps({"mesh_id": creds.mesh_id.hex(), "secret": creds.secret.hex()}) + "\n")

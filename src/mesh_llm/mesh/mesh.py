@@ -1,0 +1,334 @@
+"""The mesh shell: the one owner of the iroh endpoint, its connections and gossip.
+
+Decisions (who is a member, whom to dial, which of two connections survives)
+live in `peers.py`; this module does the sockets and timers around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mesh_llm.mesh import handshake
+from mesh_llm.mesh.identity import MeshCredentials
+from mesh_llm.mesh.peers import HEARTBEAT_SECS, EventKind, Member, MeshEvent, Membership, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
+from mesh_llm.mesh.token import InviteToken
+from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, endpoint_addr, iroh
+from mesh_llm.mesh.wire import ALPN, FramedReader, ProtocolError, StreamKind, encode_frame, stream_prefix
+
+DIAL_SECS = 10.0
+EXCHANGE_SECS = 3.0
+FIRST_BYTE_SECS = 10.0  # an inbound stream must say what it is within this
+REJOIN_SECS = 10.0  # with no members left, re-dial the invite tokens this often
+
+# (peer id, header, send stream, reader positioned after the header) -> None
+StreamHandler = Callable[[str, dict[str, Any], Any, FramedReader], Awaitable[None]]
+
+
+class PeerGone(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Link:
+    conn: Any
+    peer_id: str
+    incarnation: str
+    dialer: str
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+class Mesh:
+    def __init__(self, *, secret_key: bytes, creds: MeshCredentials, me: PeerRecord, transport: TransportConfig, log: Callable[[str], None]) -> None:
+        self.secret_key = secret_key
+        self.creds = creds
+        self.me = replace(me, incarnation=me.incarnation or secrets.token_hex(8))
+        self.transport = transport
+        self.log = log
+        self.endpoint: Any = None
+        self.my_id = b""
+        self.membership = Membership(self_id="")
+        self.links: dict[str, Link] = {}
+        self.discovered: dict[str, tuple[PeerRecord, float]] = {}
+        self.handlers: dict[StreamKind, StreamHandler] = {}
+        self.join_tokens: list[InviteToken] = []
+        self._subscribers: list[asyncio.Queue[MeshEvent]] = []
+        self._dialing: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.endpoint = await bind_endpoint(self.transport, self.secret_key)
+        self.my_id = self.endpoint.id().to_bytes()
+        addr = self.endpoint.addr()
+        self.me = replace(self.me, id=self.my_id.hex(), addrs=tuple(addr.direct_addresses()), relay=addr.relay_url() or "")
+        self.membership = Membership(self_id=self.me.id)
+        self._spawn(self._accept_loop())
+        self._spawn(self._heartbeat_loop())
+
+    def token(self) -> str:
+        return InviteToken(self.creds, self.my_id, self.me.addrs, self.me.relay or None).encode()
+
+    async def close(self) -> None:
+        """Graceful leave: peers see the connection close with reason 'leaving' at once."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for link in list(self.links.values()):
+            with contextlib.suppress(Exception):
+                link.conn.close(0, b"leaving")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.endpoint is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.endpoint.close(), 3)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- public surface ----------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[MeshEvent]:
+        q: asyncio.Queue[MeshEvent] = asyncio.Queue()
+        self._subscribers.append(q)
+        return q
+
+    def on_stream(self, kind: StreamKind, handler: StreamHandler) -> None:
+        self.handlers[kind] = handler
+
+    def members(self) -> list[Member]:
+        return list(self.membership.members.values())
+
+    def update_self(self, **changes: Any) -> None:
+        """Change this node's record; peers learn it at the next heartbeat."""
+        self.me = replace(self.me, **changes)
+
+    async def open_stream(self, peer_id: str, kind: StreamKind, header: dict[str, Any]) -> tuple[Any, Any]:
+        link = self.links.get(peer_id)
+        if link is None:
+            raise PeerGone(f"peer {peer_id[:8]} is not connected")
+        try:
+            bi = await link.conn.open_bi()
+            send = bi.send()
+            await send.write_all(stream_prefix(kind, header))
+        except iroh.IrohError as exc:
+            raise PeerGone(f"peer {peer_id[:8]}: {exc}") from None
+        return send, bi.recv()
+
+    async def join(self, tokens: list[InviteToken]) -> None:
+        """Dial every token; succeed if one admits us, else raise Refused with the reason."""
+        self.join_tokens = list(tokens)
+        errors: list[str] = []
+        for tok in tokens:
+            if tok.endpoint_id == self.my_id:
+                errors.append("that token is this node's own")
+                continue
+            try:
+                await self._dial(tok.endpoint_id.hex(), tok.addrs, tok.relay_url)
+                return
+            except handshake.Refused as exc:
+                errors.append(str(exc))
+        raise handshake.Refused(errors[-1] if errors else "no invite token given")
+
+    # -- connections -----------------------------------------------------------
+
+    def _emit(self, event: MeshEvent | None) -> None:
+        if event is None:
+            return
+        p = event.peer
+        who = f"{p.role} {p.id[:8]} ({p.hostname or '?'})"
+        if event.kind == EventKind.JOINED:
+            served = ", ".join(p.models_served) or "nothing yet"
+            self.log(f"Peer joined: {who}, serving {served}")
+        elif event.kind == EventKind.LEFT:
+            self.log(f"Peer left: {who}: {event.reason}")
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+    async def _dial(self, peer_id: str, addrs: tuple[str, ...] | list[str], relay: str | None) -> None:
+        self._dialing.add(peer_id)
+        conn = None
+        try:
+            addr = endpoint_addr(peer_id, addrs, relay)
+            try:
+                conn = await asyncio.wait_for(self.endpoint.connect(addr, ALPN), DIAL_SECS)
+            except (asyncio.TimeoutError, iroh.IrohError) as exc:
+                where = ", ".join(addrs) or relay or "?"
+                detail = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+                raise handshake.Refused(f"could not reach mesh member {peer_id[:8]} at {where} ({detail}): is it running, and is the token current?") from None
+            try:
+                admitted = await handshake.with_timeout(handshake.dial_handshake(conn, self.creds, self.my_id, self.me))
+            except (ProtocolError, iroh.IrohError) as exc:
+                raise handshake.Refused(f"mesh member {peer_id[:8]} broke the handshake: {exc}") from None
+            self._add_link(conn, admitted.record, dialer=self.me.id)
+            conn = None
+        except handshake.Refused:
+            self.membership.note_dial_failure(peer_id, time.monotonic())
+            raise
+        finally:
+            self._dialing.discard(peer_id)
+            if conn is not None:
+                conn.close(1, b"refused")
+
+    async def _accept_loop(self) -> None:
+        while True:
+            incoming = await self.endpoint.accept_next()
+            if incoming is None:
+                return
+            self._spawn(self._accept_one(incoming))
+
+    async def _accept_one(self, incoming: Any) -> None:
+        conn = None
+        try:
+            conn = await asyncio.wait_for((await incoming.accept()).connect(), DIAL_SECS)
+            admitted = await handshake.with_timeout(handshake.accept_handshake(conn, self.creds, self.my_id, self.me))
+        except handshake.Refused as exc:
+            who = conn.remote_id().to_bytes().hex()[:8] if conn is not None else "?"
+            self.log(f"Refused a connection from {who}: {exc}")
+            if conn is not None:
+                # Let the refusal reach the dialer before the connection goes away.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.closed(), 2)
+                conn.close(1, b"refused")
+            return
+        except (ProtocolError, iroh.IrohError, asyncio.TimeoutError) as exc:
+            self.log(f"Dropped a connection that failed the handshake: {exc!r}")
+            if conn is not None:
+                conn.close(1, b"bad handshake")
+            return
+        dialer = conn.remote_id().to_bytes().hex()
+        self._add_link(conn, admitted.record, dialer=dialer)
+
+    def _add_link(self, conn: Any, record: PeerRecord, dialer: str) -> None:
+        link = Link(conn, record.id, record.incarnation, dialer)
+        old = self.links.get(record.id)
+        if old is not None:
+            lower = min(self.me.id, record.id)
+            if not keep_new_connection(old.incarnation, link.incarnation, old.dialer, link.dialer, lower):
+                conn.close(2, b"duplicate")
+                return
+            self.links.pop(record.id)
+            old.conn.close(2, b"duplicate")
+            if old.incarnation != link.incarnation:
+                self._emit(self.membership.remove(record.id, "restarted"))
+        self.links[record.id] = link
+        if record.id not in self.membership.members:
+            self._emit(self.membership.admit(record, time.monotonic()))
+        link.tasks.append(self._spawn(self._serve_streams(link)))
+        link.tasks.append(self._spawn(self._watch_closed(link)))
+        self._spawn(self._exchange(link))  # learn its members now, not at the next heartbeat
+
+    def _drop(self, link: Link, reason: str) -> None:
+        if self.links.get(link.peer_id) is not link:
+            return  # replaced by a newer connection
+        del self.links[link.peer_id]
+        with contextlib.suppress(Exception):
+            link.conn.close(3, reason.encode()[:64])
+        self._emit(self.membership.remove(link.peer_id, reason))
+
+    async def _watch_closed(self, link: Link) -> None:
+        reason = await link.conn.closed()
+        if not self._closing:
+            self._drop(link, "left the mesh" if "leaving" in reason else f"connection lost ({reason})")
+
+    # -- streams -----------------------------------------------------------------
+
+    async def _serve_streams(self, link: Link) -> None:
+        while True:
+            try:
+                bi = await link.conn.accept_bi()
+            except iroh.IrohError:
+                return
+            self._spawn(self._serve_stream(link, bi))
+
+    async def _serve_stream(self, link: Link, bi: Any) -> None:
+        send, reader = bi.send(), FramedReader(bi.recv())
+        try:
+            kind = await asyncio.wait_for(reader.read_kind(), FIRST_BYTE_SECS)
+            if kind == StreamKind.GOSSIP:
+                me_doc = encode_gossip(self.me, self._known_records())
+                record, known = decode_gossip(await asyncio.wait_for(reader.read_frame(), EXCHANGE_SECS))
+                self._heard(link, record, known, None)
+                await send.write_all(encode_frame(me_doc))
+                await send.finish()
+                return
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"this node does not serve {kind.name} streams")
+            header = await asyncio.wait_for(reader.read_frame(), FIRST_BYTE_SECS)
+            await handler(link.peer_id, header, send, reader)
+        except (ProtocolError, asyncio.TimeoutError) as exc:
+            self.log(f"Closed a malformed stream from {link.peer_id[:8]}: {exc or 'timed out'}")
+            with contextlib.suppress(Exception):
+                await send.reset(1)
+            with contextlib.suppress(Exception):
+                await bi.recv().stop(1)
+        except iroh.IrohError:
+            pass  # the peer reset the stream or went away; the connection watcher handles the latter
+
+    # -- gossip -----------------------------------------------------------------
+
+    def _known_records(self) -> list[PeerRecord]:
+        return self.membership.records()
+
+    def _heard(self, link: Link, record: PeerRecord, known: list[PeerRecord], rtt_ms: float | None) -> None:
+        if record.id != link.peer_id:
+            raise ProtocolError("gossip sender id does not match the connection")
+        if self.links.get(link.peer_id) is not link:
+            return
+        self._emit(self.membership.heard_from(record, time.monotonic(), rtt_ms))
+        now = time.monotonic()
+        for p in known:
+            self.discovered[p.id] = (p, now)
+        self._dial_discovered(now)
+
+    def _dial_discovered(self, now: float) -> None:
+        fresh = [p for p, seen in self.discovered.values() if now - seen < 3 * HEARTBEAT_SECS]
+        for p in self.membership.to_dial(fresh, now):
+            if p.id not in self._dialing:
+                self._dialing.add(p.id)
+                self._spawn(self._dial_quietly(p.id, p.addrs, p.relay or None))
+
+    async def _exchange(self, link: Link) -> None:
+        start = time.perf_counter()
+        try:
+            bi = await asyncio.wait_for(link.conn.open_bi(), EXCHANGE_SECS)
+            send, reader = bi.send(), FramedReader(bi.recv())
+            await send.write_all(stream_prefix(StreamKind.GOSSIP, encode_gossip(self.me, self._known_records())))
+            await send.finish()
+            record, known = decode_gossip(await asyncio.wait_for(reader.read_frame(), EXCHANGE_SECS))
+            self._heard(link, record, known, (time.perf_counter() - start) * 1000)
+        except (ProtocolError, iroh.IrohError, asyncio.TimeoutError):
+            pass  # silence is judged by the heartbeat loop
+
+    async def _heartbeat_loop(self) -> None:
+        last_rejoin = time.monotonic()
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECS)
+            await asyncio.gather(*(self._exchange(link) for link in list(self.links.values())))
+            now = time.monotonic()
+            for pid in self.membership.silent(now):
+                link = self.links.get(pid)
+                if link is not None:
+                    self._drop(link, f"silent for more than {now - self.membership.members[pid].last_seen:.0f} s")
+            self.discovered = {p.id: (p, seen) for p, seen in self.discovered.values() if now - seen < 3 * HEARTBEAT_SECS}
+            self._dial_discovered(now)
+            if not self.links and self.join_tokens and now - last_rejoin > REJOIN_SECS:
+                last_rejoin = now
+                for tok in self.join_tokens:
+                    if tok.endpoint_id.hex() not in self._dialing:
+                        self._spawn(self._dial_quietly(tok.endpoint_id.hex(), tok.addrs, tok.relay_url))
+
+    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...], relay: str | None) -> None:
+        with contextlib.suppress(handshake.Refused):
+            await self._dial(peer_id, addrs, relay)
+

@@ -1,0 +1,176 @@
+"""Peer records and membership rules (pure: no sockets, no clocks of its own).
+
+A member is a peer this node holds an admitted connection to; the mesh is a
+full mesh, so gossip is only needed to *discover* whom to dial. Each gossip
+frame carries the sender's own record plus the dial addresses of its members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from mesh_llm.mesh.wire import ProtocolError, get_hex, get_int, get_str, get_str_list
+
+HEARTBEAT_SECS = 2.0  # gossip with every member this often
+DEAD_AFTER_SECS = 8.0  # a member silent this long is dropped (bound: 10 s)
+REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often than this
+MAX_PEERS_PER_FRAME = 256
+
+ROLES = ("host", "worker", "client", "standby")
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What a node says about itself in gossip."""
+
+    id: str  # endpoint id, 64 hex chars
+    role: str = "standby"
+    hostname: str = ""
+    incarnation: str = ""  # random per process: tells a restart from a duplicate connection
+    version: str = ""
+    engine_version: str = ""
+    devices: tuple[str, ...] = ()
+    vram_bytes: int = 0
+    models_on_disk: tuple[str, ...] = ()
+    models_served: tuple[str, ...] = ()  # ready to answer requests now
+    api_port: int = 0  # 0: no local API
+    api_public: bool = False  # API bound beyond loopback (--listen-all)
+    addrs: tuple[str, ...] = ()  # direct ip:port to dial
+    relay: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        doc = asdict(self)
+        for k, v in doc.items():
+            if isinstance(v, tuple):
+                doc[k] = list(v)
+        return doc
+
+    @staticmethod
+    def from_wire(doc: Any) -> PeerRecord:
+        if not isinstance(doc, dict):
+            raise ProtocolError("peer record is not an object")
+        role = get_str(doc, "role", 16, "standby")
+        if role not in ROLES:
+            raise ProtocolError(f"unknown role {role!r}")
+        public = doc.get("api_public", False)
+        if not isinstance(public, bool):
+            raise ProtocolError("field 'api_public' must be a boolean")
+        return PeerRecord(
+            id=get_hex(doc, "id", 32).hex(),
+            role=role,
+            hostname=get_str(doc, "hostname", 255, ""),
+            incarnation=get_str(doc, "incarnation", 64, ""),
+            version=get_str(doc, "version", 64, ""),
+            engine_version=get_str(doc, "engine_version", 64, ""),
+            devices=tuple(get_str_list(doc, "devices", 64, 128)),
+            vram_bytes=get_int(doc, "vram_bytes", 0, 2**62, 0),
+            models_on_disk=tuple(get_str_list(doc, "models_on_disk", 256, 256)),
+            models_served=tuple(get_str_list(doc, "models_served", 64, 256)),
+            api_port=get_int(doc, "api_port", 0, 65535, 0),
+            api_public=public,
+            addrs=tuple(get_str_list(doc, "addrs", 32, 64)),
+            relay=get_str(doc, "relay", 256, ""),
+        )
+
+
+def encode_gossip(me: PeerRecord, known: list[PeerRecord]) -> dict[str, Any]:
+    return {"self": me.to_wire(), "peers": [p.to_wire() for p in known[:MAX_PEERS_PER_FRAME]]}
+
+
+def decode_gossip(doc: dict[str, Any]) -> tuple[PeerRecord, list[PeerRecord]]:
+    peers = doc.get("peers", [])
+    if not isinstance(peers, list) or len(peers) > MAX_PEERS_PER_FRAME:
+        raise ProtocolError("field 'peers' must be a list")
+    return PeerRecord.from_wire(doc.get("self")), [PeerRecord.from_wire(p) for p in peers]
+
+
+class EventKind(str, Enum):
+    JOINED = "joined"
+    UPDATED = "updated"
+    LEFT = "left"
+
+
+@dataclass(frozen=True)
+class MeshEvent:
+    kind: EventKind
+    peer: PeerRecord
+    reason: str = ""
+
+
+@dataclass
+class Member:
+    record: PeerRecord
+    last_seen: float
+    rtt_ms: float | None = None
+
+
+@dataclass
+class Membership:
+    """Who is in the mesh as this node sees it, and what changed."""
+
+    self_id: str
+    members: dict[str, Member] = field(default_factory=dict)
+    dial_failed_at: dict[str, float] = field(default_factory=dict)
+
+    def admit(self, record: PeerRecord, now: float) -> MeshEvent:
+        self.members[record.id] = Member(record, now)
+        self.dial_failed_at.pop(record.id, None)
+        return MeshEvent(EventKind.JOINED, record)
+
+    def heard_from(self, record: PeerRecord, now: float, rtt_ms: float | None = None) -> MeshEvent | None:
+        """A gossip frame from a member: refresh it, report if its record changed."""
+        m = self.members.get(record.id)
+        if m is None:
+            return None
+        m.last_seen = now
+        if rtt_ms is not None:
+            m.rtt_ms = rtt_ms if m.rtt_ms is None else 0.7 * m.rtt_ms + 0.3 * rtt_ms
+        if record != m.record:
+            m.record = record
+            return MeshEvent(EventKind.UPDATED, record)
+        return None
+
+    def remove(self, peer_id: str, reason: str) -> MeshEvent | None:
+        m = self.members.pop(peer_id, None)
+        return MeshEvent(EventKind.LEFT, m.record, reason) if m else None
+
+    def silent(self, now: float, limit: float = DEAD_AFTER_SECS) -> list[str]:
+        return [pid for pid, m in self.members.items() if now - m.last_seen > limit]
+
+    def note_dial_failure(self, peer_id: str, now: float) -> None:
+        self.dial_failed_at[peer_id] = now
+
+    def to_dial(self, discovered: list[PeerRecord], now: float) -> list[PeerRecord]:
+        """Peers learned from gossip that this node should connect to (full mesh).
+
+        Nobody dials a client (clients dial in, and may sit behind NAT);
+        peers that failed recently wait out a backoff.
+        """
+        out: dict[str, PeerRecord] = {}
+        for p in discovered:
+            if p.id == self.self_id or p.id in self.members or p.role == "client":
+                continue
+            if not p.addrs and not p.relay:
+                continue
+            failed = self.dial_failed_at.get(p.id)
+            if failed is not None and now - failed < REDIAL_BACKOFF_SECS:
+                continue
+            out[p.id] = p
+        return list(out.values())
+
+    def records(self) -> list[PeerRecord]:
+        return [m.record for m in self.members.values()]
+
+
+def keep_new_connection(existing_incarnation: str, new_incarnation: str, existing_dialer: str, new_dialer: str, lower_id: str) -> bool:
+    """Two admitted connections to one peer: which survives.
+
+    A new incarnation means the peer restarted, so the old connection is stale.
+    Otherwise both sides dialed at once; both keep the one dialed by the lower id.
+    """
+    if new_incarnation != existing_incarnation:
+        return True
+    return new_dialer == lower_id and existing_dialer != lower_id
+

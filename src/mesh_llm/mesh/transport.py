@@ -1,0 +1,57 @@
+"""The iroh QUIC endpoint: binding it with the user's relay and port choices."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from mesh_llm.errors import UserError
+from mesh_llm.mesh import iroh_fastpath
+from mesh_llm.mesh.wire import ALPN
+
+iroh = iroh_fastpath.iroh
+
+RELAY_WAIT_SECS = 5.0  # how long start-up waits for a relay address to put in the token
+
+
+@dataclass
+class TransportConfig:
+    relays: list[str] = field(default_factory=list)  # empty: iroh's default relays
+    no_relay: bool = False  # air-gapped LANs and tests: direct addresses only
+    bind_host: str = "0.0.0.0"
+    bind_port: int = 0
+
+    @property
+    def bind_addr(self) -> str:
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"{host}:{self.bind_port}"
+
+
+def endpoint_options(cfg: TransportConfig, secret_key: bytes) -> iroh.EndpointOptions:
+    if cfg.no_relay:
+        preset, mode = iroh.preset_minimal(), None
+    elif cfg.relays:
+        preset, mode = iroh.preset_n0(), iroh.RelayMode.custom_from_urls(cfg.relays)
+    else:
+        preset, mode = iroh.preset_n0(), None
+    kwargs = {"relay_mode": mode} if mode is not None else {}
+    return iroh.EndpointOptions(preset=preset, bind_addr=cfg.bind_addr, secret_key=secret_key, alpns=[ALPN], **kwargs)
+
+
+async def bind_endpoint(cfg: TransportConfig, secret_key: bytes) -> iroh.Endpoint:
+    iroh_fastpath.install()
+    try:
+        endpoint = await iroh.Endpoint.bind(endpoint_options(cfg, secret_key))
+    except iroh.IrohError as exc:
+        hint = "pick another --bind-port" if cfg.bind_port else "check --bind-host"
+        raise UserError(f"cannot open the mesh's QUIC socket on {cfg.bind_addr}: {exc}: {hint}") from None
+    if not cfg.no_relay:
+        try:
+            await asyncio.wait_for(endpoint.online(), RELAY_WAIT_SECS)
+        except (asyncio.TimeoutError, iroh.IrohError):
+            pass  # offline or relays blocked: the token carries direct addresses only
+    return endpoint
+
+
+def endpoint_addr(peer_id_hex: str, addrs: list[str] | tuple[str, ...], relay: str | None) -> iroh.EndpointAddr:
+    return iroh.EndpointAddr(iroh.EndpointId.from_bytes(bytes.fromhex(peer_id_hex)), relay or None, list(addrs))

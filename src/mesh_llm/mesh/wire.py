@@ -1,0 +1,155 @@
+"""Wire format (pure codecs plus one small reader over an iroh stream).
+
+Every QUIC stream a node opens starts with one byte naming its kind, then
+length-prefixed frames: a 4-byte big-endian length and a UTF-8 JSON object.
+Tunnel streams carry one header frame and then raw bytes. Frames larger than
+MAX_FRAME, bad JSON or a non-object are protocol errors: the reader closes
+that stream only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from enum import IntEnum
+from typing import Any, Protocol
+
+ALPN = b"mesh-llm-py"
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20  # 1 MiB: a gossip frame for a large mesh is a few tens of KiB
+_LEN = struct.Struct(">I")
+
+
+class StreamKind(IntEnum):
+    HELLO = 1  # admission handshake, the only kind allowed before it completes
+    GOSSIP = 2  # one frame each way: peer records
+    HTTP = 3  # header {model}, then raw HTTP/1.1 bytes to that model's llama-server
+    RPC = 4  # header {}, then raw bytes to the node's loopback rpc-server
+
+
+class ProtocolError(Exception):
+    """The peer sent something this node cannot accept; close the stream."""
+
+
+def encode_frame(doc: dict[str, Any]) -> bytes:
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _LEN.pack(len(payload)) + payload
+
+
+def stream_prefix(kind: StreamKind, header: dict[str, Any]) -> bytes:
+    return bytes([kind]) + encode_frame(header)
+
+
+def parse_kind(byte: int) -> StreamKind:
+    try:
+        return StreamKind(byte)
+    except ValueError:
+        raise ProtocolError(f"unknown stream kind {byte}") from None
+
+
+class FrameDecoder:
+    """Sans-I/O decoder: feed bytes in, take whole frames out."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_frame(self) -> dict[str, Any] | None:
+        if len(self._buf) < 4:
+            return None
+        (size,) = _LEN.unpack_from(self._buf)
+        if size > self.max_frame:
+            raise ProtocolError(f"frame of {size} bytes exceeds the {self.max_frame}-byte limit")
+        if len(self._buf) < 4 + size:
+            return None
+        payload = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        try:
+            doc = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("frame is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise ProtocolError("frame is not a JSON object")
+        return doc
+
+    def take_buffered(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class _Recv(Protocol):
+    async def read(self, size_limit: int) -> bytes: ...
+
+
+class FramedReader:
+    """Reads the kind byte and frames from an iroh RecvStream, keeping what follows."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, recv: _Recv, max_frame: int = MAX_FRAME) -> None:
+        self.recv = recv
+        self.decoder = FrameDecoder(max_frame)
+        self._pending = b""
+
+    async def _more(self) -> None:
+        data = await self.recv.read(self.CHUNK)
+        if not data:
+            raise ProtocolError("stream ended mid-message")
+        self.decoder.feed(data)
+
+    async def read_kind(self) -> StreamKind:
+        data = await self.recv.read(self.CHUNK)
+        if not data:
+            raise ProtocolError("stream ended before its kind byte")
+        self.decoder.feed(data[1:])
+        return parse_kind(data[0])
+
+    async def read_frame(self) -> dict[str, Any]:
+        while (doc := self.decoder.next_frame()) is None:
+            await self._more()
+        return doc
+
+    def leftover(self) -> bytes:
+        """Raw bytes that arrived behind the last frame (tunnel payload)."""
+        return self.decoder.take_buffered()
+
+
+# -- message field helpers: a malformed field is a ProtocolError, never a KeyError ---------
+
+
+def get_str(doc: dict[str, Any], name: str, max_len: int = 256, default: str | None = None) -> str:
+    value = doc.get(name, default)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"field {name!r} must be a string of at most {max_len} characters")
+    return value
+
+
+def get_int(doc: dict[str, Any], name: str, lo: int = 0, hi: int = 2**63, default: int | None = None) -> int:
+    value = doc.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"field {name!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def get_hex(doc: dict[str, Any], name: str, size: int) -> bytes:
+    value = get_str(doc, name, 2 * size)
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise ProtocolError(f"field {name!r} must be {size} bytes of hex")
+    return raw
+
+
+def get_str_list(doc: dict[str, Any], name: str, max_items: int = 64, max_len: int = 256) -> list[str]:
+    value = doc.get(name, [])
+    if not isinstance(value, list) or len(value) > max_items or not all(isinstance(v, str) and len(v) <= max_len for v in value):
+        raise ProtocolError(f"field {name!r} must be a list of at most {max_items} strings")
+    return list(value)
