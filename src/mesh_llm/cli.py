@@ -20,6 +20,8 @@ on http://localhost:9337/v1, powered by llama.cpp.
 examples:
   mesh-llm --model gemma-3-270m          serve the packaged Gemma 3 270M
   mesh-llm --model ~/models/model.gguf   serve a local GGUF file
+  mesh-llm --join TOKEN --model M        join a mesh (token from any member's output)
+  mesh-llm --client --join TOKEN         use a mesh's models on :9337 without serving any
   mesh-llm engine                        show which llama.cpp binaries are used
   mesh-llm engine build                  build llama.cpp into the cache now
 """
@@ -33,10 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
     p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
-    p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token")
+    p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
+    net = p.add_argument_group("mesh network")
+    net.add_argument("--relay", action="append", default=[], metavar="URL", help="relay server to use instead of iroh's defaults (repeatable)")
+    net.add_argument("--no-relay", action="store_true", help="no relays: direct addresses only (air-gapped LANs)")
+    net.add_argument("--bind-port", type=int, default=0, metavar="PORT", help="UDP port for the mesh's QUIC socket (default: any free port)")
+    net.add_argument("--bind-host", default="0.0.0.0", metavar="IP", help="IP the QUIC socket binds to (default 0.0.0.0; 127.0.0.1 keeps a mesh on one machine)")
     _engine_options(p)
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR", help=f"logs and node state (default {default_state_dir()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    rot = sub.add_parser("rotate-key", help="replace this node's key (its mesh id changes; meshes see a new node)")
+    rot.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR")
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
@@ -76,14 +85,18 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         from mesh_llm.engine.commands import engine_command
 
         return engine_command(args.action, bin_dir, flavor, args.force, out)
-    if args.client:
-        if args.model:
-            raise UserError("--client runs without a model: drop --model, or drop --client to serve it")
-        if not args.join:
-            raise UserError("--client needs a mesh to join: pass --join TOKEN")
-        raise UserError("joining a mesh is not available in this version yet (only solo serving): run without --client/--join")
-    if args.join:
-        raise UserError("joining a mesh is not available in this version yet (only solo serving): drop --join")
+    state_dir = (getattr(args, "state_dir", None) or default_state_dir()).expanduser()
+    if args.command == "rotate-key":
+        from mesh_llm.mesh.identity import rotate_key
+
+        rotate_key(state_dir)
+        out.print(f"New node key written to {state_dir / 'key'}; restart the node for it to take effect.")
+        return 0
+    if args.relay and args.no_relay:
+        raise UserError("--relay and --no-relay contradict each other: pass one")
+    if not 0 <= args.bind_port <= 65535:
+        raise UserError(f"--bind-port {args.bind_port} is not a port number (0-65535)")
+    from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
 
     cfg = NodeConfig(
@@ -93,7 +106,10 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         bin_dir=bin_dir,
         device=getattr(args, "device", None),
         flavor=flavor,
-        state_dir=(args.state_dir or default_state_dir()).expanduser(),
+        state_dir=state_dir,
         ctx_size=args.ctx_size,
+        join=args.join,
+        client=args.client,
+        transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
     )
     return run_node(cfg, out)

@@ -109,8 +109,12 @@ class Mesh:
         return list(self.membership.members.values())
 
     def update_self(self, **changes: Any) -> None:
-        """Change this node's record; peers learn it at the next heartbeat."""
-        self.me = replace(self.me, **changes)
+        """Change this node's record and tell every member now rather than at the next heartbeat."""
+        new = replace(self.me, **changes)
+        if new != self.me:
+            self.me = new
+            for link in list(self.links.values()):
+                self._spawn(self._exchange(link))
 
     async def open_stream(self, peer_id: str, kind: StreamKind, header: dict[str, Any]) -> tuple[Any, Any]:
         link = self.links.get(peer_id)

@@ -1,0 +1,73 @@
+"""Models served elsewhere in the mesh, made reachable through this node's proxy.
+
+Each (peer, model) pair the routing rule picks gets a loopback TunnelListener;
+the proxy's upstream table points at it like at any local llama-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from mesh_llm.api.proxy import Upstream, UpstreamTable
+from mesh_llm.api.routing import choose_servers
+from mesh_llm.mesh.mesh import Mesh
+from mesh_llm.mesh.tunnels import TunnelListener
+from mesh_llm.mesh.wire import StreamKind
+
+
+class RemoteModels:
+    def __init__(self, mesh: Mesh, table: UpstreamTable, local_models: set[str]) -> None:
+        self.mesh = mesh
+        self.table = table
+        self.local_models = local_models
+        self.tunnels: dict[tuple[str, str], TunnelListener] = {}
+        self.routes: dict[str, str] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        events = self.mesh.subscribe()
+
+        async def follow() -> None:
+            while True:
+                await events.get()
+                while not events.empty():  # coalesce bursts (a join brings several events)
+                    events.get_nowait()
+                await self.sync()
+
+        self._task = asyncio.ensure_future(follow())
+
+    def served_by(self) -> dict[str, list[tuple[str, float | None]]]:
+        out: dict[str, list[tuple[str, float | None]]] = {}
+        for m in self.mesh.members():
+            for model in m.record.models_served:
+                out.setdefault(model, []).append((m.record.id, m.rtt_ms))
+        return out
+
+    async def sync(self) -> None:
+        wanted = choose_servers(self.local_models, self.served_by(), self.routes)
+        for model, peer in wanted.items():
+            if self.routes.get(model) == peer:
+                continue
+            key = (peer, model)
+            tunnel = self.tunnels.get(key)
+            if tunnel is None:
+                tunnel = TunnelListener(self.mesh, peer, StreamKind.HTTP, {"model": model})
+                await tunnel.start()
+                self.tunnels[key] = tunnel
+            self.routes[model] = peer
+            self.table.add(Upstream(model, f"http://127.0.0.1:{tunnel.port}", is_ready=lambda: True, status=lambda p=peer: f"served by {p[:8]}"))
+        for model in [m for m in self.routes if m not in wanted]:
+            del self.routes[model]
+            self.table.remove(model)
+        for key in [k for k in self.tunnels if self.routes.get(k[1]) != k[0]]:
+            await self.tunnels.pop(key).close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for tunnel in self.tunnels.values():
+            await tunnel.close()
+        self.tunnels.clear()
