@@ -83,6 +83,34 @@ class NodeProcess:
             time.sleep(0.2)
         raise AssertionError(f"node not ready after {timeout}s:\n{self.output()}")
 
+    def wait_output(self, marker: str, timeout: float = 60) -> str:
+        """The first output line containing `marker`, waiting for it to appear."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.output().splitlines():
+                if marker in line:
+                    return line
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode} before printing {marker!r}:\n{self.output()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{marker!r} not printed after {timeout}s:\n{self.output()}")
+
+    def token(self) -> str:
+        return self.wait_output("Invite token: ").split("Invite token: ", 1)[1].strip()
+
+    def status(self) -> dict:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.base_url + "/api/status", timeout=5) as r:
+            return json.loads(r.read())
+
+    def node_id(self) -> str:
+        return self.status()["mesh"]["self"]["id"]
+
+    def peer_ids(self) -> set[str]:
+        return {p["id"] for p in self.status()["mesh"]["peers"]}
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -99,8 +127,8 @@ class NodeProcess:
 def start_node(tmp_path: Path):
     nodes: list[NodeProcess] = []
 
-    def start(*args: str, port: int | None = None) -> NodeProcess:
-        node = NodeProcess(list(args), tmp_path / f"node{len(nodes)}", port or free_port())
+    def start(*args: str, port: int | None = None, state_dir: Path | None = None) -> NodeProcess:
+        node = NodeProcess(list(args), state_dir or tmp_path / f"node{len(nodes)}", port or free_port())
         nodes.append(node)
         return node
 

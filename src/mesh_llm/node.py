@@ -88,6 +88,9 @@ def free_loopback_port() -> int:
 def check_port_free(host: str, port: int) -> None:
     """Fail before slow work (engine build, model load) if the API port is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR as the real listener uses: a restart right after a crash must not trip
+        # over TIME_WAIT leftovers; Linux still refuses a port another socket listens on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -205,6 +208,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
         mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, devices), transport=cfg.transport, log=say)
         await mesh.start()
+        proxy.mesh_status = mesh.status
         local = LocalServer()
         remote = RemoteModels(mesh, table, {model.model_id} if model else set())
         remote.start()

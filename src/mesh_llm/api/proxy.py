@@ -71,6 +71,7 @@ def error_response(status: int, message: str, kind: str, **extra: object) -> web
 class ApiProxy:
     def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
         self.table = table
+        self.mesh_status: Callable[[], dict[str, object]] | None = None
         self.created = created or int(time.time())
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -81,6 +82,7 @@ class ApiProxy:
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
+        app.router.add_get("/api/status", self.status)
         app.router.add_post("/v1/{tail:.*}", self.forward)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
@@ -97,7 +99,7 @@ class ApiProxy:
         )
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=False)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)  # see check_port_free
         try:
             await site.start()
         except OSError as exc:
@@ -120,6 +122,11 @@ class ApiProxy:
         models = {m: self.table.get(m).status() for m in self.table.models()}
         ok = any(self.table.get(m).is_ready() for m in models)
         return web.json_response({"status": "ok" if ok else "loading", "models": models}, status=200 if ok else 503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        mesh = self.mesh_status() if self.mesh_status else None
+        models = {m: self.table.get(m).status() for m in self.table.models()}
+        return web.json_response({"models": models, "mesh": mesh})
 
     def _model_entry(self, model_id: str) -> dict[str, object]:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "mesh-llm"}
