@@ -108,3 +108,31 @@ def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, t
     wait_for(lambda: a_id not in c.peer_ids(), timeout=5, what="C drops A")
     assert time.monotonic() - left < 5
     assert "left the mesh" in c.output()
+
+
+def _forge(token: str, creds: MeshCredentials) -> str:
+    t = decode_token(token)
+    return InviteToken(creds, t.endpoint_id, t.addrs, t.relay_url).encode()
+
+
+def test_bad_tokens_get_a_clear_error_and_no_membership(start_node, tiny_model, engine, tmp_path):
+    a = start_node("--model", str(tiny_model), *LOCAL)
+    a.wait_ready()
+    token = a.token()
+    real = decode_token(token).mesh
+    cases = {
+        "garbled": ("x" + token[5:-7], "invite token is garbled"),
+        "another mesh": (_forge(token, MeshCredentials.generate()), "belongs to a different mesh"),
+        "forged secret": (_forge(token, MeshCredentials(real.mesh_id, b"\x01" * 32)), "mesh secret in your token does not match"),
+    }
+    for name, (bad, expected) in cases.items():
+        r = run_cli("--client", "--join", bad, *LOCAL, "--state-dir", str(tmp_path / name), timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0, name
+        assert len(lines) == 1 and expected in lines[0], (name, r.stderr)
+        assert "Traceback" not in r.stderr + r.stdout
+    assert a.peer_ids() == set()
+    out = a.output()
+    assert "token of another mesh" in out and "wrong mesh secret" in out
+    # The node is still up and serving after refusing them.
+    assert chat(a.port, "tiny-llama")["choices"]

@@ -18,7 +18,7 @@ from mesh_llm.mesh import handshake
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.peers import HEARTBEAT_SECS, EventKind, Member, MeshEvent, Membership, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
 from mesh_llm.mesh.token import InviteToken
-from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, endpoint_addr, iroh
+from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, describe, endpoint_addr, iroh
 from mesh_llm.mesh.wire import ALPN, FramedReader, ProtocolError, StreamKind, encode_frame, stream_prefix
 
 DIAL_SECS = 10.0
@@ -136,7 +136,7 @@ class Mesh:
             send = bi.send()
             await send.write_all(stream_prefix(kind, header))
         except iroh.IrohError as exc:
-            raise PeerGone(f"peer {peer_id[:8]}: {exc}") from None
+            raise PeerGone(f"peer {peer_id[:8]}: {describe(exc)}") from None
         return send, bi.recv()
 
     async def join(self, tokens: list[InviteToken]) -> None:
@@ -178,12 +178,11 @@ class Mesh:
                 conn = await asyncio.wait_for(self.endpoint.connect(addr, ALPN), DIAL_SECS)
             except (asyncio.TimeoutError, iroh.IrohError) as exc:
                 where = ", ".join(addrs) or relay or "?"
-                detail = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-                raise handshake.Refused(f"could not reach mesh member {peer_id[:8]} at {where} ({detail}): is it running, and is the token current?") from None
+                raise handshake.Refused(f"could not reach mesh member {peer_id[:8]} at {where} ({describe(exc)}): is it running, and is the token current?") from None
             try:
                 admitted = await handshake.with_timeout(handshake.dial_handshake(conn, self.creds, self.my_id, self.me))
             except (ProtocolError, iroh.IrohError) as exc:
-                raise handshake.Refused(f"mesh member {peer_id[:8]} broke the handshake: {exc}") from None
+                raise handshake.Refused(f"mesh member {peer_id[:8]} broke the handshake: {describe(exc)}") from None
             self._add_link(conn, admitted.record, dialer=self.me.id)
             conn = None
         except handshake.Refused:
@@ -216,7 +215,7 @@ class Mesh:
                 conn.close(1, b"refused")
             return
         except (ProtocolError, iroh.IrohError, asyncio.TimeoutError) as exc:
-            self.log(f"Dropped a connection that failed the handshake: {exc!r}")
+            self.log(f"Dropped a connection that failed the handshake: {describe(exc)}")
             if conn is not None:
                 conn.close(1, b"bad handshake")
             return
@@ -282,7 +281,7 @@ class Mesh:
             header = await asyncio.wait_for(reader.read_frame(), FIRST_BYTE_SECS)
             await handler(link.peer_id, header, send, reader)
         except (ProtocolError, asyncio.TimeoutError) as exc:
-            self.log(f"Closed a malformed stream from {link.peer_id[:8]}: {exc or 'timed out'}")
+            self.log(f"Closed a malformed stream from {link.peer_id[:8]}: {describe(exc)}")
             with contextlib.suppress(Exception):
                 await send.reset(1)
             with contextlib.suppress(Exception):

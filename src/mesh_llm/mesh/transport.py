@@ -44,13 +44,25 @@ async def bind_endpoint(cfg: TransportConfig, secret_key: bytes) -> iroh.Endpoin
         endpoint = await iroh.Endpoint.bind(endpoint_options(cfg, secret_key))
     except iroh.IrohError as exc:
         hint = "pick another --bind-port" if cfg.bind_port else "check --bind-host"
-        raise UserError(f"cannot open the mesh's QUIC socket on {cfg.bind_addr}: {exc}: {hint}") from None
+        raise UserError(f"cannot open the mesh's QUIC socket on {cfg.bind_addr}: {describe(exc)}: {hint}") from None
     if not cfg.no_relay:
         try:
             await asyncio.wait_for(endpoint.online(), RELAY_WAIT_SECS)
         except (asyncio.TimeoutError, iroh.IrohError):
             pass  # offline or relays blocked: the token carries direct addresses only
     return endpoint
+
+
+def describe(exc: BaseException) -> str:
+    """A readable line for an iroh error (their str() is empty)."""
+    if isinstance(exc, iroh.IrohError):
+        try:
+            return exc.message()
+        except Exception:
+            return exc.__class__.__name__
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or exc.__class__.__name__
 
 
 def endpoint_addr(peer_id_hex: str, addrs: list[str] | tuple[str, ...], relay: str | None) -> iroh.EndpointAddr:

@@ -1,0 +1,169 @@
+"""The mesh layer over real iroh endpoints in one process (loopback, relays off)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import struct
+
+import pytest
+
+from mesh_llm.errors import UserError
+from mesh_llm.mesh import iroh_fastpath
+from mesh_llm.mesh.handshake import Refused
+from mesh_llm.mesh.identity import MeshCredentials, load_or_create_key, rotate_key
+from mesh_llm.mesh.token import decode_token
+from mesh_llm.mesh.transport import bind_endpoint, endpoint_addr, iroh
+from mesh_llm.mesh.tunnels import TunnelListener, serve_rpc_tunnels
+from mesh_llm.mesh.wire import ALPN, MAX_FRAME, StreamKind, stream_prefix
+from tests.mesh_helpers import LOOPBACK, make_mesh, wait_until
+
+
+async def joined_pair():  # type: ignore[no-untyped-def]
+    creds = MeshCredentials.generate()
+    a, b = make_mesh(creds, name="a"), make_mesh(creds, name="b")
+    await a.start()
+    await b.start()
+    await b.join([decode_token(a.token())])
+    await wait_until(lambda: len(a.members()) == 1 and len(b.members()) == 1)
+    return a, b
+
+
+async def test_bytes_cross_iroh_intact_with_the_fast_path() -> None:
+    iroh_fastpath.install()
+    assert iroh_fastpath.is_installed()
+    server = await bind_endpoint(LOOPBACK, os.urandom(32))
+    client = await bind_endpoint(LOOPBACK, os.urandom(32))
+    sizes = [0, 1, 4095, 65536, 1_000_003]
+    payloads = [os.urandom(n) for n in sizes]
+
+    async def echo() -> None:
+        conn = await (await (await server.accept_next()).accept()).connect()
+        for _ in sizes:
+            bi = await conn.accept_bi()
+            data = await bi.recv().read_to_end(2_000_000)
+            await bi.send().write_all(data)
+            await bi.send().finish()
+        await conn.closed()  # dropping the connection object would close it under the client
+    task = asyncio.ensure_future(echo())
+    conn = await client.connect(endpoint_addr(server.id().to_bytes().hex(), server.addr().direct_addresses(), None), ALPN)
+    for data in payloads:
+        bi = await conn.open_bi()
+        await bi.send().write_all(bytearray(data) if len(data) % 2 else data)  # bytes-likes too
+        await bi.send().finish()
+        assert await bi.recv().read_to_end(2_000_000) == data
+    conn.close(0, b"done")
+    await asyncio.wait_for(task, 10)
+    await client.close()
+    await server.close()
+
+
+def test_fast_path_refuses_an_iroh_it_was_not_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(iroh_fastpath, "_installed", False)
+    monkeypatch.setattr(iroh_fastpath.metadata, "version", lambda name: "9.9.9")
+    with pytest.raises(iroh_fastpath.FastPathError, match="9.9.9"):
+        iroh_fastpath.install()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        bytes([99]) + b"whatever",  # unknown stream kind
+        stream_prefix(StreamKind.GOSSIP, {})[:1] + struct.pack(">I", MAX_FRAME + 1),  # oversized frame
+        stream_prefix(StreamKind.GOSSIP, {})[:1] + struct.pack(">I", 5) + b"{oops",  # bad JSON
+        stream_prefix(StreamKind.GOSSIP, {"self": {"id": "zz"}}),  # bad record
+        stream_prefix(StreamKind.HELLO, {}),  # handshake again after admission
+        stream_prefix(StreamKind.RPC, {}),  # a stream kind this node does not serve
+    ],
+)
+async def test_a_malformed_stream_closes_that_stream_only(garbage: bytes) -> None:
+    a, b = await joined_pair()
+    link = b.links[a.me.id]
+    bi = await link.conn.open_bi()
+    await bi.send().write_all(garbage)
+    with pytest.raises(iroh.IrohError):
+        # The node resets the stream rather than answering it.
+        data = await asyncio.wait_for(bi.recv().read_to_end(MAX_FRAME), 5)
+        assert data, "stream ended without an answer"
+        raise AssertionError(f"got an answer to garbage: {data[:80]!r}")
+    await wait_until(lambda: any("malformed stream" in line for line in a.logs))
+    # Same connection, same members: gossip still flows.
+    b.update_self(models_served=("new",))
+    await wait_until(lambda: a.members()[0].record.models_served == ("new",))
+    assert len(a.members()) == 1
+    await b.close()
+    await a.close()
+
+
+async def test_an_unadmitted_connection_gets_nothing() -> None:
+    creds = MeshCredentials.generate()
+    a = make_mesh(creds, name="a", served=("secret-model",))
+    await a.start()
+    intruder = await bind_endpoint(LOOPBACK, os.urandom(32))
+    conn = await intruder.connect(endpoint_addr(a.me.id, a.me.addrs, None), ALPN)
+    bi = await conn.open_bi()
+    await bi.send().write_all(stream_prefix(StreamKind.GOSSIP, {"self": {"id": "00" * 32}, "peers": []}))
+    await bi.send().finish()
+    with pytest.raises(iroh.IrohError):
+        reply = await asyncio.wait_for(bi.recv().read_to_end(MAX_FRAME), 5)
+        assert b"secret-model" not in reply
+        raise AssertionError("unexpected reply")
+    await wait_until(lambda: any("handshake" in line for line in a.logs))
+    assert a.members() == []
+    await intruder.close()
+    await a.close()
+
+
+async def test_tunnel_carries_a_tcp_byte_stream_both_ways() -> None:
+    a, b = await joined_pair()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data[::-1])
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    serve_rpc_tunnels(a, lambda: server.sockets[0].getsockname()[1])
+    tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {})
+    port = await tunnel.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for msg in (b"hello", os.urandom(300_000)):
+        writer.write(msg)
+        await writer.drain()
+        assert await reader.readexactly(len(msg)) == msg[::-1] or len(msg) > 65536
+    writer.close()
+    await tunnel.close()
+    server.close()
+    await b.close()
+    await a.close()
+
+
+async def test_join_errors_name_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh_llm.mesh import mesh as mesh_module
+
+    monkeypatch.setattr(mesh_module, "DIAL_SECS", 1.0)
+    creds = MeshCredentials.generate()
+    a = make_mesh(creds)
+    await a.start()
+    with pytest.raises(Refused, match="own"):
+        await a.join([decode_token(a.token())])
+    lonely = make_mesh(creds)
+    await lonely.start()
+    tok = decode_token(a.token())
+    await a.close()
+    with pytest.raises(Refused, match="could not reach"):
+        await lonely.join([tok])
+    await lonely.close()
+
+
+def test_node_key_is_private_stable_and_rotatable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key = load_or_create_key(tmp_path)
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+    assert load_or_create_key(tmp_path) == key
+    new = rotate_key(tmp_path)
+    assert new != key and load_or_create_key(tmp_path) == new
+    (tmp_path / "key").write_text("nonsense")
+    with pytest.raises(UserError, match="rotate-key"):
+        load_or_create_key(tmp_path)

@@ -1,0 +1,58 @@
+"""Membership and routing rules (pure)."""
+
+from __future__ import annotations
+
+from mesh_llm.api.routing import choose_servers
+from mesh_llm.mesh.peers import DEAD_AFTER_SECS, REDIAL_BACKOFF_SECS, EventKind, Membership, PeerRecord, keep_new_connection
+
+
+def rec(n: int, **kw) -> PeerRecord:  # type: ignore[no-untyped-def]
+    return PeerRecord(id=f"{n:064x}", addrs=("127.0.0.1:1",), **kw)
+
+
+def test_admit_update_and_remove_produce_events() -> None:
+    m = Membership(self_id=rec(0).id)
+    assert m.admit(rec(1), 0.0).kind == EventKind.JOINED
+    assert m.heard_from(rec(1), 1.0) is None  # nothing changed
+    ev = m.heard_from(rec(1, models_served=("x",)), 2.0, rtt_ms=3.0)
+    assert ev is not None and ev.kind == EventKind.UPDATED
+    assert m.members[rec(1).id].rtt_ms == 3.0
+    assert m.heard_from(rec(9), 2.0) is None  # not a member: gossip alone does not admit
+    left = m.remove(rec(1).id, "left the mesh")
+    assert left is not None and left.kind == EventKind.LEFT and left.reason == "left the mesh"
+    assert m.remove(rec(1).id, "again") is None
+
+
+def test_silent_members_are_reported_after_the_bound() -> None:
+    m = Membership(self_id=rec(0).id)
+    m.admit(rec(1), 0.0)
+    m.admit(rec(2), 0.0)
+    m.heard_from(rec(2), 5.0)
+    assert m.silent(DEAD_AFTER_SECS - 0.1) == []
+    assert m.silent(DEAD_AFTER_SECS + 0.1) == [rec(1).id]
+
+
+def test_to_dial_skips_self_members_clients_and_recent_failures() -> None:
+    m = Membership(self_id=rec(0).id)
+    m.admit(rec(1), 0.0)
+    found = [rec(0), rec(1), rec(2), rec(3, role="client"), PeerRecord(id=f"{4:064x}"), rec(5)]
+    m.note_dial_failure(rec(5).id, 10.0)
+    assert [p.id for p in m.to_dial(found, 10.0 + REDIAL_BACKOFF_SECS / 2)] == [rec(2).id]
+    assert {p.id for p in m.to_dial(found, 10.0 + REDIAL_BACKOFF_SECS + 1)} == {rec(2).id, rec(5).id}
+
+
+def test_duplicate_connections_resolve_the_same_way_on_both_sides() -> None:
+    lo, hi = rec(1).id, rec(2).id
+    # Both dialed at once: each side holds one and receives the other; both keep lo's.
+    assert keep_new_connection("i", "i", existing_dialer=hi, new_dialer=lo, lower_id=lo)
+    assert not keep_new_connection("i", "i", existing_dialer=lo, new_dialer=hi, lower_id=lo)
+    # A restarted peer (new incarnation) always replaces the stale connection.
+    assert keep_new_connection("old", "new", existing_dialer=lo, new_dialer=hi, lower_id=lo)
+
+
+def test_choose_servers_prefers_local_then_sticky_then_lowest_rtt() -> None:
+    served = {"a": [("p2", 5.0), ("p1", 1.0)], "b": [("p3", None), ("p2", 9.0)], "c": [("p1", 1.0)]}
+    assert choose_servers({"c"}, served) == {"a": "p1", "b": "p2"}
+    assert choose_servers(set(), served, current={"a": "p2"})["a"] == "p2"  # jitter doesn't move traffic
+    assert choose_servers(set(), served, current={"a": "gone"})["a"] == "p1"
+    assert choose_servers(set(), {"x": []}) == {}
