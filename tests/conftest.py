@@ -49,20 +49,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 class NodeProcess:
     """A `mesh-llm` node started as a real subprocess."""
 
-    def __init__(self, args: list[str], state_dir: Path, port: int) -> None:
+    def __init__(self, args: list[str], state_dir: Path, port: int, prefix: tuple[str, ...] = (), host: str = "127.0.0.1", env: dict[str, str] | None = None) -> None:
         self.port = port
+        self.host = host
         self.state_dir = state_dir
         self.log = state_dir / "node-stdout.log"
         state_dir.mkdir(parents=True, exist_ok=True)
         self._out = self.log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh_llm", *args, "--port", str(port), "--state-dir", str(state_dir)],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [*prefix, sys.executable, "-m", "mesh_llm", *args, "--port", str(port), "--state-dir", str(state_dir)],
+            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
         )
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -127,8 +128,8 @@ class NodeProcess:
 def start_node(tmp_path: Path):
     nodes: list[NodeProcess] = []
 
-    def start(*args: str, port: int | None = None, state_dir: Path | None = None) -> NodeProcess:
-        node = NodeProcess(list(args), state_dir or tmp_path / f"node{len(nodes)}", port or free_port())
+    def start(*args: str, port: int | None = None, state_dir: Path | None = None, prefix: tuple[str, ...] = (), host: str = "127.0.0.1", env: dict[str, str] | None = None) -> NodeProcess:
+        node = NodeProcess(list(args), state_dir or tmp_path / f"node{len(nodes)}", port or free_port(), prefix, host, env)
         nodes.append(node)
         return node
 

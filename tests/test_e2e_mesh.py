@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 import urllib.error
@@ -47,14 +48,16 @@ def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models2") / "tiny-other.gguf", TinyModelSpec(seed=7))
 
 
-def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, tiny_model, second_model, engine):
+def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, tiny_model, second_model, engine, tmp_path):
     a = start_node("--model", str(tiny_model), *LOCAL)
     a.wait_ready()
     b = start_node("--model", str(second_model), "--join", a.token(), *LOCAL)
     b.wait_ready()
     c = start_node("--join", b.token(), *LOCAL)  # standby: no model, learns A from B by gossip
     c.wait_output("ready")
-    client = start_node("--client", "--join", c.token(), *LOCAL)
+    # The lite client runs where no llama.cpp exists: empty cache, nothing on PATH.
+    bare = {"MESH_LLM_CACHE_DIR": str(tmp_path / "empty-cache"), "PATH": "/nonexistent", "MESH_LLM_BIN_DIR": ""}
+    client = start_node("--client", "--join", c.token(), *LOCAL, env=bare)
     client.wait_ready()
     nodes = [a, b, c, client]
     ids = {n: n.node_id() for n in nodes}
@@ -63,6 +66,7 @@ def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, t
         others = {ids[m] for m in (servers if n is client else nodes) if m is not n}
         wait_for(lambda n=n, others=others: others <= n.peer_ids(), what=f"{n.state_dir.name} sees every member")
     assert "Invite token: " not in client.output()  # clients don't hand out tokens
+    assert not (tmp_path / "empty-cache" / "engine").exists()  # and never looked for an engine
 
     # The client serves nothing itself; both models are answered by the nodes that serve them.
     listed = json.loads(urllib.request.urlopen(f"{client.base_url}/v1/models", timeout=5).read())
@@ -136,3 +140,53 @@ def test_bad_tokens_get_a_clear_error_and_no_membership(start_node, tiny_model, 
     assert "token of another mesh" in out and "wrong mesh secret" in out
     # The node is still up and serving after refusing them.
     assert chat(a.port, "tiny-llama")["choices"]
+
+
+@pytest.fixture
+def netns():  # type: ignore[no-untyped-def]
+    """A network namespace joined to this one by a veth pair: a second host."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and iproute2")
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"mlt{tag}", f"mlh{tag}", f"mln{tag}"
+    host_ip, ns_ip = "10.231.0.1", "10.231.0.2"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    try:
+        ip("netns", "add", ns)
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", ns)
+        ip("addr", "add", f"{host_ip}/24", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if)
+        ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, OSError) as exc:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"cannot create a network namespace here: {exc}")
+    yield ns, host_ip, ns_ip
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+def test_a_node_in_another_network_namespace_joins_over_the_veth(start_node, tiny_model, engine, netns):
+    ns, host_ip, ns_ip = netns
+    a = start_node("--model", str(tiny_model), "--no-relay", "--bind-host", host_ip)
+    a.wait_ready()
+    token = a.token()
+    assert [addr.rsplit(":", 1)[0] for addr in decode_token(token).addrs] == [host_ip]
+    far = start_node("--join", token, "--no-relay", "--listen-all", prefix=("ip", "netns", "exec", ns), host=ns_ip)
+    far.wait_ready()
+    far_id = far.node_id()
+    wait_for(lambda: far_id in a.peer_ids(), what="A sees the node in the namespace")
+    assert all(addr.startswith(ns_ip + ":") for addr in far.status()["mesh"]["self"]["addrs"])  # it lives on the far side
+    body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    req = urllib.request.Request(f"{far.base_url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        reply = json.loads(r.read())
+    assert reply["choices"][0]["message"]["content"]
