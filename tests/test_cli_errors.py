@@ -110,3 +110,35 @@ def test_build_failure_names_the_log(tmp_path: Path, monkeypatch) -> None:
     log = (tmp_path / "cache" / "engine" / "llama.cpp-b1-cpu" / "build.log").read_text()
     assert "this tree is broken" in log
     assert not build_mod.engine_dir("cpu").is_built()
+
+
+def _some_token() -> str:
+    from mesh_llm.mesh.identity import MeshCredentials
+    from mesh_llm.mesh.token import InviteToken
+
+    return InviteToken(MeshCredentials.generate(), b"\1" * 32, ("127.0.0.1:9",)).encode()
+
+
+def test_quic_port_in_use(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        taken = udp.getsockname()[1]
+        r = run_cli("--client", "--join", _some_token(), "--no-relay", "--bind-host", "127.0.0.1", "--bind-port", str(taken), "--port", str(free_port()), "--state-dir", str(tmp_path))
+    assert_one_line_error(r, "QUIC socket", "already in use", "--bind-port")
+
+
+def test_unreachable_token_says_so(tmp_path: Path) -> None:
+    r = run_cli("--client", "--join", _some_token(), "--no-relay", "--bind-host", "127.0.0.1", "--port", str(free_port()), "--state-dir", str(tmp_path))
+    assert_one_line_error(r, "cannot join the mesh", "could not reach", "127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--relay", "https://r.example/", "--no-relay"), "contradict"),
+        (("--bind-port", "70000"), "not a port"),
+        (("--join", "not-a-token!"), "garbled"),
+    ],
+)
+def test_bad_mesh_flags(args: tuple[str, ...], fragment: str, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("--client", "--join", _some_token(), *args, "--port", str(free_port()), "--state-dir", str(tmp_path)), fragment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 
 from mesh_llm.errors import UserError
@@ -57,9 +58,15 @@ def describe(exc: BaseException) -> str:
     """A readable line for an iroh error (their str() is empty)."""
     if isinstance(exc, iroh.IrohError):
         try:
-            return exc.message()
+            text = exc.message()
         except Exception:
             return exc.__class__.__name__
+        # Multi-line Rust error chains: keep the headline and the root cause, drop source paths.
+        lines = [re.sub(r"\s*\(/[^)]*\.rs:\d+:\d+\)", "", line).strip() for line in text.splitlines()]
+        lines = [line for line in lines if line and line != "Caused by:"]
+        if not lines:
+            return exc.__class__.__name__
+        return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return str(exc) or exc.__class__.__name__
