@@ -41,6 +41,7 @@ class Link:
     incarnation: str
     dialer: str
     tasks: list[asyncio.Task] = field(default_factory=list)
+    exchanging: bool = False
 
 
 class Mesh:
@@ -314,6 +315,7 @@ class Mesh:
 
     async def _exchange(self, link: Link) -> None:
         start = time.perf_counter()
+        link.exchanging = True
         try:
             bi = await asyncio.wait_for(link.conn.open_bi(), EXCHANGE_SECS)
             send, reader = bi.send(), FramedReader(bi.recv())
@@ -323,17 +325,21 @@ class Mesh:
             self._heard(link, record, known, (time.perf_counter() - start) * 1000)
         except (ProtocolError, iroh.IrohError, asyncio.TimeoutError):
             pass  # silence is judged by the heartbeat loop
+        finally:
+            link.exchanging = False
 
     async def _heartbeat_loop(self) -> None:
         last_rejoin = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_SECS)
-            await asyncio.gather(*(self._exchange(link) for link in list(self.links.values())))
+            for link in list(self.links.values()):
+                if not link.exchanging:  # a dead peer's exchange hangs until its timeout; don't stack them
+                    self._spawn(self._exchange(link))
             now = time.monotonic()
             for pid in self.membership.silent(now):
                 link = self.links.get(pid)
                 if link is not None:
-                    self._drop(link, f"silent for more than {now - self.membership.members[pid].last_seen:.0f} s")
+                    self._drop(link, f"silent for {now - self.membership.members[pid].last_seen:.1f} s")
             self.discovered = {p.id: (p, seen) for p, seen in self.discovered.values() if now - seen < 3 * HEARTBEAT_SECS}
             self._dial_discovered(now)
             if not self.links and self.join_tokens and now - last_rejoin > REJOIN_SECS:

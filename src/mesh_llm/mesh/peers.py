@@ -13,8 +13,8 @@ from typing import Any
 
 from mesh_llm.mesh.wire import ProtocolError, get_hex, get_int, get_str, get_str_list
 
-HEARTBEAT_SECS = 2.0  # gossip with every member this often
-DEAD_AFTER_SECS = 8.0  # a member silent this long is dropped (bound: 10 s)
+HEARTBEAT_SECS = 1.5  # gossip with every member this often
+DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
 REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often than this
 MAX_PEERS_PER_FRAME = 256
 
