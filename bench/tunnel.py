@@ -4,7 +4,9 @@ Two processes: this one (the near node) and a far node started as a child.
 The far node runs a test server on 127.0.0.1 and a mesh endpoint that relays
 RPC-tunnel streams to it. The near node measures the same workload directly
 against the server (plain TCP) and through a TunnelListener (TCP → QUIC →
-TCP), interleaved round by round so both see the same machine load.
+TCP), interleaved round by round so both see the same machine load. It also times
+round trips over bare iroh streams between the two processes: the floor that
+the Python bindings set for any tunnel built on them.
 
     .venv/bin/python bench/tunnel.py [--rounds 5] [--mb 64] [--pings 2000]
 
@@ -27,9 +29,9 @@ from mesh_llm.mesh.identity import MeshCredentials, new_secret_key
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.token import decode_token
-from mesh_llm.mesh.transport import TransportConfig
+from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, endpoint_addr
 from mesh_llm.mesh.tunnels import TunnelListener, serve_rpc_tunnels
-from mesh_llm.mesh.wire import StreamKind
+from mesh_llm.mesh.wire import ALPN, StreamKind
 
 LOOPBACK = TransportConfig(no_relay=True, bind_host="127.0.0.1")
 PING = b"p" * 32
@@ -60,16 +62,34 @@ async def handle_test_client(reader: asyncio.StreamReader, writer: asyncio.Strea
     writer.close()
 
 
+async def raw_iroh_echo(endpoint) -> None:  # type: ignore[no-untyped-def]
+    """Echo on bare iroh streams: the floor any tunnel over these bindings stands on."""
+    conn = await (await (await endpoint.accept_next()).accept()).connect()
+    while True:
+        try:
+            bi = await conn.accept_bi()
+        except Exception:
+            return
+        recv, send = bi.recv(), bi.send()
+        while data := await recv.read(65536):
+            await send.write_all(data)
+
+
 async def far(creds_hex: str) -> None:
+    raw = await bind_endpoint(LOOPBACK, new_secret_key())
+    raw_task = asyncio.ensure_future(raw_iroh_echo(raw))
     server = await asyncio.start_server(handle_test_client, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     creds = MeshCredentials(bytes.fromhex(creds_hex[:32]), bytes.fromhex(creds_hex[32:]))
     mesh = Mesh(secret_key=new_secret_key(), creds=creds, me=PeerRecord(id="", role="worker", hostname="far"), transport=LOOPBACK, log=lambda s: None)
     await mesh.start()
     serve_rpc_tunnels(mesh, lambda: port)
-    print(json.dumps({"token": mesh.token(), "port": port}), flush=True)
+    raw_addr = {"id": raw.id().to_bytes().hex(), "addrs": raw.addr().direct_addresses()}
+    print(json.dumps({"token": mesh.token(), "port": port, "raw": raw_addr}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+    raw_task.cancel()
     await mesh.close()
+    await raw.close()
 
 
 # -- the near side -----------------------------------------------------------------------------
@@ -107,6 +127,24 @@ async def round_trips(port: int, count: int) -> float:
     return statistics.median(times) * 1000
 
 
+async def raw_round_trips(info: dict, count: int) -> float:  # type: ignore[type-arg]
+    endpoint = await bind_endpoint(LOOPBACK, new_secret_key())
+    conn = await endpoint.connect(endpoint_addr(info["id"], info["addrs"], None), ALPN)
+    bi = await conn.open_bi()
+    recv, send = bi.recv(), bi.send()
+    times = []
+    for _ in range(count + 1):
+        start = time.perf_counter()
+        await send.write_all(PING)
+        got = b""
+        while len(got) < len(PING):
+            got += await recv.read(65536)
+        times.append(time.perf_counter() - start)
+    conn.close(0, b"done")
+    await endpoint.close()
+    return statistics.median(times[1:]) * 1000
+
+
 async def near(args: argparse.Namespace) -> dict[str, float]:
     creds = MeshCredentials.generate()
     child = subprocess.Popen([sys.executable, __file__, "--far", creds.mesh_id.hex() + creds.secret.hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -130,6 +168,7 @@ async def near(args: argparse.Namespace) -> dict[str, float]:
                 res[f"{name}_mb_s"].append(await throughput(port, nbytes))
                 res[f"{name}_rtt_ms"].append(await round_trips(port, args.pings))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in res.items()), file=sys.stderr)
+        raw_rtt = await raw_round_trips(info["raw"], args.pings)
         await tunnel.close()
         await mesh.close()
     finally:
@@ -137,6 +176,7 @@ async def near(args: argparse.Namespace) -> dict[str, float]:
         child.wait(10)
     out = {k: round(statistics.median(v), 3) for k, v in res.items()}
     out["mesh_rtt_added_ms"] = round(out["mesh_rtt_ms"] - out["tcp_rtt_ms"], 3)
+    out["raw_iroh_rtt_ms"] = round(raw_rtt, 3)  # bare iroh streams, no tunnel code, no TCP hops
     out["throughput_ratio"] = round(out["mesh_mb_s"] / out["tcp_mb_s"], 4)
     out.update({"rounds": args.rounds, "mb_per_transfer": args.mb, "pings": args.pings, "cpus": os.cpu_count() or 0})
     return out
