@@ -195,13 +195,19 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
     def say(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
-    supervisor = Supervisor(report=lambda msg: console.print(f"[yellow]{msg}[/]"))
+    mesh: Mesh | None = None
+
+    def advertise(mp: ManagedProcess) -> None:
+        # The record's `models_served` follows llama-server's health: peers route to it only while ready.
+        if mesh is not None and model is not None:
+            mesh.update_self(models_served=(model.model_id,) if mp.state == ProcState.READY else ())
+
+    supervisor = Supervisor(report=lambda msg: console.print(f"[yellow]{msg}[/]"), on_change=advertise)
     atexit.register(supervisor.kill_all_now)  # belt and braces if we die on an exception
     table = UpstreamTable()
     proxy = ApiProxy(table)
     await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
     probe: HealthProbe | None = None
-    mesh: Mesh | None = None
     remote: RemoteModels | None = None
     try:
         devices = await asyncio.to_thread(list_devices, engine.llama_server) if engine else []
@@ -264,10 +270,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
                 local.process = start.result()
             except StartFailed as exc:
                 raise UserError(f"llama-server failed to start: {exc.reason} (log: {exc.log_path})") from None
-        advertiser = asyncio.ensure_future(advertise_served(mesh, model.model_id, local))
         print_ready(console, cfg, model, engine, server_cfg.ctx_size)
         await stop.wait()
-        advertiser.cancel()
         console.print("Shutting down…")
         return 0
     finally:
@@ -281,19 +285,15 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
             await probe.close()
 
 
-async def advertise_served(mesh: Mesh, model_id: str, local: LocalServer) -> None:
-    """Keep the record's `models_served` true to llama-server's health (it restarts on crashes)."""
-    while True:
-        mesh.update_self(models_served=(model_id,) if local.is_ready() else ())
-        await asyncio.sleep(1.0)
+def api_url(cfg: NodeConfig) -> str:
+    return f"http://{'0.0.0.0' if cfg.listen_all else 'localhost'}:{cfg.port}/v1"
 
 
 def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable) -> None:
-    shown_host = "localhost" if not cfg.listen_all else "0.0.0.0"
     kind = "client" if cfg.client else "standby node"
     models = ", ".join(table.models()) or "none yet"
     console.print(f"[bold green]mesh-llm {__version__} ready[/] as a {kind} — the mesh serves: {models}")
-    console.print(f"API: http://{shown_host}:{cfg.port}/v1   Stop: Ctrl-C")
+    console.print(f"API: {api_url(cfg)}   Stop: Ctrl-C")
     if table.models():
         first = table.models()[0]
         console.print("[bold]curl:[/] ", end="")
@@ -301,9 +301,8 @@ def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable)
 
 
 def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int) -> None:
-    shown_host = "localhost" if not cfg.listen_all else "0.0.0.0"
     console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{model.model_id}[/] solo ({model.info.architecture}, {model.info.n_layers} layers, context {ctx})")
-    console.print(f"API: http://{shown_host}:{cfg.port}/v1   engine: {engine.llama_server.parent} ({engine.origin})")
+    console.print(f"API: {api_url(cfg)}   engine: {engine.llama_server.parent} ({engine.origin})")
     commands = agent_commands(model.model_id, cfg.port, ctx)
     for name, text in commands.items():
         if "\n" in text:
