@@ -23,7 +23,15 @@ HANDSHAKE_SECS = 10.0
 
 
 class Refused(Exception):
-    """Admission failed; the message is fit to show the user."""
+    """Admission failed; the message is fit to show the user.
+
+    `told_peer`: this side sent the other an error frame, so it must let the
+    frame arrive (wait for the peer to hang up) before closing the connection.
+    """
+
+    def __init__(self, message: str, told_peer: bool = False) -> None:
+        super().__init__(message)
+        self.told_peer = told_peer
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ async def dial_handshake(conn, creds: MeshCredentials, my_id: bytes, me: PeerRec
     if not auth.check(expected, get_hex(reply, "proof", 32)):
         await _send(send, {"error": "secret mismatch"})
         await send.finish()
-        raise Refused("the mesh secret in your token does not match the member's: the token is forged or damaged; ask a member for a fresh one")
+        raise Refused("the mesh secret in your token does not match the member's: the token is forged or damaged; ask a member for a fresh one", told_peer=True)
     mine = auth.proof(creds.secret, "dialer", my_id, peer_id, nonce, their_nonce)
     await _send(send, {"proof": mine.hex(), "record": me.to_wire()})
     final = await reader.read_frame()
@@ -80,7 +88,7 @@ async def accept_handshake(conn, creds: MeshCredentials, my_id: bytes, me: PeerR
     async def refuse(why: str, log_line: str) -> Refused:
         await _send(send, {"error": why})
         await send.finish()
-        return Refused(log_line)
+        return Refused(log_line, told_peer=True)
 
     try:
         _check_version(hello)

@@ -186,8 +186,11 @@ class Mesh:
                 raise handshake.Refused(f"mesh member {peer_id[:8]} broke the handshake: {describe(exc)}") from None
             self._add_link(conn, admitted.record, dialer=self.me.id)
             conn = None
-        except handshake.Refused:
+        except handshake.Refused as exc:
             self.membership.note_dial_failure(peer_id, time.monotonic())
+            if conn is not None:
+                await self._hang_up(conn, exc.told_peer)
+                conn = None
             raise
         finally:
             self._dialing.discard(peer_id)
@@ -210,10 +213,7 @@ class Mesh:
             who = conn.remote_id().to_bytes().hex()[:8] if conn is not None else "?"
             self.log(f"Refused a connection from {who}: {exc}")
             if conn is not None:
-                # Let the refusal reach the dialer before the connection goes away.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.closed(), 2)
-                conn.close(1, b"refused")
+                await self._hang_up(conn, exc.told_peer)
             return
         except (ProtocolError, iroh.IrohError, asyncio.TimeoutError) as exc:
             self.log(f"Dropped a connection that failed the handshake: {describe(exc)}")
@@ -222,6 +222,14 @@ class Mesh:
             return
         dialer = conn.remote_id().to_bytes().hex()
         self._add_link(conn, admitted.record, dialer=dialer)
+
+    @staticmethod
+    async def _hang_up(conn: Any, told_peer: bool) -> None:
+        """Close a refused connection; if we sent the reason, let it reach the peer first."""
+        if told_peer:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.closed(), 2)
+        conn.close(1, b"refused")
 
     def _add_link(self, conn: Any, record: PeerRecord, dialer: str) -> None:
         link = Link(conn, record.id, record.incarnation, dialer)
