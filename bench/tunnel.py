@@ -33,7 +33,7 @@ from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, endpoint_add
 from mesh_llm.mesh.tunnels import TunnelListener, serve_rpc_tunnels
 from mesh_llm.mesh.wire import ALPN, StreamKind
 
-LOOPBACK = TransportConfig(no_relay=True, bind_host="127.0.0.1")
+LOOPBACK = TransportConfig.loopback()
 PING = b"p" * 32
 BLOCK = b"\0" * (256 * 1024)
 

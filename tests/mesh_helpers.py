@@ -10,7 +10,7 @@ from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.transport import TransportConfig
 
-LOOPBACK = TransportConfig(no_relay=True, bind_host="127.0.0.1")
+LOOPBACK = TransportConfig.loopback()
 
 
 def make_mesh(creds: MeshCredentials, role: str = "standby", name: str = "n", served: tuple[str, ...] = ()) -> Mesh:

@@ -11,7 +11,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mesh_llm.mesh import handshake
@@ -25,6 +25,7 @@ DIAL_SECS = 10.0
 EXCHANGE_SECS = 3.0
 FIRST_BYTE_SECS = 10.0  # an inbound stream must say what it is within this
 REJOIN_SECS = 10.0  # with no members left, re-dial the invite tokens this often
+DISCOVERY_TTL_SECS = 3 * HEARTBEAT_SECS  # a peer mentioned in gossip is worth dialing this long
 
 # (peer id, header, send stream, reader positioned after the header) -> None
 StreamHandler = Callable[[str, dict[str, Any], Any, FramedReader], Awaitable[None]]
@@ -40,8 +41,7 @@ class Link:
     peer_id: str
     incarnation: str
     dialer: str
-    tasks: list[asyncio.Task] = field(default_factory=list)
-    exchanging: bool = False
+    exchanging: bool = False  # a gossip exchange is in flight: don't stack another
 
 
 class Mesh:
@@ -126,7 +126,7 @@ class Mesh:
         if new != self.me:
             self.me = new
             for link in list(self.links.values()):
-                self._spawn(self._exchange(link))
+                self._exchange_soon(link)
 
     async def open_stream(self, peer_id: str, kind: StreamKind, header: dict[str, Any]) -> tuple[Any, Any]:
         link = self.links.get(peer_id)
@@ -246,9 +246,9 @@ class Mesh:
         self.links[record.id] = link
         if record.id not in self.membership.members:
             self._emit(self.membership.admit(record, time.monotonic()))
-        link.tasks.append(self._spawn(self._serve_streams(link)))
-        link.tasks.append(self._spawn(self._watch_closed(link)))
-        self._spawn(self._exchange(link))  # learn its members now, not at the next heartbeat
+        self._spawn(self._serve_streams(link))
+        self._spawn(self._watch_closed(link))
+        self._exchange_soon(link)  # learn its members now, not at the next heartbeat
 
     def _drop(self, link: Link, reason: str) -> None:
         if self.links.get(link.peer_id) is not link:
@@ -278,7 +278,7 @@ class Mesh:
         try:
             kind = await asyncio.wait_for(reader.read_kind(), FIRST_BYTE_SECS)
             if kind == StreamKind.GOSSIP:
-                me_doc = encode_gossip(self.me, self._known_records())
+                me_doc = encode_gossip(self.me, self.membership.records())
                 record, known = decode_gossip(await asyncio.wait_for(reader.read_frame(), EXCHANGE_SECS))
                 self._heard(link, record, known, None)
                 await send.write_all(encode_frame(me_doc))
@@ -300,34 +300,39 @@ class Mesh:
 
     # -- gossip -----------------------------------------------------------------
 
-    def _known_records(self) -> list[PeerRecord]:
-        return self.membership.records()
-
     def _heard(self, link: Link, record: PeerRecord, known: list[PeerRecord], rtt_ms: float | None) -> None:
         if record.id != link.peer_id:
             raise ProtocolError("gossip sender id does not match the connection")
         if self.links.get(link.peer_id) is not link:
             return
-        self._emit(self.membership.heard_from(record, time.monotonic(), rtt_ms))
         now = time.monotonic()
+        self._emit(self.membership.heard_from(record, now, rtt_ms))
         for p in known:
             self.discovered[p.id] = (p, now)
         self._dial_discovered(now)
 
     def _dial_discovered(self, now: float) -> None:
-        fresh = [p for p, seen in self.discovered.values() if now - seen < 3 * HEARTBEAT_SECS]
-        for p in self.membership.to_dial(fresh, now):
-            if p.id not in self._dialing:
-                self._dialing.add(p.id)
-                self._spawn(self._dial_quietly(p.id, p.addrs, p.relay or None))
+        self.discovered = {pid: (p, seen) for pid, (p, seen) in self.discovered.items() if now - seen < DISCOVERY_TTL_SECS}
+        for p in self.membership.to_dial([p for p, _ in self.discovered.values()], now):
+            self._dial_soon(p.id, p.addrs, p.relay or None)
+
+    def _dial_soon(self, peer_id: str, addrs: tuple[str, ...], relay: str | None) -> None:
+        """Dial in the background unless a dial to this peer is already under way."""
+        if peer_id not in self._dialing:
+            self._dialing.add(peer_id)
+            self._spawn(self._dial_quietly(peer_id, addrs, relay))
+
+    def _exchange_soon(self, link: Link) -> None:
+        if not link.exchanging:  # a dead peer's exchange hangs until its timeout; don't stack them
+            link.exchanging = True
+            self._spawn(self._exchange(link))
 
     async def _exchange(self, link: Link) -> None:
         start = time.perf_counter()
-        link.exchanging = True
         try:
             bi = await asyncio.wait_for(link.conn.open_bi(), EXCHANGE_SECS)
             send, reader = bi.send(), FramedReader(bi.recv())
-            await send.write_all(stream_prefix(StreamKind.GOSSIP, encode_gossip(self.me, self._known_records())))
+            await send.write_all(stream_prefix(StreamKind.GOSSIP, encode_gossip(self.me, self.membership.records())))
             await send.finish()
             record, known = decode_gossip(await asyncio.wait_for(reader.read_frame(), EXCHANGE_SECS))
             self._heard(link, record, known, (time.perf_counter() - start) * 1000)
@@ -341,20 +346,17 @@ class Mesh:
         while True:
             await asyncio.sleep(HEARTBEAT_SECS)
             for link in list(self.links.values()):
-                if not link.exchanging:  # a dead peer's exchange hangs until its timeout; don't stack them
-                    self._spawn(self._exchange(link))
+                self._exchange_soon(link)
             now = time.monotonic()
             for pid in self.membership.silent(now):
                 link = self.links.get(pid)
                 if link is not None:
                     self._drop(link, f"silent for {now - self.membership.members[pid].last_seen:.1f} s")
-            self.discovered = {p.id: (p, seen) for p, seen in self.discovered.values() if now - seen < 3 * HEARTBEAT_SECS}
             self._dial_discovered(now)
             if not self.links and self.join_tokens and now - last_rejoin > REJOIN_SECS:
                 last_rejoin = now
                 for tok in self.join_tokens:
-                    if tok.endpoint_id.hex() not in self._dialing:
-                        self._spawn(self._dial_quietly(tok.endpoint_id.hex(), tok.addrs, tok.relay_url))
+                    self._dial_soon(tok.endpoint_id.hex(), tok.addrs, tok.relay_url)
 
     async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...], relay: str | None) -> None:
         with contextlib.suppress(handshake.Refused):

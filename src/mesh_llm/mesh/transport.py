@@ -22,6 +22,11 @@ class TransportConfig:
     bind_host: str = "0.0.0.0"
     bind_port: int = 0
 
+    @staticmethod
+    def loopback() -> TransportConfig:
+        """One machine, no relays: tests and benches."""
+        return TransportConfig(no_relay=True, bind_host="127.0.0.1")
+
     @property
     def bind_addr(self) -> str:
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host

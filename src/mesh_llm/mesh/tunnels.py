@@ -46,7 +46,7 @@ async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)
-        if not up.done() or up.cancelled() or up.exception() is not None:
+        if up.cancelled() or up.exception() is not None:  # our side did not finish cleanly
             with contextlib.suppress(Exception):
                 await send.reset(0)
         with contextlib.suppress(Exception):
@@ -76,12 +76,9 @@ class TunnelListener:
         self._conns.add(task)
         try:
             send, recv = await self.mesh.open_stream(self.peer_id, self.kind, self.header)
-        except PeerGone:
-            writer.close()
-            self._conns.discard(task)
-            return
-        try:
             await relay(reader, writer, send, recv)
+        except PeerGone:
+            writer.close()  # the client sees a closed connection: the proxy answers 502
         except asyncio.CancelledError:
             pass  # closing the listener; asyncio's stream callback must not see the cancellation
         finally:
