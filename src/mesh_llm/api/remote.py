@@ -24,6 +24,7 @@ class RemoteModels:
         self.tunnels: dict[tuple[str, str], TunnelListener] = {}
         self.routes: dict[str, str] = {}
         self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # sync runs from the event follower and from start-up
 
     def start(self) -> None:
         events = self.mesh.subscribe()
@@ -45,6 +46,10 @@ class RemoteModels:
         return out
 
     async def sync(self) -> None:
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         wanted = choose_servers(self.local_models, self.served_by(), self.routes)
         for model, peer in wanted.items():
             if self.routes.get(model) == peer:
