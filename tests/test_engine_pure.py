@@ -38,7 +38,8 @@ def test_cmake_args_enable_rpc_and_never_download_ui(tmp_path: Path) -> None:
 
 def test_engine_dir_is_keyed_by_version_and_flavor(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path))
-    assert engine_dir("cpu").root == tmp_path / "engine" / f"llama.cpp-{LLAMA_CPP.engine_version}-cpu"
+    assert engine_dir("cpu").root == tmp_path / "engine" / "llama.cpp-b11434-cpu"
+    assert LLAMA_CPP.engine_version == f"b11434-mesh{len(LLAMA_CPP.patches)}" and LLAMA_CPP.patches
     assert engine_dir("cuda").root != engine_dir("cpu").root
     assert not engine_dir("cpu").is_built()
 
@@ -68,6 +69,57 @@ def test_extract_tree_takes_only_the_llama_cpp_folder_once(tmp_path: Path) -> No
     stamp = (dest / "CMakeLists.txt").stat().st_mtime_ns
     extract_tree(sdist, pin, dest)  # second call must not touch the tree (no rebuild)
     assert (dest / "CMakeLists.txt").stat().st_mtime_ns == stamp
+
+
+PATCH = """--- a/src/a.c
++++ b/src/a.c
+@@ -1 +1 @@
+-int a;
++int a = 1;
+"""
+
+
+def test_patches_apply_and_a_new_patch_level_rewrites_only_changed_files(tmp_path: Path) -> None:
+    sdist, pin = _fake_sdist(tmp_path)
+    dest = extract_tree(sdist, pin, tmp_path / "src")
+    untouched = (dest / "CMakeLists.txt").stat().st_mtime_ns
+    patch = tmp_path / "0001-a.patch"
+    patch.write_text("why this patch exists\n\n" + PATCH)
+    patched = PinnedSource(pin.package, pin.version, pin.url, pin.sha256, pin.tree_prefix, (patch,))
+    assert patched.tree_id() != pin.tree_id() and patched.engine_version == "b1-mesh1"
+    extract_tree(sdist, patched, dest)
+    assert (dest / "src" / "a.c").read_text() == "int a = 1;\n"
+    assert (dest / "CMakeLists.txt").stat().st_mtime_ns == untouched  # no full rebuild
+
+
+def test_a_patch_that_does_not_apply_is_a_clear_error(tmp_path: Path) -> None:
+    sdist, pin = _fake_sdist(tmp_path)
+    patch = tmp_path / "0001-bad.patch"
+    patch.write_text(PATCH.replace("int a;", "int b;"))
+    bad = PinnedSource(pin.package, pin.version, pin.url, pin.sha256, pin.tree_prefix, (patch,))
+    with pytest.raises(UserError, match="does not apply"):
+        extract_tree(sdist, bad, tmp_path / "src")
+
+
+def test_the_shipped_patches_apply_to_the_pinned_source(tmp_path: Path) -> None:
+    """Applies our patches to the files they touch, taken from the real sdist (CI fetches it first)."""
+    from mesh_llm.engine.source import apply_patch
+    from mesh_llm.paths import cache_dir
+
+    sdist = cache_dir() / "downloads" / Path(LLAMA_CPP.url).name
+    if not sdist.is_file():
+        pytest.skip("pinned sdist not downloaded")
+    touched = {"ggml/include/ggml-rpc.h", "ggml/src/ggml-rpc/ggml-rpc.cpp"}
+    with tarfile.open(sdist) as tar:
+        for name in touched:
+            member = tar.getmember(LLAMA_CPP.tree_prefix + name)
+            target = tmp_path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    for patch in LLAMA_CPP.patches:
+        apply_patch(patch, tmp_path)
+    assert "RPC_CMD_SET_TENSOR_GGUF" in (tmp_path / "ggml/src/ggml-rpc/ggml-rpc.cpp").read_text()
+    assert "RPC_PROTO_MINOR_VERSION    1" in (tmp_path / "ggml/include/ggml-rpc.h").read_text()
 
 
 def test_local_sdist_with_wrong_hash_is_refused(tmp_path: Path, monkeypatch) -> None:

