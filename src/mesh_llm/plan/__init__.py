@@ -1,0 +1,1 @@
+"""Decisions about where models run: capacity, election and split (pure functions)."""
