@@ -138,6 +138,15 @@ def test_unreachable_download_is_one_clear_error(tmp_path: Path, monkeypatch) ->
         fetch_sdist(pin, tmp_path / "dl")
 
 
+def test_server_argv_for_a_split_puts_rpc_before_device(tmp_path: Path) -> None:
+    cfg = ServerConfig(model=tmp_path / "m.gguf", alias="m", port=1, rpc=("127.0.0.1:5001", "127.0.0.1:5002"), tensor_split="1,2", device="CUDA0")
+    argv = server_argv(tmp_path / "s", cfg)
+    assert argv[argv.index("--rpc") + 1] == "127.0.0.1:5001,127.0.0.1:5002"
+    assert argv.index("--rpc") < argv.index("--device")
+    assert argv[argv.index("--tensor-split") + 1] == "1,2"
+    assert argv[argv.index("--n-gpu-layers") + 1] == "all"  # RPC devices take the layers even on a CPU host
+
+
 def test_server_argv_is_explicit(tmp_path: Path) -> None:
     argv = server_argv(tmp_path / "llama-server", ServerConfig(model=tmp_path / "m.gguf", alias="m", port=4321, ctx_size=2048))
     joined = " ".join(argv)

@@ -74,6 +74,16 @@ def test_workers_added_by_ascending_rtt_until_the_group_fits() -> None:
     assert p.weights == (4 * GB // (1 << 20), 4 * GB // (1 << 20), 8 * GB // (1 << 20))
 
 
+def test_running_workers_are_kept_while_eligible() -> None:
+    me = node("h", 8)
+    far, near = node("f", 4, 30), node("n", 4, 1)
+    p = plan(me, [far, near], 11, keep=["f" * 8])
+    assert isinstance(p, Split) and p.workers == ("f" * 8,)
+    # a kept worker that became ineligible is replaced
+    p = plan(me, [node("f", 4, 30, fp="0" * 32), near], 11, keep=["f" * 8])
+    assert isinstance(p, Split) and p.workers == ("n" * 8,)
+
+
 def test_unknown_rtt_sorts_last_and_far_peers_are_skipped() -> None:
     me = node("h", 8)
     p = plan(me, [node("u", 4, None), node("n", 4, 2.0), node("f", 4, MAX_SPLIT_RTT_MS + 1)], 11)

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
     p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
     p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
+    split = p.add_argument_group("splitting a model over several nodes")
+    split.add_argument("--max-vram", type=float, default=None, metavar="GB", help="offer at most this much memory to models (default: GPU memory, or 75%% of RAM)")
+    split.add_argument("--split", action="store_true", help="split the model over the mesh even if it fits here")
+    split.add_argument("--tensor-split", default=None, metavar="R,R,…", help="manual layer shares: one per worker (nearest first), then this host")
     net = p.add_argument_group("mesh network")
     net.add_argument("--relay", action="append", default=[], metavar="URL", help="relay server to use instead of iroh's defaults (repeatable)")
     net.add_argument("--no-relay", action="store_true", help="no relays: direct addresses only (air-gapped LANs)")
@@ -96,6 +100,9 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError("--relay and --no-relay contradict each other: pass one")
     if not 0 <= args.bind_port <= 65535:
         raise UserError(f"--bind-port {args.bind_port} is not a port number (0-65535)")
+    if args.max_vram is not None and not args.max_vram > 0:
+        raise UserError(f"--max-vram {args.max_vram:g} must be a positive number of GB")
+    tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
     from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
 
@@ -110,6 +117,19 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         ctx_size=args.ctx_size,
         join=args.join,
         client=args.client,
+        max_vram_gb=args.max_vram,
+        force_split=args.split,
+        tensor_split=tensor_split,
         transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
     )
     return run_node(cfg, out)
+
+
+def parse_tensor_split(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace("/", ",").split(","))
+    except ValueError:
+        raise UserError(f"--tensor-split {text!r} must be comma-separated numbers, e.g. 3,1") from None
+    if any(v < 0 for v in values) or not any(v > 0 for v in values):
+        raise UserError(f"--tensor-split {text!r} needs non-negative shares, at least one above 0")
+    return values

@@ -15,18 +15,20 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 from rich.console import Console
+from rich.markup import escape
 
 from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
-from mesh_llm.api.proxy import ApiProxy, Upstream, UpstreamTable, port_in_use
+from mesh_llm.api.proxy import ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.remote import RemoteModels
 from mesh_llm.engine.binaries import EngineBinaries
-from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, fallback_chat_template, is_embedding_model, server_argv
-from mesh_llm.engine.provision import list_devices, provide_engine
-from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
+from mesh_llm.engine.llama_server import choose_ctx
+from mesh_llm.engine.probes import free_loopback_port
+from mesh_llm.engine.provision import device_listing, provide_engine
+from mesh_llm.engine.rpc_worker import rpc_hello, rpc_worker_argv, rpc_worker_env
 from mesh_llm.engine.source import LLAMA_CPP
+from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.handshake import Refused
 from mesh_llm.mesh.identity import MeshCredentials, load_mesh, load_or_create_key, new_secret_key, save_mesh
@@ -34,9 +36,14 @@ from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.transport import TransportConfig
-from mesh_llm.mesh.tunnels import serve_http_tunnels
+from mesh_llm.mesh.tunnels import serve_http_tunnels, serve_rpc_tunnels
+from mesh_llm.model_runner import ModelRunner, RunnerConfig, describe_split
+from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
 from mesh_llm.models.resolve import resolve_model
+from mesh_llm.paths import cache_dir
+from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory
+from mesh_llm.plan.split import Split
 
 
 @dataclass
@@ -51,6 +58,9 @@ class NodeConfig:
     ctx_size: int | None = None
     join: list[str] = field(default_factory=list)
     client: bool = False
+    max_vram_gb: float | None = None
+    force_split: bool = False
+    tensor_split: tuple[float, ...] | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     @property
@@ -63,26 +73,7 @@ class ServedModel:
     model_id: str
     path: Path
     info: GGUFInfo
-
-
-class LocalServer:
-    """This node's llama-server as the proxy sees it: starting until the supervisor hands it over."""
-
-    def __init__(self) -> None:
-        self.process: ManagedProcess | None = None
-        self.port = 0
-
-    def status(self) -> str:
-        return self.process.state.value if self.process else ProcState.STARTING.value
-
-    def is_ready(self) -> bool:
-        return self.status() == ProcState.READY.value
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    fingerprint: str = ""
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -100,7 +91,7 @@ def check_port_free(host: str, port: int) -> None:
 def prepare_model(ref: str) -> ServedModel:
     path = resolve_model(ref)
     info = inspect_model(path)
-    return ServedModel(model_id=path.stem, path=path, info=info)
+    return ServedModel(model_id=path.stem, path=path, info=info, fingerprint=cached_fingerprint(info, cache_dir() / "fingerprints.json"))
 
 
 def run_node(cfg: NodeConfig, console: Console) -> int:
@@ -131,24 +122,6 @@ def decode_tokens(texts: list[str]) -> list[InviteToken]:
     return tokens
 
 
-class HealthProbe:
-    """GET /health on a local llama-server over one reused client session."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __call__(self) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2), connector=aiohttp.TCPConnector(force_close=True))
-        async with self._session.get(self.url) as r:
-            return r.status == 200
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
 def mesh_credentials(cfg: NodeConfig, tokens: list[InviteToken]) -> MeshCredentials:
     """A joiner adopts the token's mesh; a first node keeps its mesh across restarts."""
     if tokens:
@@ -169,21 +142,60 @@ def system_memory_bytes() -> int:
         return 0
 
 
-def self_record(cfg: NodeConfig, model: ServedModel | None, devices: list[str]) -> PeerRecord:
+def memory_offer(cfg: NodeConfig, engine: EngineBinaries | None) -> Offer:
+    if cfg.client or engine is None:
+        return Offer(0, "", "client")
+    gpus = nvml_devices() or parse_device_memory(device_listing(engine.llama_server))
+    try:
+        return choose_offer(gpus, system_memory_bytes(), device=cfg.device, max_vram_gb=cfg.max_vram_gb)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def engine_version(engine: EngineBinaries | None) -> str:
+    """Peers compare this before splitting: our cached build says its patch level."""
+    if engine is None:
+        return ""
+    return LLAMA_CPP.engine_version if engine.origin == "cache" else f"external {engine.version()}"
+
+
+def self_record(cfg: NodeConfig, model: ServedModel | None, offer: Offer, engine: str) -> PeerRecord:
     role = "client" if cfg.client else "host" if model else "standby"
-    memory = 0 if cfg.client else int(0.75 * system_memory_bytes())  # CPU offload capacity; GPU sizes come with the planner
     return PeerRecord(
         id="",
         role=role,
         hostname=socket.gethostname(),
         version=__version__,
-        engine_version="" if cfg.client else LLAMA_CPP.engine_version,
-        devices=tuple(devices) or (() if cfg.client else ("CPU",)),
-        vram_bytes=memory,
+        engine_version=engine,
+        devices=(offer.device,) if offer.device else (),
+        vram_bytes=offer.bytes,
         models_on_disk=(model.model_id,) if model else (),
+        fingerprints=(model.fingerprint,) if model else (),
         api_port=cfg.port,
         api_public=cfg.listen_all,
     )
+
+
+async def start_rpc_worker(supervisor: Supervisor, engine: EngineBinaries, model: ServedModel, cfg: NodeConfig) -> tuple[ManagedProcess, int]:
+    """This node's RPC worker, on loopback only; peers reach it through the mesh."""
+    port = free_loopback_port()
+
+    async def answers() -> bool:
+        return await rpc_hello(port) is not None
+
+    spec = ProcessSpec(
+        name="rpc-worker",
+        argv=rpc_worker_argv(engine.rpc_server, port, cfg.device),
+        log_path=cfg.state_dir / "logs" / "rpc-worker.log",
+        env=rpc_worker_env(model.path),
+        health=answers,
+        probe_when_running=False,  # it serves one host at a time: never probe while one is attached
+        ready_timeout=60.0,
+    )
+    try:
+        return await supervisor.start(spec), port
+    except StartFailed as exc:
+        raise UserError(f"the RPC worker failed to start: {exc.reason} (log: {exc.log_path})") from None
 
 
 async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel | None, engine: EngineBinaries | None, console: Console) -> int:
@@ -195,30 +207,36 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
     def say(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
+    def warn(line: str) -> None:
+        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
+
     mesh: Mesh | None = None
+    runner: ModelRunner | None = None
 
-    def advertise(mp: ManagedProcess) -> None:
-        # The record's `models_served` follows llama-server's health: peers route to it only while ready.
-        if mesh is not None and model is not None:
-            mesh.update_self(models_served=(model.model_id,) if mp.state == ProcState.READY else ())
+    def on_process_change(mp: ManagedProcess) -> None:
+        if runner is not None:
+            runner.on_process_change(mp)
 
-    supervisor = Supervisor(report=lambda msg: console.print(f"[yellow]{msg}[/]"), on_change=advertise)
+    supervisor = Supervisor(report=warn, on_change=on_process_change)
     atexit.register(supervisor.kill_all_now)  # belt and braces if we die on an exception
     table = UpstreamTable()
     proxy = ApiProxy(table)
     await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
-    probe: HealthProbe | None = None
     remote: RemoteModels | None = None
     try:
-        devices = await asyncio.to_thread(list_devices, engine.llama_server) if engine else []
+        offer = await asyncio.to_thread(memory_offer, cfg, engine)
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
-        mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, devices), transport=cfg.transport, log=say)
+        mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_version(engine)), transport=cfg.transport, log=say)
         await mesh.start()
         proxy.mesh_status = mesh.status
-        local = LocalServer()
-        remote = RemoteModels(mesh, table, {model.model_id} if model else set())
+        remote = RemoteModels(mesh, table, set())
         remote.start()
-        serve_http_tunnels(mesh, lambda name: local.port if model and name == model.model_id and local.is_ready() else None)
+        rpc_port: int | None = None
+        worker: ManagedProcess | None = None
+        if model is not None and engine is not None:
+            worker, rpc_port = await start_rpc_worker(supervisor, engine, model, cfg)
+        serve_rpc_tunnels(mesh, lambda: rpc_port if worker is not None and worker.state == ProcState.READY else None)
+        serve_http_tunnels(mesh, lambda name: runner.server_port if runner and name == runner.cfg.model_id and runner.is_ready() else None)
         if tokens:
             with console.status("Joining the mesh…"):
                 try:
@@ -234,65 +252,55 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
             await stop.wait()
             console.print("Leaving the mesh…")
             return 0
-        port = free_loopback_port()
-        server_cfg = ServerConfig(
-            model=model.path,
-            alias=model.model_id,
-            port=port,
-            ctx_size=choose_ctx(cfg.ctx_size, model.info.context_length),
-            gpu=bool(devices),
-            device=cfg.device,
-            chat_template_file=fallback_chat_template(model.info.metadata),
-            embeddings=is_embedding_model(model.info.metadata),
+        ctx = choose_ctx(cfg.ctx_size, model.info.context_length)
+        runner = ModelRunner(
+            RunnerConfig(
+                model_id=model.model_id, path=model.path, info=model.info, fingerprint=model.fingerprint, engine=engine,
+                engine_version=engine_version(engine), memory=offer.bytes, gpu=offer.device != "CPU", ctx_size=ctx,
+                device=cfg.device, force_split=cfg.force_split, tensor_split=cfg.tensor_split, log_dir=cfg.state_dir / "logs",
+            ),
+            mesh, supervisor, table, remote, lambda: rpc_port, say, warn,
         )
-        base_url = f"http://127.0.0.1:{port}"
-        local.port = port
-        table.add(Upstream(model.model_id, base_url, is_ready=local.is_ready, status=local.status))
-        probe = HealthProbe(base_url + "/health")
-        spec = ProcessSpec(
-            name="llama-server",
-            argv=server_argv(engine.llama_server, server_cfg),
-            log_path=cfg.state_dir / "logs" / "llama-server.log",
-            health=probe,
-        )
+        proxy.serving_status = runner.snapshot
+        runner.start()
         size_mb = model.info.file_size / 1e6
-        with console.status(f"Loading {model.model_id} ({size_mb:,.0f} MB) into llama-server…"):
-            start = asyncio.create_task(supervisor.start(spec))
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if start not in done:
-                start.cancel()
-                await asyncio.gather(start, return_exceptions=True)
+        with console.status(f"Planning and loading {model.model_id} ({size_mb:,.0f} MB, this node offers {offer.bytes / 1e9:.2f} GB of {offer.device})…"):
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({runner.first_outcome, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if runner.first_outcome not in done:
                 console.print("Stopped before the model finished loading.")
                 return 0
             stopper.cancel()
             try:
-                local.process = start.result()
+                outcome = runner.first_outcome.result()
             except StartFailed as exc:
                 raise UserError(f"llama-server failed to start: {exc.reason} (log: {exc.log_path})") from None
-        print_ready(console, cfg, model, engine, server_cfg.ctx_size)
+        if outcome == "ready":
+            print_ready(console, cfg, model, engine, ctx, runner)
+        else:
+            print_passive_ready(console, cfg, table, f"{model.model_id}: {runner.status()}")
         await stop.wait()
         console.print("Shutting down…")
         return 0
     finally:
+        if runner is not None:
+            await runner.close()
         if remote is not None:
             await remote.close()
         if mesh is not None:
             await mesh.close()
         await proxy.close()
         await supervisor.stop_all()
-        if probe is not None:
-            await probe.close()
 
 
 def api_url(cfg: NodeConfig) -> str:
     return f"http://{'0.0.0.0' if cfg.listen_all else 'localhost'}:{cfg.port}/v1"
 
 
-def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable) -> None:
-    kind = "client" if cfg.client else "standby node"
+def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable, state: str = "") -> None:
+    kind = "client" if cfg.client else "mesh member" if state else "standby node"
     models = ", ".join(table.models()) or "none yet"
-    console.print(f"[bold green]mesh-llm {__version__} ready[/] as a {kind} — the mesh serves: {models}")
+    console.print(f"[bold green]mesh-llm {__version__} ready[/] as a {kind} — the mesh serves: {models}" + (f" ({escape(state)})" if state else ""))
     console.print(f"API: {api_url(cfg)}   Stop: Ctrl-C")
     if table.models():
         first = table.models()[0]
@@ -300,8 +308,9 @@ def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable)
         console.print(agent_commands(first, cfg.port, 4096)["curl"], markup=False, highlight=False)
 
 
-def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int) -> None:
-    console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{model.model_id}[/] solo ({model.info.architecture}, {model.info.n_layers} layers, context {ctx})")
+def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int, runner: ModelRunner) -> None:
+    how = describe_split(runner.plan, model.model_id) if isinstance(runner.plan, Split) else f"{model.model_id} solo"
+    console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{escape(how)}[/] ({model.info.architecture}, {model.info.n_layers} layers, context {ctx})")
     console.print(f"API: {api_url(cfg)}   engine: {engine.llama_server.parent} ({engine.origin})")
     commands = agent_commands(model.model_id, cfg.port, ctx)
     for name, text in commands.items():

@@ -72,6 +72,7 @@ class ApiProxy:
     def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
         self.table = table
         self.mesh_status: Callable[[], dict[str, object]] | None = None
+        self.serving_status: Callable[[], dict[str, object]] | None = None
         self.created = created or int(time.time())
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -126,7 +127,8 @@ class ApiProxy:
     async def status(self, request: web.Request) -> web.Response:
         mesh = self.mesh_status() if self.mesh_status else None
         models = {m: self.table.get(m).status() for m in self.table.models()}
-        return web.json_response({"models": models, "mesh": mesh})
+        serving = self.serving_status() if self.serving_status else None
+        return web.json_response({"models": models, "mesh": mesh, "serving": serving})
 
     def _model_entry(self, model_id: str) -> dict[str, object]:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "mesh-llm"}
@@ -180,11 +182,15 @@ class ApiProxy:
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             message = f"upstream for {upstream.model_id} failed: {exc.__class__.__name__}: {exc}"
+            code, kind = 502, "upstream_error"
+            if not upstream.is_ready():  # it went away under us: the node is re-planning
+                code, kind = 503, "unavailable_error"
+                message = f"model {upstream.model_id} is {upstream.status()}; retry shortly ({message})"
             if response is None:
-                return error_response(502, message, "upstream_error")
+                return error_response(code, message, kind)
             # Mid-stream: tell an SSE client in-band, then end the stream.
             if "text/event-stream" in (response.headers.get("Content-Type") or ""):
-                event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
+                event = {"error": {"message": message, "type": kind, "code": code}}
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await response.write(f"data: {json.dumps(event)}\n\n".encode())
             with contextlib.suppress(ConnectionError, RuntimeError):

@@ -39,6 +39,8 @@ class ServerConfig:
     parallel: int | None = None
     chat_template_file: Path | None = None
     embeddings: bool = False
+    rpc: tuple[str, ...] = ()  # host:port of RPC workers, in device order
+    tensor_split: str | None = None  # -ts, one weight per device (RPC devices first)
     extra: tuple[str, ...] = ()
 
 
@@ -51,18 +53,24 @@ def choose_ctx(requested: int | None, trained: int) -> int:
 
 def server_argv(binary: Path, cfg: ServerConfig) -> list[str]:
     """Explicit flags so placement is predictable: no auto-fit, fixed -ngl and -c."""
-    argv = [
-        str(binary),
-        "--model", str(cfg.model),
+    argv = [str(binary), "--model", str(cfg.model)]
+    if cfg.rpc:
+        # before --device: --rpc registers the RPC devices when it is parsed
+        argv += ["--rpc", ",".join(cfg.rpc)]
+    argv += [
         "--alias", cfg.alias,
         "--host", "127.0.0.1",  # only our proxy talks to it
         "--port", str(cfg.port),
         "--fit", "off",
-        "--n-gpu-layers", "all" if cfg.gpu else "0",
+        "--n-gpu-layers", "all" if cfg.gpu or cfg.rpc else "0",
         "--ctx-size", str(cfg.ctx_size),
         "--jinja",
         "--load-mode", "mmap",
     ]
+    if cfg.tensor_split:
+        argv += ["--tensor-split", cfg.tensor_split]
+    if cfg.rpc:
+        argv += ["--cache-ram", "0"]  # the prompt cache aborts over RPC with several slots (llama.cpp #26529)
     if cfg.chat_template_file:
         argv += ["--chat-template-file", str(cfg.chat_template_file)]
     if cfg.embeddings:

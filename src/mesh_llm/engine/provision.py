@@ -28,13 +28,18 @@ def provide_engine(bin_dir: Path | None, flavor: str | None, console: Console, *
     return found
 
 
-def list_devices(llama_server: Path) -> list[str]:
-    """Devices llama.cpp can offload to (empty for a CPU-only build)."""
+def device_listing(llama_server: Path) -> str:
+    """`llama-server --list-devices` output: GPU names with total and free MiB."""
     try:
         out = subprocess.run([str(llama_server), "--list-devices"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UserError(f"cannot run {llama_server}: {exc}; rebuild with `mesh-llm engine build --force` or fix --bin-dir") from None
-    return parse_device_list(out.stdout + out.stderr)
+    return out.stdout + out.stderr
+
+
+def list_devices(llama_server: Path) -> list[str]:
+    """Devices llama.cpp can offload to (empty for a CPU-only build)."""
+    return parse_device_list(device_listing(llama_server))
 
 
 def parse_device_list(text: str) -> list[str]:

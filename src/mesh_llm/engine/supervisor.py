@@ -59,6 +59,8 @@ class ProcessSpec:
     restart: bool = True
     health_interval: float = 5.0
     health_failures_to_restart: int = 3
+    probe_when_running: bool = True  # False: `health` only gates readiness (an RPC worker
+    # serves one client at a time, so a probe while a host is attached would hang)
 
 
 class StartFailed(Exception):
@@ -229,7 +231,7 @@ class Supervisor:
                 return await asyncio.wait_for(asyncio.shield(mp.proc.wait()), mp.spec.health_interval)
             except asyncio.TimeoutError:
                 pass
-            if mp.spec.health is None:
+            if mp.spec.health is None or not mp.spec.probe_when_running:
                 continue
             if await _quiet(mp.spec.health):
                 bad = 0

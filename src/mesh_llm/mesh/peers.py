@@ -34,6 +34,7 @@ class PeerRecord:
     devices: tuple[str, ...] = ()
     vram_bytes: int = 0
     models_on_disk: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()  # of each model on disk, same order: splits need the same file
     models_served: tuple[str, ...] = ()  # ready to answer requests now
     api_port: int = 0  # 0: no local API
     api_public: bool = False  # API bound beyond loopback (--listen-all)
@@ -67,6 +68,7 @@ class PeerRecord:
             devices=tuple(get_str_list(doc, "devices", 64, 128)),
             vram_bytes=get_int(doc, "vram_bytes", 0, 2**62, 0),
             models_on_disk=tuple(get_str_list(doc, "models_on_disk", 256, 256)),
+            fingerprints=tuple(get_str_list(doc, "fingerprints", 256, 64)),
             models_served=tuple(get_str_list(doc, "models_served", 64, 256)),
             api_port=get_int(doc, "api_port", 0, 65535, 0),
             api_public=public,

@@ -11,19 +11,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 from mesh_llm.mesh.mesh import Mesh, PeerGone
+from mesh_llm.mesh.rpc_traffic import RpcTraffic
 from mesh_llm.mesh.transport import iroh
 from mesh_llm.mesh.wire import FramedReader, StreamKind, get_str
 
 CHUNK = 256 * 1024
 
 
-async def _tcp_to_quic(reader: asyncio.StreamReader, send: Any) -> None:
+Tap = Callable[[bytes], None]
+
+
+async def _tcp_to_quic(reader: asyncio.StreamReader, send: Any, tap: Tap | None = None, delay_s: float = 0.0) -> None:
+    if delay_s > 0:
+        await _delayed_tcp_to_quic(reader, send, tap, delay_s)
+        return
     while data := await reader.read(CHUNK):
+        if tap:
+            tap(data)
         await send.write_all(data)
+    await send.finish()
+
+
+async def _delayed_tcp_to_quic(reader: asyncio.StreamReader, send: Any, tap: Tap | None, delay_s: float) -> None:
+    """Like a longer wire: every chunk leaves `delay_s` after it arrived, in order,
+    without limiting throughput. For measuring how latency adds up (benchmarks)."""
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def forward() -> None:
+        while True:
+            due, data = await queue.get()
+            if not data:
+                return
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            await send.write_all(data)
+
+    forwarder = asyncio.ensure_future(forward())
+    try:
+        while data := await reader.read(CHUNK):
+            if tap:
+                tap(data)
+            queue.put_nowait((time.monotonic() + delay_s, data))
+        queue.put_nowait((0.0, b""))
+        await forwarder
+    finally:
+        forwarder.cancel()
     await send.finish()
 
 
@@ -36,9 +73,9 @@ async def _quic_to_tcp(recv: Any, first: bytes, writer: asyncio.StreamWriter) ->
     await writer.drain()
 
 
-async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send: Any, recv: Any, first: bytes = b"") -> None:
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send: Any, recv: Any, first: bytes = b"", tap: Tap | None = None, delay_s: float = 0.0) -> None:
     """Pump both ways until either side ends, then close both."""
-    up = asyncio.ensure_future(_tcp_to_quic(reader, send))
+    up = asyncio.ensure_future(_tcp_to_quic(reader, send, tap, delay_s))
     down = asyncio.ensure_future(_quic_to_tcp(recv, first, writer))
     try:
         await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -57,10 +94,14 @@ async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send
 
 
 class TunnelListener:
-    """127.0.0.1:<port> → a peer, one QUIC stream per TCP connection."""
+    """127.0.0.1:<port> → a peer, one QUIC stream per TCP connection.
 
-    def __init__(self, mesh: Mesh, peer_id: str, kind: StreamKind, header: dict[str, Any]) -> None:
+    `traffic` counts the RPC commands sent through it; `delay_s` holds every
+    outgoing chunk back that long (injected latency for benchmarks)."""
+
+    def __init__(self, mesh: Mesh, peer_id: str, kind: StreamKind, header: dict[str, Any], *, traffic: RpcTraffic | None = None, delay_s: float = 0.0) -> None:
         self.mesh, self.peer_id, self.kind, self.header = mesh, peer_id, kind, header
+        self.traffic, self.delay_s = traffic, delay_s
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task] = set()
@@ -76,7 +117,8 @@ class TunnelListener:
         self._conns.add(task)
         try:
             send, recv = await self.mesh.open_stream(self.peer_id, self.kind, self.header)
-            await relay(reader, writer, send, recv)
+            tap = self.traffic.connection().feed if self.traffic is not None else None
+            await relay(reader, writer, send, recv, tap=tap, delay_s=self.delay_s)
         except PeerGone:
             writer.close()  # the client sees a closed connection: the proxy answers 502
         except asyncio.CancelledError:
@@ -121,7 +163,7 @@ def serve_http_tunnels(mesh: Mesh, local_port: Callable[[str], int | None]) -> N
 
 
 def serve_rpc_tunnels(mesh: Mesh, local_port: Callable[[], int | None]) -> None:
-    """Answer RPC streams with this node's loopback rpc-server (used by split serving)."""
+    """Answer RPC streams with this node's loopback rpc-server: a split's host uses it as a worker."""
 
     async def handler(peer_id: str, header: dict[str, Any], send: Any, reader: FramedReader) -> None:
         port = local_port()

@@ -116,8 +116,11 @@ def plan_model(
     n_layers: int,
     force_split: bool = False,
     manual_split: Sequence[float] | None = None,
+    keep: Sequence[str] = (),
 ) -> Plan:
-    """This node's part for `model`. `peers`: other non-client nodes that want it."""
+    """This node's part for `model`. `peers`: other non-client nodes that want it.
+    `keep`: the workers of the running split; they are preferred while still eligible,
+    so a newcomer or a shift in RTT does not restart a working split."""
     if not force_split and me.memory >= need:
         return Solo()
     group = [me] + [p for p in peers if force_split or p.memory < need]
@@ -138,7 +141,7 @@ def plan_model(
             excluded.append(reason)
         else:
             eligible.append(peer)
-    eligible.sort(key=lambda p: (p.rtt_ms is None, p.rtt_ms or 0.0, p.id))
+    eligible.sort(key=lambda p: (p.id not in keep, p.rtt_ms is None, p.rtt_ms or 0.0, p.id))
     chosen: list[Candidate] = []
     total = me.memory
     for peer in eligible:

@@ -1,0 +1,59 @@
+"""The tunnel's RPC command counter, fed the byte stream in arbitrary pieces."""
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh_llm.mesh.rpc_traffic import NAME_OFFSET, RPC_TENSOR_SIZE, RpcTraffic
+
+
+def command(cmd: int, payload: bytes) -> bytes:
+    return struct.pack("<BQ", cmd, len(payload)) + payload
+
+
+def tensor(name: str) -> bytes:
+    raw = bytearray(RPC_TENSOR_SIZE)
+    raw[NAME_OFFSET:NAME_OFFSET + len(name)] = name.encode()
+    return bytes(raw)
+
+
+def set_tensor(name: str, data: bytes) -> bytes:
+    return command(6, tensor(name) + b"\0" + struct.pack("<Q", 0) + data)
+
+
+STREAM = b"".join([
+    command(14, bytes(24)),  # HELLO: a round trip
+    command(18, tensor("blk.0.attn_q.weight") + struct.pack("<QQ", 0, 4096)),  # loaded locally
+    set_tensor("blk.0.ffn_up.weight", b"w" * 1000),  # a weight that crossed
+    set_tensor("inp_embd", b"a" * 64),  # an activation
+    command(16, struct.pack("<I", 0)),  # GRAPH_RECOMPUTE: one-way
+    command(8, tensor("out") + struct.pack("<QQ", 0, 16)),  # GET_TENSOR: a round trip
+    command(15, b""),  # empty payload
+])
+
+
+def check(t: RpcTraffic) -> None:
+    assert t.bytes_sent == len(STREAM)
+    assert t.round_trips == 4  # HELLO, SET_TENSOR_GGUF, GET_TENSOR, DEVICE_COUNT
+    assert t.local_loads == 1
+    assert t.weight_bytes == 1000
+    assert t.commands["SET_TENSOR"] == 2 and t.commands["GRAPH_RECOMPUTE"] == 1
+
+
+def test_counts_a_whole_stream() -> None:
+    t = RpcTraffic(frozenset({"blk.0.ffn_up.weight", "blk.0.attn_q.weight"}))
+    t.connection().feed(STREAM)
+    check(t)
+
+
+@given(st.lists(st.integers(1, 400), max_size=40))
+def test_counts_the_same_in_any_chunking(cuts) -> None:
+    t = RpcTraffic(frozenset({"blk.0.ffn_up.weight"}))
+    parser = t.connection()
+    pos = 0
+    for n in cuts:
+        parser.feed(STREAM[pos:pos + n])
+        pos += n
+    parser.feed(STREAM[pos:])
+    check(t)
