@@ -39,6 +39,7 @@ def check(t: RpcTraffic) -> None:
     assert t.local_loads == 1
     assert t.weight_bytes == 1000
     assert t.commands["SET_TENSOR"] == 2 and t.commands["GRAPH_RECOMPUTE"] == 1
+    assert t.layers == {0} and not t.output
 
 
 def test_counts_a_whole_stream() -> None:

@@ -72,7 +72,7 @@ def plan_key(plan: Plan | None) -> tuple[Any, ...]:
     if isinstance(plan, Standby):
         return ("standby", plan.host)
     if isinstance(plan, Waiting):
-        return ("waiting",)
+        return ("waiting", plan.need, plan.have)  # nothing runs: a new figure only updates the message
     return ("solo",) if isinstance(plan, Solo) else ()
 
 
@@ -99,6 +99,7 @@ class ModelRunner:
         self._task: asyncio.Task | None = None
         self._weight_names = frozenset(t.name for t in cfg.info.tensors)
         self._last_message = ""
+        self._excluded_told: set[str] = set()
         self.delay_s = float(os.environ.get(RPC_DELAY_ENV, "0") or 0) / 1000
 
     # -- what the proxy and status page see --------------------------------
@@ -193,6 +194,10 @@ class ModelRunner:
             self._report(f"cannot plan {self.cfg.model_id}: {exc}")
             self._settle("error")
             return
+        for line in getattr(plan, "excluded", ()):
+            if line not in self._excluded_told:  # say each exclusion once, even if nothing restarts
+                self._excluded_told.add(line)
+                self.warn(line)
         failed, self._server_failed = self._server_failed, False
         if plan_key(plan) == plan_key(self.plan) and not failed:
             self.plan = plan  # same running shape; keep the fresher details (exclusions, have)
@@ -203,8 +208,6 @@ class ModelRunner:
         self.phase = "re-planning" if was_serving else "planning"
         await self._teardown()
         self.plan = plan
-        for line in getattr(plan, "excluded", ()):
-            self._report(line)
         if isinstance(plan, Standby):
             self.phase = f"hosted by {plan.host[:8]}"
             self._report(f"{self.cfg.model_id} does not fit here: {plan.host[:8]} hosts the split; this node lends its worker" + (f" ({plan.note})" if plan.note else ""))
@@ -275,7 +278,7 @@ class ModelRunner:
             self.phase = "ready"
             self.mesh.update_self(models_served=(self.cfg.model_id,))
             if self.first_outcome.done():  # later plans announce themselves; the first gets the banner
-                self.say(f"Serving {self.cfg.model_id} again: " + (describe_split(self.plan, self.cfg.model_id) if isinstance(self.plan, Split) else "solo"))
+                self.say("Now serving " + (describe_split(self.plan, self.cfg.model_id) if isinstance(self.plan, Split) else f"{self.cfg.model_id} solo"))
             self._settle("ready")
             return
         reason = exc.reason if isinstance(exc, StartFailed) else str(exc)
@@ -312,4 +315,4 @@ class ModelRunner:
     def _report(self, line: str) -> None:
         if line != self._last_message:
             self._last_message = line
-            self.warn(line) if line.startswith(("Waiting", "cannot", "llama-server")) or "left out" in line else self.say(line)
+            self.warn(line) if line.startswith(("Waiting", "cannot", "llama-server")) else self.say(line)

@@ -68,6 +68,15 @@ def error_response(status: int, message: str, kind: str, **extra: object) -> web
     return web.json_response(body, status=status, headers=headers)
 
 
+async def _still_ready(upstream: Upstream, grace: float = 1.0) -> bool:
+    """After a failed relay: is the upstream still up? A server that just died takes a
+    moment to be noticed (process reaped, plan recomputed), so watch for up to `grace`."""
+    deadline = time.monotonic() + grace
+    while upstream.is_ready() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return upstream.is_ready()
+
+
 class ApiProxy:
     def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
         self.table = table
@@ -183,7 +192,7 @@ class ApiProxy:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             message = f"upstream for {upstream.model_id} failed: {exc.__class__.__name__}: {exc}"
             code, kind = 502, "upstream_error"
-            if not upstream.is_ready():  # it went away under us: the node is re-planning
+            if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
                 code, kind = 503, "unavailable_error"
                 message = f"model {upstream.model_id} is {upstream.status()}; retry shortly ({message})"
             if response is None:

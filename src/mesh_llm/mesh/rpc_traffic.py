@@ -10,6 +10,7 @@ weights (activations and graph inputs have other names).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ SET_TENSOR, SET_TENSOR_GGUF = 6, 18
 RPC_TENSOR_SIZE = 296
 NAME_OFFSET, NAME_SIZE = 228, 64  # rpc_tensor.name inside the packed struct
 SET_TENSOR_HEADER = RPC_TENSOR_SIZE + 1 + 8  # tensor, cache flag, offset; then the data
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+OUTPUT_TENSORS = ("output.weight", "output_norm.weight")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class RpcTraffic:
     round_trips: int = 0
     weight_bytes: int = 0  # weight data that crossed (what zero-transfer loading avoids)
     local_loads: int = 0  # SET_TENSOR_GGUF requests: weights the worker read from its own disk
+    layers: set[int] = field(default_factory=set)  # layers whose weights went to this worker
+    output: bool = False  # and whether the output head did: where llama.cpp really put them
 
     def connection(self) -> RpcStreamParser:
         return RpcStreamParser(self)
@@ -47,6 +52,8 @@ class RpcTraffic:
             "round_trips": self.round_trips,
             "weight_bytes": self.weight_bytes,
             "local_loads": self.local_loads,
+            "layers": sorted(self.layers),
+            "output": self.output,
             "commands": dict(self.commands),
         }
 
@@ -97,14 +104,21 @@ class RpcStreamParser:
             t.round_trips += 1
         if cmd == SET_TENSOR_GGUF:
             t.local_loads += 1
-        self._want = RPC_TENSOR_SIZE if cmd == SET_TENSOR and size >= SET_TENSOR_HEADER else 0
+        inspect = (cmd == SET_TENSOR and size >= SET_TENSOR_HEADER) or (cmd == SET_TENSOR_GGUF and size >= RPC_TENSOR_SIZE)
+        self._want = RPC_TENSOR_SIZE if inspect else 0
         if not self._left:
             self._cmd = -1
 
     def _inspect(self) -> None:
         name = bytes(self._head[NAME_OFFSET:NAME_OFFSET + NAME_SIZE]).split(b"\0", 1)[0].decode("utf-8", "replace")
-        if name in self.totals.weight_names:
-            self.totals.weight_bytes += self._left + RPC_TENSOR_SIZE - SET_TENSOR_HEADER
+        t = self.totals
+        if name in t.weight_names:
+            if self._cmd == SET_TENSOR:
+                t.weight_bytes += self._left + RPC_TENSOR_SIZE - SET_TENSOR_HEADER
+            if m := _LAYER.match(name):
+                t.layers.add(int(m.group(1)))
+            elif name in OUTPUT_TENSORS:
+                t.output = True
         self._head.clear()
         if not self._left:
             self._cmd = -1
