@@ -45,11 +45,17 @@ async def _delayed_tcp_to_quic(reader: asyncio.StreamReader, send: Any, tap: Tap
     async def forward() -> None:
         while True:
             due, data = await queue.get()
-            if not data:
-                return
             if (wait := due - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            await send.write_all(data)
+            # everything else already due leaves with it, as bytes on one wire would
+            batch = [data]
+            while data and not queue.empty() and queue._queue[0][0] <= time.monotonic():  # type: ignore[attr-defined]
+                data = queue.get_nowait()[1]
+                batch.append(data)
+            if any(batch):
+                await send.write_all(b"".join(batch))
+            if not data:
+                return
 
     forwarder = asyncio.ensure_future(forward())
     try:
