@@ -213,7 +213,7 @@ async def bench_model(model: Path, args: argparse.Namespace, engine) -> dict:  #
         for delay in (0, 5, 10, 20):
             url, a, b = await start_mesh(procs, root, model, delay, f"{delay}ms")
             await decode_tps(url, 4)
-            by_delay[delay] = statistics.median([await decode_tps(url, args.tokens) for _ in range(2)])
+            by_delay[delay] = statistics.median([await decode_tps(url, args.tokens) for _ in range(3)])
             print(f"  injected RTT {delay:2d} ms: {by_delay[delay]:.2f} tok/s", flush=True)
             procs.stop_all()
             procs.procs.clear()

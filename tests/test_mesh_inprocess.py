@@ -140,6 +140,48 @@ async def test_tunnel_carries_a_tcp_byte_stream_both_ways() -> None:
     await a.close()
 
 
+async def test_delayed_and_counted_rpc_tunnel_keeps_order_and_counts_commands() -> None:
+    """The benchmark's injected latency holds every byte back at least that long, in order;
+    the traffic counter sees the RPC commands that crossed."""
+    import struct
+    import time
+
+    from mesh_llm.mesh.rpc_traffic import RpcTraffic
+
+    a, b = await joined_pair()
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+            if len(received) >= 9 * 50:
+                done.set()
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    serve_rpc_tunnels(a, lambda: server.sockets[0].getsockname()[1])
+    traffic = RpcTraffic()
+    tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {}, traffic=traffic, delay_s=0.05)
+    port = await tunnel.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    messages = [struct.pack("<BQ", 15, 0) for _ in range(50)]  # DEVICE_COUNT: empty payload
+    t0 = time.monotonic()
+    for msg in messages:
+        writer.write(msg)
+        await writer.drain()
+        await asyncio.sleep(0.001)
+    await asyncio.wait_for(done.wait(), 10)
+    assert time.monotonic() - t0 >= 0.05
+    assert bytes(received) == b"".join(messages)
+    assert traffic.commands["DEVICE_COUNT"] == 50 and traffic.round_trips == 50
+    writer.close()
+    await tunnel.close()
+    server.close()
+    await b.close()
+    await a.close()
+
+
 async def test_join_errors_name_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     from mesh_llm.mesh import mesh as mesh_module
 

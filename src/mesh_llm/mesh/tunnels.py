@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -38,32 +39,37 @@ async def _tcp_to_quic(reader: asyncio.StreamReader, send: Any, tap: Tap | None 
 
 
 async def _delayed_tcp_to_quic(reader: asyncio.StreamReader, send: Any, tap: Tap | None, delay_s: float) -> None:
-    """Like a longer wire: every chunk leaves `delay_s` after it arrived, in order,
-    without limiting throughput. For measuring how latency adds up (benchmarks)."""
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+    """Like a longer wire: every chunk leaves `delay_s` after it arrived, in order, and
+    whatever is due by then leaves with it. For measuring how latency adds up (benchmarks)."""
+    pending: deque[tuple[float, bytes]] = deque()  # (due time, data); b"" marks the end
+    arrived = asyncio.Event()
 
     async def forward() -> None:
         while True:
-            due, data = await queue.get()
-            if (wait := due - time.monotonic()) > 0:
+            while not pending:
+                arrived.clear()
+                await arrived.wait()
+            if (wait := pending[0][0] - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            # everything else already due leaves with it, as bytes on one wire would
-            batch = [data]
-            while data and not queue.empty() and queue._queue[0][0] <= time.monotonic():  # type: ignore[attr-defined]
-                data = queue.get_nowait()[1]
-                batch.append(data)
-            if any(batch):
-                await send.write_all(b"".join(batch))
-            if not data:
+            now = time.monotonic()
+            batch = []
+            while pending and pending[0][0] <= now:
+                batch.append(pending.popleft()[1])
+            if b"" in batch:
+                if any(batch):
+                    await send.write_all(b"".join(batch))
                 return
+            await send.write_all(b"".join(batch))
 
     forwarder = asyncio.ensure_future(forward())
     try:
         while data := await reader.read(CHUNK):
             if tap:
                 tap(data)
-            queue.put_nowait((time.monotonic() + delay_s, data))
-        queue.put_nowait((0.0, b""))
+            pending.append((time.monotonic() + delay_s, data))
+            arrived.set()
+        pending.append((time.monotonic() + delay_s, b""))
+        arrived.set()
         await forwarder
     finally:
         forwarder.cancel()
