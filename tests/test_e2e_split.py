@@ -93,6 +93,13 @@ def test_forced_two_node_split_with_manual_shares_matches_solo(start_node, split
         assert complete(b.port, prompt) == text  # B reaches the split through the mesh
     assert_placement_as_predicted(serving(a), SPEC.n_layers)
 
+    # The host leaves: B, forced to split with nobody left, takes the model over and waits.
+    a.stop()
+    wait_for(lambda: serving(b)["state"].startswith("Waiting for more peers"), timeout=30, what="B waits")
+    with pytest.raises(urllib.error.HTTPError) as waiting:
+        complete(b.port, "hello")
+    assert waiting.value.code == 503 and "Waiting for more peers" in waiting.value.read().decode()
+
 
 def stream_until_error(port: int, on_first_chunk) -> tuple[list[str], float]:  # type: ignore[no-untyped-def]
     """Stream a long completion; call `on_first_chunk` once; return every data line and when it ended."""

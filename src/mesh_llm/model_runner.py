@@ -218,8 +218,8 @@ class ModelRunner:
             self._settle("standby")
             return
         self.remote.local_models.add(self.cfg.model_id)
+        await self.remote.sync()  # first: it drops a route it held for the model while we stood by
         self.table.add(Upstream(self.cfg.model_id, f"http://127.0.0.1:{self.server_port or 0}", is_ready=self.is_ready, status=self.status))
-        await self.remote.sync()
         self.mesh.update_self(role="host")
         if isinstance(plan, Waiting):
             self.phase = plan.message()
@@ -243,7 +243,10 @@ class ModelRunner:
             if not cfg.gpu:  # a CPU host holds its share through its own worker, last in line
                 own = self.own_rpc_port()
                 if own is None:
-                    self._report("this node's RPC worker is not running; cannot host the split")
+                    self.phase = "re-planning: this node's RPC worker is not running"
+                    self._report("this node's RPC worker is not running; cannot host the split yet")
+                    self._server_failed = True  # try again on the next change or kick
+                    self._kick.set()
                     return
                 rpc.append(f"127.0.0.1:{own}")
             self._report(describe_split(plan, cfg.model_id))
