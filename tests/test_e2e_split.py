@@ -93,6 +93,13 @@ def test_forced_two_node_split_with_manual_shares_matches_solo(start_node, split
         assert complete(b.port, prompt) == text  # B reaches the split through the mesh
     assert_placement_as_predicted(serving(a), SPEC.n_layers)
 
+    # Several nodes at once: llama-server's parallel slots serve them side by side.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda port_prompt: complete(*port_prompt, max_tokens=32), [(a.port, p) for p in PROMPTS] + [(b.port, p) for p in PROMPTS]))
+    assert all(len(t) > 0 for t in texts)
+
     # The host leaves: B, forced to split with nobody left, takes the model over and waits.
     a.stop()
     wait_for(lambda: serving(b)["state"].startswith("Waiting for more peers"), timeout=30, what="B waits")
