@@ -38,7 +38,7 @@ def other_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def need_gb(model: Path) -> float:
     cfg = RunnerConfig(model_id=model.stem, path=model, info=inspect_model(model), fingerprint="", engine=None, engine_version="", memory=0, gpu=False, ctx_size=1024)  # type: ignore[arg-type]
-    return cfg.need() / 1e9
+    return cfg.need / 1e9
 
 
 def complete(port: int, prompt: str, max_tokens: int = 24) -> str:

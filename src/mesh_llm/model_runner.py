@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ class RunnerConfig:
     tensor_split: tuple[float, ...] | None = None
     log_dir: Path = Path("logs")
 
+    @cached_property
     def need(self) -> int:
+        """Bytes the model takes to run: weights with headroom plus the KV cache."""
         info = self.info
         heads = int(info.arch_value("attention.head_count", 1) or 1)  # type: ignore[arg-type]
         kv_heads = info.arch_value("attention.head_count_kv", heads)
@@ -111,14 +114,14 @@ class ModelRunner:
         return "ready" if self.is_ready() else self.phase
 
     def snapshot(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"model": self.cfg.model_id, "state": self.status(), "need_bytes": self.cfg.need(), "memory_bytes": self.cfg.memory}
+        doc: dict[str, Any] = {"model": self.cfg.model_id, "state": self.status(), "need_bytes": self.cfg.need, "memory_bytes": self.cfg.memory}
         plan = self.plan
         if isinstance(plan, Split):
             doc["split"] = {
                 "host": plan.host,
                 "workers": list(plan.workers),
                 "tensor_split": list(plan.weights),
-                "layers": [{"node": r.node, "first": r.first, "last": r.last, "output": r.output} for r in plan.layers],
+                "layers": [asdict(r) for r in plan.layers],
                 "excluded": list(plan.excluded),
             }
         elif isinstance(plan, Waiting):
@@ -184,14 +187,14 @@ class ModelRunner:
     def compute_plan(self) -> Plan:
         me, peers = self._candidates()
         keep = self.plan.workers if isinstance(self.plan, Split) else ()
-        return plan_model(me, peers, model=self.cfg.model_id, need=self.cfg.need(), n_layers=self.cfg.info.n_layers,
+        return plan_model(me, peers, model=self.cfg.model_id, need=self.cfg.need, n_layers=self.cfg.info.n_layers,
                           force_split=self.cfg.force_split, manual_split=self.cfg.tensor_split, keep=keep)
 
     async def _replan(self) -> None:
         try:
             plan = self.compute_plan()
         except ValueError as exc:  # a --tensor-split that does not fit the group
-            self._report(f"cannot plan {self.cfg.model_id}: {exc}")
+            self._report(f"cannot plan {self.cfg.model_id}: {exc}", warn=True)
             self._settle("error")
             return
         for line in getattr(plan, "excluded", ()):
@@ -213,17 +216,15 @@ class ModelRunner:
             self._report(f"{self.cfg.model_id} does not fit here: {plan.host[:8]} hosts the split; this node lends its worker" + (f" ({plan.note})" if plan.note else ""))
             self.mesh.update_self(role="worker")
             self.table.remove(self.cfg.model_id)
-            self.remote.local_models.discard(self.cfg.model_id)
-            await self.remote.sync()
+            await self.remote.release(self.cfg.model_id)
             self._settle("standby")
             return
-        self.remote.local_models.add(self.cfg.model_id)
-        await self.remote.sync()  # first: it drops a route it held for the model while we stood by
-        self.table.add(Upstream(self.cfg.model_id, f"http://127.0.0.1:{self.server_port or 0}", is_ready=self.is_ready, status=self.status))
+        await self.remote.claim(self.cfg.model_id)  # before our entry: it drops a route it held while we stood by
+        self._add_upstream()
         self.mesh.update_self(role="host")
         if isinstance(plan, Waiting):
             self.phase = plan.message()
-            self._report(plan.message())
+            self._report(plan.message(), warn=True)
             self._settle("waiting")
             return
         await self._launch(plan)
@@ -244,14 +245,14 @@ class ModelRunner:
                 own = self.own_rpc_port()
                 if own is None:
                     self.phase = "re-planning: this node's RPC worker is not running"
-                    self._report("this node's RPC worker is not running; cannot host the split yet")
+                    self._report("this node's RPC worker is not running; cannot host the split yet", warn=True)
                     self._server_failed = True  # try again on the next change or kick
                     self._kick.set()
                     return
                 rpc.append(f"127.0.0.1:{own}")
             self._report(describe_split(plan, cfg.model_id))
         self.server_port = free_loopback_port()
-        self.table.add(Upstream(cfg.model_id, f"http://127.0.0.1:{self.server_port}", is_ready=self.is_ready, status=self.status))
+        self._add_upstream()
         server_cfg = ServerConfig(
             model=cfg.path, alias=cfg.model_id, port=self.server_port, ctx_size=cfg.ctx_size, gpu=cfg.gpu,
             device=cfg.device if not rpc else None, rpc=tuple(rpc),
@@ -288,7 +289,7 @@ class ModelRunner:
         if isinstance(self.plan, Solo) and not self.first_outcome.done():
             self.first_outcome.set_exception(exc)
             return
-        self._report(f"llama-server failed to start: {reason}; re-planning")
+        self._report(f"llama-server failed to start: {reason}; re-planning", warn=True)
         self.phase = "re-planning: llama-server failed to start"
         self._server_failed = True
         self._kick.set()
@@ -315,7 +316,13 @@ class ModelRunner:
         if not self.first_outcome.done():
             self.first_outcome.set_result(outcome)
 
-    def _report(self, line: str) -> None:
+    def _add_upstream(self) -> None:
+        """The proxy's entry for our model: 503 with `status()` until our llama-server is ready."""
+        url = f"http://127.0.0.1:{self.server_port}"
+        self.table.add(Upstream(self.cfg.model_id, url, is_ready=self.is_ready, status=self.status))
+
+    def _report(self, line: str, warn: bool = False) -> None:
+        """Say a line once (re-plans repeat themselves)."""
         if line != self._last_message:
             self._last_message = line
-            self.warn(line) if line.startswith(("Waiting", "cannot", "llama-server")) else self.say(line)
+            (self.warn if warn else self.say)(line)

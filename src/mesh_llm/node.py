@@ -225,8 +225,9 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
     remote: RemoteModels | None = None
     try:
         offer = await asyncio.to_thread(memory_offer, cfg, engine)
+        engine_id = await asyncio.to_thread(engine_version, engine)
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
-        mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_version(engine)), transport=cfg.transport, log=say)
+        mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_id), transport=cfg.transport, log=say)
         await mesh.start()
         proxy.mesh_status = mesh.status
         remote = RemoteModels(mesh, table, set())
@@ -256,7 +257,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         runner = ModelRunner(
             RunnerConfig(
                 model_id=model.model_id, path=model.path, info=model.info, fingerprint=model.fingerprint, engine=engine,
-                engine_version=engine_version(engine), memory=offer.bytes, gpu=offer.device != "CPU", ctx_size=ctx,
+                engine_version=engine_id, memory=offer.bytes, gpu=offer.device != "CPU", ctx_size=ctx,
                 device=cfg.device, force_split=cfg.force_split, tensor_split=cfg.tensor_split, log_dir=cfg.state_dir / "logs",
             ),
             mesh, supervisor, table, remote, lambda: rpc_port, say, warn,

@@ -38,6 +38,16 @@ class RemoteModels:
 
         self._task = asyncio.ensure_future(follow())
 
+    async def claim(self, model: str) -> None:
+        """This node serves `model` itself from now on: drop any route to a peer for it."""
+        self.local_models.add(model)
+        await self.sync()
+
+    async def release(self, model: str) -> None:
+        """This node stopped serving `model`: route it to whoever in the mesh serves it."""
+        self.local_models.discard(model)
+        await self.sync()
+
     def served_by(self) -> dict[str, list[tuple[str, float | None]]]:
         out: dict[str, list[tuple[str, float | None]]] = {}
         for m in self.mesh.members():
