@@ -265,7 +265,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         proxy.serving_status = runner.snapshot
         runner.start()
         size_mb = model.info.file_size / 1e6
-        with console.status(f"Planning and loading {model.model_id} ({size_mb:,.0f} MB, this node offers {offer.bytes / 1e9:.2f} GB of {offer.device})…"):
+        with console.status(f"Planning and loading {model.model_id} ({size_mb:,.0f} MB, this node offers {offer.bytes / 1e9:.2f} GB of {offer.device}, from {offer.source})…"):
             stopper = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait({runner.first_outcome, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if runner.first_outcome not in done:
