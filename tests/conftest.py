@@ -107,10 +107,10 @@ class NodeProcess:
             return json.loads(r.read())
 
     def node_id(self) -> str:
-        return self.status()["mesh"]["self"]["id"]
+        return self.status()["node"]["id"]
 
     def peer_ids(self) -> set[str]:
-        return {p["id"] for p in self.status()["mesh"]["peers"]}
+        return {n["id"] for n in self.status()["nodes"] if not n["self"]}
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         if self.proc.poll() is None:

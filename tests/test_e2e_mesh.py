@@ -184,7 +184,7 @@ def test_a_node_in_another_network_namespace_joins_over_the_veth(start_node, tin
     far.wait_ready()
     far_id = far.node_id()
     wait_for(lambda: far_id in a.peer_ids(), what="A sees the node in the namespace")
-    assert all(addr.startswith(ns_ip + ":") for addr in far.status()["mesh"]["self"]["addrs"])  # it lives on the far side
+    assert all(addr.startswith(ns_ip + ":") for addr in far.status()["node"]["addrs"])  # it lives on the far side
     body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
     req = urllib.request.Request(f"{far.base_url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:

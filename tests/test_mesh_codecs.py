@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mesh_llm.mesh import auth
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import PeerRecord, decode_gossip, encode_gossip
+from mesh_llm.mesh.peers import MODEL_STATES, HostedModel, PeerRecord, Slice, decode_gossip, encode_gossip
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.wire import MAX_FRAME, FrameDecoder, ProtocolError, encode_frame
 
@@ -102,6 +102,24 @@ def test_oversized_frames_are_refused_before_buffering() -> None:
         dec.next_frame()
 
 
+slices = st.builds(
+    Slice,
+    node=st.binary(min_size=32, max_size=32).map(bytes.hex),
+    share=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    first=st.integers(min_value=0, max_value=200),
+    last=st.integers(min_value=-1, max_value=200),
+    output=st.booleans(),
+)
+hosted = st.builds(
+    HostedModel,
+    name=st.text(min_size=1, max_size=40),
+    state=st.sampled_from(MODEL_STATES),
+    detail=st.text(max_size=80),
+    size_bytes=st.integers(min_value=0, max_value=2**45),
+    need_bytes=st.integers(min_value=0, max_value=2**45),
+    ctx=st.integers(min_value=0, max_value=1 << 20),
+    split=st.lists(slices, max_size=4).map(tuple),
+)
 records = st.builds(
     PeerRecord,
     id=st.binary(min_size=32, max_size=32).map(bytes.hex),
@@ -110,6 +128,7 @@ records = st.builds(
     devices=st.lists(st.text(max_size=10), max_size=3).map(tuple),
     vram_bytes=st.integers(min_value=0, max_value=2**50),
     models_served=st.lists(st.text(max_size=20), max_size=3).map(tuple),
+    hosting=st.lists(hosted, max_size=2).map(tuple),
     api_port=st.integers(min_value=0, max_value=65535),
     api_public=st.booleans(),
     addrs=st.lists(addr, max_size=3).map(tuple),
@@ -122,7 +141,7 @@ def test_gossip_round_trips(me: PeerRecord, known: list[PeerRecord]) -> None:
     assert decode_gossip(wire) == (me, known)
 
 
-@given(st.dictionaries(st.sampled_from(["self", "peers", "id", "role", "vram_bytes", "addrs"]), frames, max_size=4))
+@given(st.dictionaries(st.sampled_from(["self", "peers", "id", "role", "vram_bytes", "addrs", "hosting", "split", "share"]), frames, max_size=4))
 def test_malformed_gossip_is_a_protocol_error(doc: dict) -> None:
     try:
         decode_gossip(doc)
@@ -141,3 +160,22 @@ def test_proofs_bind_side_ids_and_secret(secret: bytes, a: bytes, b: bytes) -> N
     if a != b:
         assert not auth.check(p, auth.proof(secret, "dialer", b, a, n1, n2))
     assert not auth.check(p, p.hex())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"name": "m", "state": "dancing"},
+        {"name": "m", "state": "ready", "split": [{"node": "00" * 32, "share": float("nan"), "first": 0, "last": 1, "output": True}]},
+        {"name": "m", "state": "ready", "split": [{"node": "00" * 32, "share": 1, "first": 0, "last": 1, "output": "yes"}]},
+        {"name": "m", "state": "ready", "split": [{"node": "zz", "share": 1, "first": 0, "last": 1, "output": True}]},
+        {"name": "m", "state": "ready", "split": [{}] * 65},
+        {"name": "m" * 300, "state": "ready"},
+        ["not", "an", "object"],
+    ],
+)
+def test_malformed_hosted_models_are_refused(bad: object) -> None:
+    record = PeerRecord(id="11" * 32).to_wire()
+    record["hosting"] = [bad]
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(record)

@@ -13,6 +13,8 @@ from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
 from mesh_llm.paths import default_state_dir
 
+DEFAULT_CONSOLE_PORT = 3131
+
 DESCRIPTION = """\
 Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible API
 on http://localhost:9337/v1, powered by llama.cpp.
@@ -22,6 +24,7 @@ examples:
   mesh-llm --model ~/models/model.gguf   serve a local GGUF file
   mesh-llm --join TOKEN --model M        join a mesh (token from any member's output)
   mesh-llm --client --join TOKEN         use a mesh's models on :9337 without serving any
+  mesh-llm --model M --console           also serve the web console on http://localhost:3131
   mesh-llm engine                        show which llama.cpp binaries are used
   mesh-llm engine build                  build llama.cpp into the cache now
 """
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
+    p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
+                   help=f"serve the web console (default port {DEFAULT_CONSOLE_PORT}; 127.0.0.1 unless --listen-all)")
     p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
     p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
     split = p.add_argument_group("splitting a model over several nodes")
@@ -100,6 +105,8 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError("--relay and --no-relay contradict each other: pass one")
     if not 0 <= args.bind_port <= 65535:
         raise UserError(f"--bind-port {args.bind_port} is not a port number (0-65535)")
+    if args.console is not None and not 1 <= args.console <= 65535:
+        raise UserError(f"--console {args.console} is not a port number (1-65535)")
     if args.max_vram is not None and not args.max_vram > 0:
         raise UserError(f"--max-vram {args.max_vram:g} must be a positive number of GB")
     tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
@@ -120,6 +127,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         max_vram_gb=args.max_vram,
         force_split=args.split,
         tensor_split=tensor_split,
+        console_port=args.console,
         transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
     )
     return run_node(cfg, out)

@@ -25,6 +25,7 @@ from mesh_llm.engine.llama_server import ServerConfig, fallback_chat_template, i
 from mesh_llm.engine.probes import HealthProbe, free_loopback_port
 from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
 from mesh_llm.mesh.mesh import Mesh
+from mesh_llm.mesh.peers import HostedModel, Slice
 from mesh_llm.mesh.rpc_traffic import RpcTraffic
 from mesh_llm.mesh.tunnels import TunnelListener
 from mesh_llm.mesh.wire import StreamKind
@@ -90,7 +91,9 @@ class ModelRunner:
         self.cfg, self.mesh, self.supervisor, self.table, self.remote = cfg, mesh, supervisor, table, remote
         self.own_rpc_port, self.say, self.warn = own_rpc_port, say, warn
         self.plan: Plan | None = None
-        self.phase = "planning"
+        self.state = "planning"  # a MODEL_STATES value, or "standby" while another node hosts
+        self.phase = "planning"  # the same in words, for 503s and the console
+        self.on_change: Callable[[], None] = lambda: None  # the console's status feed listens here
         self.server: ManagedProcess | None = None
         self.server_port = 0
         self.tunnels: dict[str, tuple[TunnelListener, RpcTraffic]] = {}
@@ -112,6 +115,29 @@ class ModelRunner:
 
     def status(self) -> str:
         return "ready" if self.is_ready() else self.phase
+
+    def hosted(self) -> HostedModel | None:
+        """What gossip tells the mesh about our model; None while another node hosts it."""
+        if self.state == "standby":
+            return None
+        plan, info = self.plan, self.cfg.info
+        split = ()
+        if isinstance(plan, Split):
+            split = tuple(Slice(r.node, w, r.first, r.last, r.output) for r, w in zip(plan.layers, plan.weights, strict=True))
+        ready = self.is_ready()
+        return HostedModel(
+            name=self.cfg.model_id, state="ready" if ready else self.state, detail="" if ready else self.phase,
+            size_bytes=info.file_size, need_bytes=self.cfg.need, ctx=self.cfg.ctx_size, split=split,
+        )
+
+    def _set_phase(self, state: str, words: str = "") -> None:
+        self.state, self.phase = state, words or state
+        self._advertise()
+
+    def _advertise(self) -> None:
+        hosted = self.hosted()
+        self.mesh.update_self(hosting=(hosted,) if hosted else ())
+        self.on_change()
 
     def snapshot(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"model": self.cfg.model_id, "state": self.status(), "need_bytes": self.cfg.need, "memory_bytes": self.cfg.memory}
@@ -151,8 +177,10 @@ class ModelRunner:
         self.mesh.update_self(models_served=(self.cfg.model_id,) if ready else ())
         if mp.state == ProcState.FAILED:
             self._server_failed = True
-            self.phase = "re-planning: llama-server stopped"
+            self._set_phase("planning", "re-planning: llama-server stopped")
             self._kick.set()
+        else:
+            self._advertise()
 
     async def _loop(self) -> None:
         events = self.mesh.subscribe()
@@ -195,6 +223,7 @@ class ModelRunner:
             plan = self.compute_plan()
         except ValueError as exc:  # a --tensor-split that does not fit the group
             self._report(f"cannot plan {self.cfg.model_id}: {exc}", warn=True)
+            self._set_phase("error", f"cannot plan: {exc}")
             self._settle("error")
             return
         for line in getattr(plan, "excluded", ()):
@@ -208,11 +237,11 @@ class ModelRunner:
         if failed and plan_key(plan) == plan_key(self.plan):
             await asyncio.sleep(RETRY_SECS)
         was_serving = self.server is not None
-        self.phase = "re-planning" if was_serving else "planning"
+        self._set_phase("planning", "re-planning" if was_serving else "planning")
         await self._teardown()
         self.plan = plan
         if isinstance(plan, Standby):
-            self.phase = f"hosted by {plan.host[:8]}"
+            self._set_phase("standby", f"hosted by {plan.host[:8]}")
             self._report(f"{self.cfg.model_id} does not fit here: {plan.host[:8]} hosts the split; this node lends its worker" + (f" ({plan.note})" if plan.note else ""))
             self.mesh.update_self(role="worker")
             self.table.remove(self.cfg.model_id)
@@ -223,7 +252,7 @@ class ModelRunner:
         self._add_upstream()
         self.mesh.update_self(role="host")
         if isinstance(plan, Waiting):
-            self.phase = plan.message()
+            self._set_phase("waiting", plan.message())
             self._report(plan.message(), warn=True)
             self._settle("waiting")
             return
@@ -244,7 +273,7 @@ class ModelRunner:
             if not cfg.gpu:  # a CPU host holds its share through its own worker, last in line
                 own = self.own_rpc_port()
                 if own is None:
-                    self.phase = "re-planning: this node's RPC worker is not running"
+                    self._set_phase("planning", "re-planning: this node's RPC worker is not running")
                     self._report("this node's RPC worker is not running; cannot host the split yet", warn=True)
                     self._server_failed = True  # try again on the next change or kick
                     self._kick.set()
@@ -267,7 +296,7 @@ class ModelRunner:
             health=self._probe,
             restart=isinstance(plan, Solo),  # a split's server is restarted by re-planning instead
         )
-        self.phase = "loading" if isinstance(plan, Solo) else f"loading split over {len(plan.layers)} nodes"
+        self._set_phase("loading", "loading" if isinstance(plan, Solo) else f"loading split over {len(plan.layers)} nodes")
         self._starting = asyncio.ensure_future(self.supervisor.start(spec))
         self._starting.add_done_callback(self._started)
 
@@ -279,8 +308,8 @@ class ModelRunner:
         exc = task.exception()
         if exc is None:
             self.server = task.result()
-            self.phase = "ready"
             self.mesh.update_self(models_served=(self.cfg.model_id,))
+            self._set_phase("ready")
             if self.first_outcome.done():  # later plans announce themselves; the first gets the banner
                 self.say("Now serving " + (describe_split(self.plan, self.cfg.model_id) if isinstance(self.plan, Split) else f"{self.cfg.model_id} solo"))
             self._settle("ready")
@@ -290,7 +319,7 @@ class ModelRunner:
             self.first_outcome.set_exception(exc)
             return
         self._report(f"llama-server failed to start: {reason}; re-planning", warn=True)
-        self.phase = "re-planning: llama-server failed to start"
+        self._set_phase("planning", "re-planning: llama-server failed to start")
         self._server_failed = True
         self._kick.set()
 

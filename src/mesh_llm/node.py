@@ -12,16 +12,22 @@ import atexit
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
+from mesh_llm.api.console import WebConsole, console_port_in_use
 from mesh_llm.api.proxy import ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.remote import RemoteModels
+from mesh_llm.api.status import PeerView, Ports, status_document
+from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.engine.binaries import EngineBinaries
 from mesh_llm.engine.llama_server import choose_ctx
 from mesh_llm.engine.probes import free_loopback_port
@@ -61,6 +67,7 @@ class NodeConfig:
     max_vram_gb: float | None = None
     force_split: bool = False
     tensor_split: tuple[float, ...] | None = None
+    console_port: int | None = None  # None: no web console
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     @property
@@ -76,8 +83,8 @@ class ServedModel:
     fingerprint: str = ""
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fail before slow work (engine build, model load) if the API port is taken."""
+def check_port_free(host: str, port: int, in_use: Callable[[str, int], UserError] = port_in_use) -> None:
+    """Fail before slow work (engine build, model load) if a port we will listen on is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # SO_REUSEADDR as the real listener uses: a restart right after a crash must not trip
         # over TIME_WAIT leftovers; Linux still refuses a port another socket listens on.
@@ -85,7 +92,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError:
-            raise port_in_use(host, port) from None
+            raise in_use(host, port) from None
 
 
 def prepare_model(ref: str) -> ServedModel:
@@ -105,6 +112,10 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
     if len(cfg.models) > 1:
         raise UserError("serving several models at once is not supported yet: pass one --model")
     check_port_free(cfg.host, cfg.port)
+    if cfg.console_port is not None:
+        if cfg.console_port == cfg.port:
+            raise UserError(f"--console {cfg.console_port} is the API port too: give the console another port")
+        check_port_free(cfg.host, cfg.console_port, console_port_in_use)
     model = prepare_model(cfg.models[0]) if cfg.models else None
     engine = provide_engine(cfg.bin_dir, cfg.flavor, console) if model else None  # clients need no engine
     return asyncio.run(_serve(cfg, tokens, model, engine, console))
@@ -212,10 +223,25 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
 
     mesh: Mesh | None = None
     runner: ModelRunner | None = None
+    feed: StatusFeed | None = None
+    web_console: WebConsole | None = None
 
     def on_process_change(mp: ManagedProcess) -> None:
         if runner is not None:
             runner.on_process_change(mp)
+        if feed is not None:
+            feed.poke()
+
+    def build_status(include_token: bool = True) -> dict[str, Any]:
+        assert mesh is not None
+        now = time.monotonic()
+        peers = [PeerView(m.record, m.rtt_ms, now - m.last_seen) for m in mesh.members()]
+        return status_document(
+            mesh.me, peers, mesh_id=mesh.creds.mesh_id.hex(),
+            token=mesh.token() if include_token and not cfg.client else None,  # a client is not dialable: its token would lead nowhere
+            ports=Ports(cfg.port, cfg.console_port, cfg.listen_all), routes=table.models(),
+            local=runner.snapshot() if runner is not None else None,
+        )
 
     supervisor = Supervisor(report=warn, on_change=on_process_change)
     atexit.register(supervisor.kill_all_now)  # belt and braces if we die on an exception
@@ -229,9 +255,15 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
         mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_id), transport=cfg.transport, log=say)
         await mesh.start()
-        proxy.mesh_status = mesh.status
+        proxy.status_source = build_status
         remote = RemoteModels(mesh, table, set())
         remote.start()
+        if cfg.console_port is not None:
+            feed = StatusFeed(build_status)
+            web_console = WebConsole(feed, proxy, cfg.listen_all)
+            await web_console.start(cfg.host, cfg.console_port)
+            feed.start()
+            feed.follow(mesh.subscribe())  # joins, leaves, record changes
         rpc_port: int | None = None
         worker: ManagedProcess | None = None
         if model is not None and engine is not None:
@@ -262,7 +294,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
             ),
             mesh, supervisor, table, remote, lambda: rpc_port, say, warn,
         )
-        proxy.serving_status = runner.snapshot
+        if feed is not None:
+            runner.on_change = feed.poke
         runner.start()
         size_mb = model.info.file_size / 1e6
         with console.status(f"Planning and loading {model.model_id} ({size_mb:,.0f} MB, this node offers {offer.bytes / 1e9:.2f} GB of {offer.device}, from {offer.source})…"):
@@ -288,6 +321,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
             await runner.close()
         if remote is not None:
             await remote.close()
+        if web_console is not None:
+            await web_console.close()
         if mesh is not None:
             await mesh.close()
         await proxy.close()
@@ -298,11 +333,15 @@ def api_url(cfg: NodeConfig) -> str:
     return f"http://{'0.0.0.0' if cfg.listen_all else 'localhost'}:{cfg.port}/v1"
 
 
+def console_hint(cfg: NodeConfig) -> str:
+    return f"   Console: http://localhost:{cfg.console_port}" if cfg.console_port is not None else ""
+
+
 def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable, state: str = "") -> None:
     kind = "client" if cfg.client else "mesh member" if state else "standby node"
     models = ", ".join(table.models()) or "none yet"
     console.print(f"[bold green]mesh-llm {__version__} ready[/] as a {kind} — the mesh serves: {models}" + (f" ({escape(state)})" if state else ""))
-    console.print(f"API: {api_url(cfg)}   Stop: Ctrl-C")
+    console.print(f"API: {api_url(cfg)}" + console_hint(cfg) + "   Stop: Ctrl-C")
     if table.models():
         first = table.models()[0]
         console.print("[bold]curl:[/] ", end="")
@@ -312,7 +351,7 @@ def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable,
 def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int, runner: ModelRunner) -> None:
     how = describe_split(runner.plan, model.model_id) if isinstance(runner.plan, Split) else f"{model.model_id} solo"
     console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{escape(how)}[/] ({model.info.architecture}, {model.info.n_layers} layers, context {ctx})")
-    console.print(f"API: {api_url(cfg)}   engine: {engine.llama_server.parent} ({engine.origin})")
+    console.print(f"API: {api_url(cfg)}" + console_hint(cfg) + f"   engine: {engine.llama_server.parent} ({engine.origin})")
     commands = agent_commands(model.model_id, cfg.port, ctx)
     for name, text in commands.items():
         if "\n" in text:

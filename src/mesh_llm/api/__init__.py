@@ -1,1 +1,1 @@
-"""The HTTP surface of a node: the OpenAI-compatible proxy on :9337."""
+"""The HTTP surface of a node: the OpenAI-compatible proxy on :9337 and the web console."""

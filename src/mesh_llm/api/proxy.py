@@ -28,6 +28,7 @@ HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
 }
+LOOPBACK_ADDRS = {"127.0.0.1", "::1"}
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 
 
@@ -80,8 +81,8 @@ async def _still_ready(upstream: Upstream, grace: float = 1.0) -> bool:
 class ApiProxy:
     def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
         self.table = table
-        self.mesh_status: Callable[[], dict[str, object]] | None = None
-        self.serving_status: Callable[[], dict[str, object]] | None = None
+        # The node's status document; the flag says whether it may include the invite token.
+        self.status_source: Callable[[bool], dict[str, object]] | None = None
         self.created = created or int(time.time())
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -134,10 +135,10 @@ class ApiProxy:
         return web.json_response({"status": "ok" if ok else "loading", "models": models}, status=200 if ok else 503)
 
     async def status(self, request: web.Request) -> web.Response:
-        mesh = self.mesh_status() if self.mesh_status else None
-        models = {m: self.table.get(m).status() for m in self.table.models()}
-        serving = self.serving_status() if self.serving_status else None
-        return web.json_response({"models": models, "mesh": mesh, "serving": serving})
+        if self.status_source is None:
+            return error_response(503, "the node is starting; retry shortly", "unavailable_error")
+        # With --listen-all the API faces the network: the token (the key to the mesh) stays local.
+        return web.json_response(self.status_source(request.remote in LOOPBACK_ADDRS))
 
     def _model_entry(self, model_id: str) -> dict[str, object]:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "mesh-llm"}

@@ -109,17 +109,6 @@ class Mesh:
     def members(self) -> list[Member]:
         return list(self.membership.members.values())
 
-    def status(self) -> dict[str, Any]:
-        """This node and its members as JSON-ready data (for /api/status and tests)."""
-        now = time.monotonic()
-        peers = []
-        for m in self.members():
-            doc = m.record.to_wire()
-            doc["rtt_ms"] = None if m.rtt_ms is None else round(m.rtt_ms, 3)
-            doc["last_seen_secs"] = round(now - m.last_seen, 1)
-            peers.append(doc)
-        return {"mesh_id": self.creds.mesh_id.hex(), "self": self.me.to_wire(), "peers": peers}
-
     def update_self(self, **changes: Any) -> None:
         """Change this node's record and tell every member now rather than at the next heartbeat."""
         new = replace(self.me, **changes)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from mesh_llm.mesh.wire import ProtocolError, get_hex, get_int, get_str, get_str_list
+from mesh_llm.mesh.wire import ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
 
 HEARTBEAT_SECS = 1.5  # gossip with every member this often
 DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
@@ -19,6 +19,67 @@ REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often th
 MAX_PEERS_PER_FRAME = 256
 
 ROLES = ("host", "worker", "client", "standby")
+MODEL_STATES = ("ready", "loading", "planning", "waiting", "error")
+MAX_HOSTED = 16
+MAX_SLICES = 64
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One node's part of a split model, as the host planned it."""
+
+    node: str  # endpoint id, 64 hex chars
+    share: float  # its --tensor-split weight
+    first: int  # first repeating layer; first > last: none
+    last: int
+    output: bool  # holds the output head
+
+    @staticmethod
+    def from_wire(doc: Any) -> Slice:
+        if not isinstance(doc, dict):
+            raise ProtocolError("split entry is not an object")
+        return Slice(
+            node=get_hex(doc, "node", 32).hex(),
+            share=get_float(doc, "share", 0.0, 1e12),
+            first=get_int(doc, "first", 0, 1 << 20),
+            last=get_int(doc, "last", -1, 1 << 20),
+            output=get_bool(doc, "output"),
+        )
+
+
+@dataclass(frozen=True)
+class HostedModel:
+    """A model this node runs llama-server for (alone or as a split's host)."""
+
+    name: str
+    state: str  # one of MODEL_STATES
+    detail: str = ""  # what it waits for or why it failed, in words
+    size_bytes: int = 0  # the GGUF file
+    need_bytes: int = 0  # weights with headroom plus KV cache
+    ctx: int = 0
+    draft: str = ""
+    split: tuple[Slice, ...] = ()  # empty: the whole model on the host
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "split": [asdict(s) for s in self.split]}
+
+    @staticmethod
+    def from_wire(doc: Any) -> HostedModel:
+        if not isinstance(doc, dict):
+            raise ProtocolError("hosted model is not an object")
+        state = get_str(doc, "state", 16)
+        if state not in MODEL_STATES:
+            raise ProtocolError(f"unknown model state {state!r}")
+        return HostedModel(
+            name=get_str(doc, "name", 256),
+            state=state,
+            detail=get_str(doc, "detail", 512, ""),
+            size_bytes=get_int(doc, "size_bytes", 0, 2**62, 0),
+            need_bytes=get_int(doc, "need_bytes", 0, 2**62, 0),
+            ctx=get_int(doc, "ctx", 0, 1 << 24, 0),
+            draft=get_str(doc, "draft", 256, ""),
+            split=tuple(Slice.from_wire(s) for s in get_list(doc, "split", MAX_SLICES)),
+        )
 
 
 @dataclass(frozen=True)
@@ -36,6 +97,7 @@ class PeerRecord:
     models_on_disk: tuple[str, ...] = ()
     fingerprints: tuple[str, ...] = ()  # of each model on disk, same order: splits need the same file
     models_served: tuple[str, ...] = ()  # ready to answer requests now
+    hosting: tuple[HostedModel, ...] = ()  # models it runs llama-server for, with their state and split
     api_port: int = 0  # 0: no local API
     api_public: bool = False  # API bound beyond loopback (--listen-all)
     addrs: tuple[str, ...] = ()  # direct ip:port to dial
@@ -46,6 +108,7 @@ class PeerRecord:
         for k, v in doc.items():
             if isinstance(v, tuple):
                 doc[k] = list(v)
+        doc["hosting"] = [h.to_wire() for h in self.hosting]
         return doc
 
     @staticmethod
@@ -55,9 +118,6 @@ class PeerRecord:
         role = get_str(doc, "role", 16, "standby")
         if role not in ROLES:
             raise ProtocolError(f"unknown role {role!r}")
-        public = doc.get("api_public", False)
-        if not isinstance(public, bool):
-            raise ProtocolError("field 'api_public' must be a boolean")
         return PeerRecord(
             id=get_hex(doc, "id", 32).hex(),
             role=role,
@@ -70,8 +130,9 @@ class PeerRecord:
             models_on_disk=tuple(get_str_list(doc, "models_on_disk", 256, 256)),
             fingerprints=tuple(get_str_list(doc, "fingerprints", 256, 64)),
             models_served=tuple(get_str_list(doc, "models_served", 64, 256)),
+            hosting=tuple(HostedModel.from_wire(h) for h in get_list(doc, "hosting", MAX_HOSTED)),
             api_port=get_int(doc, "api_port", 0, 65535, 0),
-            api_public=public,
+            api_public=get_bool(doc, "api_public", False),
             addrs=tuple(get_str_list(doc, "addrs", 32, 64)),
             relay=get_str(doc, "relay", 256, ""),
         )

@@ -153,3 +153,24 @@ def get_str_list(doc: dict[str, Any], name: str, max_items: int = 64, max_len: i
     if not isinstance(value, list) or len(value) > max_items or not all(isinstance(v, str) and len(v) <= max_len for v in value):
         raise ProtocolError(f"field {name!r} must be a list of at most {max_items} strings")
     return list(value)
+
+
+def get_float(doc: dict[str, Any], name: str, lo: float = 0.0, hi: float = 1e12, default: float | None = None) -> float:
+    value = doc.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"field {name!r} must be a number in [{lo:g}, {hi:g}]")
+    return float(value)
+
+
+def get_bool(doc: dict[str, Any], name: str, default: bool | None = None) -> bool:
+    value = doc.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"field {name!r} must be a boolean")
+    return value
+
+
+def get_list(doc: dict[str, Any], name: str, max_items: int) -> list[Any]:
+    value = doc.get(name, [])
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ProtocolError(f"field {name!r} must be a list of at most {max_items} items")
+    return value

@@ -1,0 +1,91 @@
+"""The web console on :3131: a page, the status API and a same-origin door to the mesh API.
+
+The page (static files shipped in the package, nothing from a CDN) reads
+/api/status once and then follows /api/events. Its chat posts to /v1 here,
+which runs the very handlers of the node's API proxy, so the browser needs no
+cross-origin access to :9337 and no other web page can script that API through
+the console. The invite token is on this page, so on loopback (the default) a
+request must name a loopback host: a DNS-rebinding page cannot read it.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from aiohttp import web
+
+from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response
+from mesh_llm.api.status_feed import StatusFeed
+from mesh_llm.errors import UserError
+
+PAGE_DIR = Path(__file__).parent / "console_page"
+ASSETS = frozenset({"console.css", "console.js"})  # the only files served: no path ever reaches the disk
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
+
+
+def console_port_in_use(host: str, port: int) -> UserError:
+    return UserError(f"console port {port} on {host} is already in use: stop the other process or pass --console N")
+
+
+def host_allowed(host_header: str, listen_all: bool) -> bool:
+    """On loopback, only requests addressed to a loopback name (DNS-rebinding guard)."""
+    if listen_all:
+        return True
+    name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+    return name.lower() in LOOPBACK_NAMES
+
+
+class WebConsole:
+    def __init__(self, feed: StatusFeed, proxy: ApiProxy, listen_all: bool) -> None:
+        self.feed = feed
+        self.proxy = proxy
+        self.listen_all = listen_all
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/static/{name}", self.asset)
+        app.router.add_get("/api/status", self.status)
+        app.router.add_get("/api/events", self.feed.stream)
+        app.router.add_get("/v1/models", self.proxy.list_models)
+        app.router.add_post("/v1/{tail:.*}", self.proxy.forward)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if not host_allowed(request.host, self.listen_all):
+            return error_response(403, f"host {request.host!r} is not served here: open the console at http://localhost:{request.url.port or ''}", "forbidden")
+        return await handler(request)
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise console_port_in_use(host, port) from None
+            raise UserError(f"cannot listen on {host}:{port} for the console: {exc.strerror or exc}") from None
+
+    async def close(self) -> None:
+        await self.feed.close()  # ends the event streams, or cleanup would wait for them
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def asset(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in ASSETS:
+            return await self.proxy.not_found(request)
+        return web.FileResponse(PAGE_DIR / name, headers={"Cache-Control": "no-cache"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.feed.build())
