@@ -63,6 +63,26 @@ def test_port_in_use(tiny_model: Path) -> None:
         assert_one_line_error(run_cli("--model", str(tiny_model), "--port", str(port)), f"port {port}", "already in use", "--port")
 
 
+def test_console_port_in_use(tiny_model: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run_cli("--model", str(tiny_model), "--port", str(free_port()), "--console", str(port))
+        assert_one_line_error(result, f"console port {port}", "already in use", "--console N")
+
+
+@pytest.mark.parametrize(("value", "fragment"), [("0", "not a port"), ("70000", "not a port"), ("x", "invalid int")])
+def test_bad_console_port(tiny_model: Path, value: str, fragment: str) -> None:
+    result = run_cli("--model", str(tiny_model), "--console", value)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and fragment in result.stderr, result.stderr
+
+
+def test_console_on_the_api_port(tiny_model: Path) -> None:
+    port = str(free_port())
+    assert_one_line_error(run_cli("--model", str(tiny_model), "--port", port, "--console", port), "API port too")
+
+
 def test_client_with_model(tiny_model: Path) -> None:
     assert_one_line_error(run_cli("--client", "--model", str(tiny_model)), "--client runs without a model")
 
