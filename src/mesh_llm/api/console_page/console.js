@@ -246,8 +246,14 @@ function addMessage(kind, text) {
   $("chat-empty")?.remove();
   const el = h("div", { class: `msg ${kind}`, text });
   $("chat-log").append(el);
-  el.scrollIntoView({ block: "end" });
+  scrollChat();
   return el;
+}
+
+// Follow the reply inside the chat box only (never scroll the page under the reader).
+function scrollChat() {
+  const log = $("chat-log");
+  log.scrollTop = log.scrollHeight;
 }
 
 function showError(bubble, message) {
@@ -318,7 +324,7 @@ async function send(text) {
       state.history.pop();
       return;
     }
-    await readStream(res, (t) => { reply += t; bubble.textContent = reply; bubble.scrollIntoView({ block: "end" }); });
+    await readStream(res, (t) => { reply += t; bubble.textContent = reply; scrollChat(); });
     bubble.classList.remove("streaming");
     bubble.dataset.done = "1";
     state.history.push({ role: "assistant", content: reply });
