@@ -15,6 +15,7 @@ import pytest
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+SPLIT_SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="split-tiny")  # 19 MB: split tests
 
 
 def free_port() -> int:
@@ -26,6 +27,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def split_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("split") / "split-tiny.gguf", SPLIT_SPEC)
 
 
 @pytest.fixture(scope="session")

