@@ -163,3 +163,11 @@ def test_unreachable_token_says_so(tmp_path: Path) -> None:
 )
 def test_bad_mesh_flags(args: tuple[str, ...], fragment: str, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("--client", "--join", _some_token(), *args, "--port", str(free_port()), "--state-dir", str(tmp_path)), fragment)
+
+
+@pytest.mark.parametrize("text", ["inf,1", "nan,1", "1e13,1", "-1,2", "0,0", "a,b"])
+def test_bad_tensor_split_is_refused_before_it_reaches_gossip(text: str) -> None:
+    from mesh_llm.cli import parse_tensor_split
+
+    with pytest.raises(UserError, match="--tensor-split"):
+        parse_tensor_split(text)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mesh_llm.mesh import auth
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import MODEL_STATES, HostedModel, PeerRecord, Slice, decode_gossip, encode_gossip
+from mesh_llm.mesh.peers import MAX_HOSTED, MAX_SLICES, MODEL_STATES, HostedModel, PeerRecord, Slice, decode_gossip, encode_gossip
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.wire import MAX_FRAME, FrameDecoder, ProtocolError, encode_frame
 
@@ -112,13 +112,13 @@ slices = st.builds(
 )
 hosted = st.builds(
     HostedModel,
-    name=st.text(min_size=1, max_size=40),
+    name=st.text(st.characters(categories=["L", "N", "P"]), min_size=1, max_size=40),
     state=st.sampled_from(MODEL_STATES),
     detail=st.text(max_size=80),
     size_bytes=st.integers(min_value=0, max_value=2**45),
     need_bytes=st.integers(min_value=0, max_value=2**45),
     ctx=st.integers(min_value=0, max_value=1 << 20),
-    split=st.lists(slices, max_size=4).map(tuple),
+    split=st.lists(slices, max_size=4, unique_by=lambda s: s.node).map(tuple),
 )
 records = st.builds(
     PeerRecord,
@@ -141,7 +141,7 @@ def test_gossip_round_trips(me: PeerRecord, known: list[PeerRecord]) -> None:
     assert decode_gossip(wire) == (me, known)
 
 
-@given(st.dictionaries(st.sampled_from(["self", "peers", "id", "role", "vram_bytes", "addrs", "hosting", "split", "share"]), frames, max_size=4))
+@given(st.dictionaries(st.sampled_from(["self", "peers", "id", "role", "vram_bytes", "addrs"]), frames, max_size=4))
 def test_malformed_gossip_is_a_protocol_error(doc: dict) -> None:
     try:
         decode_gossip(doc)
@@ -162,15 +162,29 @@ def test_proofs_bind_side_ids_and_secret(secret: bytes, a: bytes, b: bytes) -> N
     assert not auth.check(p, p.hex())
 
 
+GOOD_SLICE = {"node": "00" * 32, "share": 1, "first": 0, "last": 1, "output": True}
+
+
+def slices_for(n: int) -> list[dict]:
+    return [{**GOOD_SLICE, "node": f"{i:064x}"} for i in range(n)]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
-        {"name": "m", "state": "dancing"},
-        {"name": "m", "state": "ready", "split": [{"node": "00" * 32, "share": float("nan"), "first": 0, "last": 1, "output": True}]},
-        {"name": "m", "state": "ready", "split": [{"node": "00" * 32, "share": 1, "first": 0, "last": 1, "output": "yes"}]},
-        {"name": "m", "state": "ready", "split": [{"node": "zz", "share": 1, "first": 0, "last": 1, "output": True}]},
-        {"name": "m", "state": "ready", "split": [{}] * 65},
+        {"name": "m", "state": "ready", "split": [{**GOOD_SLICE, "share": float("nan")}]},
+        {"name": "m", "state": "ready", "split": [{**GOOD_SLICE, "share": float("inf")}]},
+        {"name": "m", "state": "ready", "split": [{**GOOD_SLICE, "share": -1}]},
+        {"name": "m", "state": "ready", "split": [{**GOOD_SLICE, "output": "yes"}]},
+        {"name": "m", "state": "ready", "split": [{**GOOD_SLICE, "node": "zz"}]},
+        {"name": "m", "state": "ready", "split": [GOOD_SLICE, GOOD_SLICE]},  # one node twice
+        {"name": "m", "state": "ready", "split": slices_for(MAX_SLICES + 1)},
+        {"name": "m", "state": "ready", "need_bytes": -5},
+        {"name": "m", "state": "ready", "ctx": 1 << 30},
         {"name": "m" * 300, "state": "ready"},
+        {"name": "m\x1b[2J", "state": "ready"},
+        {"name": "", "state": "ready"},
+        {"name": "m", "state": "ready", "detail": "x" * 600},
         ["not", "an", "object"],
     ],
 )
@@ -179,3 +193,37 @@ def test_malformed_hosted_models_are_refused(bad: object) -> None:
     record["hosting"] = [bad]
     with pytest.raises(ProtocolError):
         PeerRecord.from_wire(record)
+
+
+def test_hosted_model_limits_hold_at_the_edge() -> None:
+    record = PeerRecord(id="11" * 32).to_wire()
+    record["hosting"] = [{"name": "m", "state": "a-future-state", "split": slices_for(MAX_SLICES)}]
+    assert len(PeerRecord.from_wire(record).hosting[0].split) == MAX_SLICES  # newer states pass through
+    record["hosting"] = [{"name": f"m{i}", "state": "ready"} for i in range(MAX_HOSTED + 1)]
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(record)
+
+
+@given(st.dictionaries(st.sampled_from(["name", "state", "detail", "size_bytes", "need_bytes", "ctx", "draft", "split"]), frames, max_size=4),
+       st.dictionaries(st.sampled_from(["node", "share", "first", "last", "output"]), frames, max_size=5))
+def test_any_hosted_model_entry_decodes_or_is_a_protocol_error(entry: dict, piece: dict) -> None:
+    record = PeerRecord(id="11" * 32).to_wire()
+    record["hosting"] = [{**entry, "split": [piece]}, entry]
+    try:
+        PeerRecord.from_wire(record)
+    except ProtocolError:
+        pass
+
+
+def test_gossip_fits_a_frame_and_rotates_what_it_leaves_out() -> None:
+    big = tuple(HostedModel(f"model-{i}", "ready", "x" * 500, split=tuple(Slice(f"{j:064x}", 1.0, 0, 1, False) for j in range(MAX_SLICES))) for i in range(MAX_HOSTED))
+    known = [PeerRecord(id=f"{i:064x}", hosting=big) for i in range(40)]  # about 1.3 MB of records
+    me = PeerRecord(id="ff" * 32)
+    sent: set[str] = set()
+    for _ in range(6):
+        frame = encode_frame(encode_gossip(me, known))  # would raise past MAX_FRAME
+        assert len(frame) <= MAX_FRAME
+        _, peers = decode_gossip(json.loads(frame[4:]))
+        assert 0 < len(peers) < len(known)
+        sent |= {p.id for p in peers}
+    assert len(sent) > len(peers)  # different peers go out over successive heartbeats

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from dataclasses import replace
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from mesh_llm.api import status_feed
-from mesh_llm.api.console import WebConsole, host_allowed
-from mesh_llm.api.proxy import ApiProxy, UpstreamTable
+from mesh_llm.api.console import WebConsole
+from mesh_llm.api.proxy import ApiProxy, UpstreamTable, host_allowed
 from mesh_llm.api.status import PeerView, Ports, memory_used, stable_view, status_document
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
@@ -39,6 +41,16 @@ def test_memory_used_shares_a_split_by_weight_and_counts_solo_hosts() -> None:
     a, peers = split_mesh()
     used = memory_used([a] + [p.record for p in peers])
     assert used == {A: 6 * GB, B: 2 * GB, C: 2 * GB}
+
+
+def test_memory_is_credited_to_members_only() -> None:
+    ghost = "e" * 64
+    split = (Slice(ghost, 1.0, 0, 1, False), Slice(D, 1.0, 2, 3, False), Slice(A, 2.0, 4, 7, True))
+    a = PeerRecord(id=A, role="host", hosting=(HostedModel("big", "ready", need_bytes=4 * GB, split=split),))
+    client = PeerRecord(id=D, role="client", hosting=(HostedModel("fake", "ready", need_bytes=9 * GB),))
+    assert memory_used([a, client]) == {A: 2 * GB}  # not the unknown node, not the client
+    zero = PeerRecord(id=A, role="host", hosting=(HostedModel("big", "loading", need_bytes=4 * GB, split=(Slice(B, 0.0, 0, 1, False),)),))
+    assert memory_used([zero]) == {A: 4 * GB}  # all-zero shares: no division by zero
 
 
 def test_a_model_that_waits_holds_no_memory() -> None:
@@ -98,9 +110,9 @@ class Board:
         self.doc = {"node": {"id": "x"}, "nodes": [{"id": "x", "rtt_ms": 1.0, "last_seen_secs": 0.1}], "models": []}
         self.builds = 0
 
-    def build(self) -> dict:
+    def build(self, include_token: bool = True) -> dict:
         self.builds += 1
-        return json.loads(json.dumps(self.doc))
+        return {**json.loads(json.dumps(self.doc)), "token": "SECRET" if include_token else None}
 
 
 async def test_feed_publishes_changes_and_rations_drift(monkeypatch) -> None:
@@ -174,6 +186,59 @@ async def test_events_stream_sends_status_then_changes_and_keepalives(console_se
         assert changed and changed[0]["models"] == [{"name": "m"}]
 
 
+async def test_the_token_reaches_local_callers_only(console_server) -> None:
+    _, _, session, base, port = console_server
+    async with session.get(base + "/api/status") as r:
+        assert (await r.json())["token"] == "SECRET"
+    async with session.get(base + "/api/events") as resp:
+        [(_, data)] = await read_events(resp, 1)
+        assert json.loads(data)["token"] == "SECRET"
+    # A page served from a name re-pointed at 127.0.0.1 gets nothing, let alone the token.
+    async with session.get(base + "/api/events", headers={"Host": f"rebound.example:{port}"}) as r:
+        assert r.status == 403
+
+
+async def test_closing_the_console_ends_open_event_streams(monkeypatch) -> None:
+    monkeypatch.setattr(status_feed, "KEEPALIVE_SECS", 30.0)
+    feed = StatusFeed(Board().build)
+    proxy = ApiProxy(UpstreamTable())
+    console = WebConsole(feed, proxy, listen_all=False)
+    port = free_port()
+    await console.start("127.0.0.1", port)
+    feed.start()
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/api/events") as resp:
+        await read_events(resp, 1)
+        await asyncio.wait_for(console.close(), 5)  # not aiohttp's 60 s shutdown wait
+        assert await asyncio.wait_for(resp.content.read(), 5) == b""  # the stream ended cleanly
+    await proxy.close()
+
+
+async def test_a_failing_rebuild_is_reported_and_the_feed_lives_on() -> None:
+    board, warnings = Board(), []
+    feed = StatusFeed(board.build, warnings.append)
+    feed.start()
+    try:
+        real = feed.build
+        feed.build = lambda include_token=True: {}["boom"]
+        feed.poke()
+        for _ in range(100):
+            if warnings:
+                break
+            await asyncio.sleep(0.02)
+        assert warnings and "KeyError" in warnings[0]
+        feed.build = real
+        board.doc["models"] = [{"name": "back"}]
+        version = feed.version
+        feed.poke()
+        for _ in range(100):
+            if feed.version > version:
+                break
+            await asyncio.sleep(0.02)
+        assert feed.latest["models"] == [{"name": "back"}]
+    finally:
+        await feed.close()
+
+
 async def test_console_routes_page_assets_and_json_errors(console_server) -> None:
     _, _, session, base, port = console_server
     async with session.get(base + "/") as r:
@@ -210,6 +275,47 @@ async def test_console_port_in_use_is_one_clear_error() -> None:
 async def test_api_status_keeps_the_token_from_remote_callers() -> None:
     proxy = ApiProxy(UpstreamTable())
     proxy.status_source = lambda include_token: {"token": "T" if include_token else None}
-    for remote, token in (("127.0.0.1", "T"), ("::1", "T"), ("192.168.1.9", None)):
-        request = make_mocked_request("GET", "/api/status", app=proxy.app()).clone(remote=remote)
-        assert json.loads((await proxy.status(request)).body)["token"] == token
+    cases = [("127.0.0.1", "localhost:9337", "T"), ("::1", "[::1]:9337", "T"), ("192.168.1.9", "192.168.1.2:9337", None),
+             ("127.0.0.1", "rebound.example:9337", None)]  # DNS rebinding: loopback peer, foreign name
+    for remote, host, token in cases:
+        request = make_mocked_request("GET", "/api/status", headers={"Host": host}, app=proxy.app()).clone(remote=remote)
+        assert json.loads((await proxy.status(request)).body)["token"] == token, (remote, host)
+
+
+class FakeMesh:
+    def __init__(self) -> None:
+        self.me = PeerRecord(id=A)
+
+    def update_self(self, **changes) -> None:  # type: ignore[no-untyped-def]
+        self.me = replace(self.me, **changes)
+
+
+async def test_the_runner_advertises_what_its_server_does(tiny_model) -> None:
+    """Ready, crashed and restarting, failed: gossip (and so every console) follows the server."""
+    from mesh_llm.engine.supervisor import ProcState
+    from mesh_llm.model_runner import ModelRunner, RunnerConfig
+    from mesh_llm.models.gguf_file import inspect_model
+    from mesh_llm.plan.split import Solo, Standby
+
+    info = inspect_model(tiny_model)
+    cfg = RunnerConfig(model_id="tiny", path=tiny_model, info=info, fingerprint="f", engine=None, engine_version="e", memory=GB, gpu=False, ctx_size=512)  # type: ignore[arg-type]
+    mesh, pokes = FakeMesh(), []
+    runner = ModelRunner(cfg, mesh, None, UpstreamTable(), None, lambda: None, lambda line: None, lambda line: None)  # type: ignore[arg-type]
+    runner.on_change = lambda: pokes.append(1)
+    server = SimpleNamespace(state=ProcState.STARTING)
+    runner.plan, runner.server = Solo(), server
+
+    def advertised() -> tuple[str, str]:
+        [hosted] = mesh.me.hosting
+        return hosted.state, hosted.detail
+
+    for state, expected in [(ProcState.READY, ("ready", "")), (ProcState.RESTARTING, ("loading", "llama-server restarting")),
+                            (ProcState.READY, ("ready", "")), (ProcState.FAILED, ("planning", "re-planning: llama-server stopped"))]:
+        server.state = state
+        runner.on_process_change(server)  # type: ignore[arg-type]
+        assert advertised() == expected, state
+    assert mesh.me.hosting[0].size_bytes == info.file_size and mesh.me.hosting[0].need_bytes == cfg.need
+    assert len(pokes) == 4  # the console hears of every change
+    runner.plan = Standby("b" * 64)
+    runner._set_phase("standby", "hosted by bbbbbbbb")
+    assert mesh.me.hosting == ()  # the host of the split speaks for the model

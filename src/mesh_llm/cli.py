@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -138,6 +139,6 @@ def parse_tensor_split(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.replace("/", ",").split(","))
     except ValueError:
         raise UserError(f"--tensor-split {text!r} must be comma-separated numbers, e.g. 3,1") from None
-    if any(v < 0 for v in values) or not any(v > 0 for v in values):
-        raise UserError(f"--tensor-split {text!r} needs non-negative shares, at least one above 0")
+    if not all(math.isfinite(v) and 0 <= v <= 1e6 for v in values) or not any(v > 0 for v in values):
+        raise UserError(f"--tensor-split {text!r} needs shares from 0 to 1000000, at least one above 0")
     return values

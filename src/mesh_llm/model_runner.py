@@ -25,7 +25,7 @@ from mesh_llm.engine.llama_server import ServerConfig, fallback_chat_template, i
 from mesh_llm.engine.probes import HealthProbe, free_loopback_port
 from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
 from mesh_llm.mesh.mesh import Mesh
-from mesh_llm.mesh.peers import HostedModel, Slice
+from mesh_llm.mesh.peers import MAX_DETAIL, HostedModel, Slice
 from mesh_llm.mesh.rpc_traffic import RpcTraffic
 from mesh_llm.mesh.tunnels import TunnelListener
 from mesh_llm.mesh.wire import StreamKind
@@ -126,7 +126,7 @@ class ModelRunner:
             split = tuple(Slice(r.node, w, r.first, r.last, r.output) for r, w in zip(plan.layers, plan.weights, strict=True))
         ready = self.is_ready()
         return HostedModel(
-            name=self.cfg.model_id, state="ready" if ready else self.state, detail="" if ready else self.phase,
+            name=self.cfg.model_id, state="ready" if ready else self.state, detail="" if ready else self.phase[:MAX_DETAIL],
             size_bytes=info.file_size, need_bytes=self.cfg.need, ctx=self.cfg.ctx_size, split=split,
         )
 
@@ -179,8 +179,10 @@ class ModelRunner:
             self._server_failed = True
             self._set_phase("planning", "re-planning: llama-server stopped")
             self._kick.set()
-        else:
-            self._advertise()
+        elif ready:
+            self._set_phase("ready")
+        elif mp.state in (ProcState.STARTING, ProcState.RESTARTING):  # the supervisor brings a crashed solo server back
+            self._set_phase("loading", "llama-server restarting")
 
     async def _loop(self) -> None:
         events = self.mesh.subscribe()
@@ -223,6 +225,8 @@ class ModelRunner:
             plan = self.compute_plan()
         except ValueError as exc:  # a --tensor-split that does not fit the group
             self._report(f"cannot plan {self.cfg.model_id}: {exc}", warn=True)
+            await self._teardown()  # whatever runs was planned for another group
+            self.plan = None
             self._set_phase("error", f"cannot plan: {exc}")
             self._settle("error")
             return

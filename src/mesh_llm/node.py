@@ -259,7 +259,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         remote = RemoteModels(mesh, table, set())
         remote.start()
         if cfg.console_port is not None:
-            feed = StatusFeed(build_status)
+            feed = StatusFeed(build_status, warn)
             web_console = WebConsole(feed, proxy, cfg.listen_all)
             await web_console.start(cfg.host, cfg.console_port)
             feed.start()

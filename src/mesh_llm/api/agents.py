@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 
 def pi_models_json(model_id: str, base_url: str, context_window: int) -> str:
@@ -34,13 +35,15 @@ def pi_models_json(model_id: str, base_url: str, context_window: int) -> str:
 
 
 def agent_commands(model_id: str, port: int, context_window: int) -> dict[str, str]:
+    """Shell lines to paste. Model names may come from other nodes: every one is shell-quoted."""
     host = f"http://localhost:{port}"
     base = f"{host}/v1"
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hello"}]})
+    q = shlex.quote
     return {
-        "curl": f"curl {base}/chat/completions -H 'Content-Type: application/json' -d '{body}'",
-        "goose": f"GOOSE_PROVIDER=openai OPENAI_HOST={host} OPENAI_API_KEY=mesh GOOSE_MODEL={model_id} goose session",
-        "opencode": f"OPENAI_API_KEY=dummy OPENAI_BASE_URL={base} opencode -m openai/{model_id}",
-        "pi": f"pi --model mesh/{model_id}   (add the provider below to ~/.pi/agent/models.json)",
+        "curl": f"curl {base}/chat/completions -H 'Content-Type: application/json' -d {q(body)}",
+        "goose": f"GOOSE_PROVIDER=openai OPENAI_HOST={host} OPENAI_API_KEY=mesh GOOSE_MODEL={q(model_id)} goose session",
+        "opencode": f"OPENAI_API_KEY=dummy OPENAI_BASE_URL={base} opencode -m {q('openai/' + model_id)}",
+        "pi": f"pi --model {q('mesh/' + model_id)}   (add the provider below to ~/.pi/agent/models.json)",
         "pi models.json": pi_models_json(model_id, base, context_window),
     }

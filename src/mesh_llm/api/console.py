@@ -14,25 +14,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, listen
+from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, host_allowed, is_local, listen
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
 
 PAGE_DIR = Path(__file__).parent / "console_page"
 ASSETS = frozenset({"console.css", "console.js"})  # the only files served: no path ever reaches the disk
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 
 def console_port_in_use(host: str, port: int) -> UserError:
     return UserError(f"console port {port} on {host} is already in use: stop the other process or pass --console N")
-
-
-def host_allowed(host_header: str, listen_all: bool) -> bool:
-    """On loopback, only requests addressed to a loopback name (DNS-rebinding guard)."""
-    if listen_all:
-        return True
-    name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
-    return name.lower() in LOOPBACK_NAMES
 
 
 class WebConsole:
@@ -47,7 +38,7 @@ class WebConsole:
         app.router.add_get("/", self.index)
         app.router.add_get("/static/{name}", self.asset)
         app.router.add_get("/api/status", self.status)
-        app.router.add_get("/api/events", self.feed.stream)
+        app.router.add_get("/api/events", self.feed.stream)  # the token only to local callers, as /api/status
         app.router.add_get("/v1/models", self.proxy.list_models)
         app.router.add_post("/v1/{tail:.*}", self.proxy.forward)
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
@@ -78,4 +69,4 @@ class WebConsole:
         return web.FileResponse(PAGE_DIR / name, headers={"Cache-Control": "no-cache"})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.feed.build())
+        return web.json_response(self.feed.build(is_local(request)))

@@ -29,6 +29,8 @@ HOP_HEADERS = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }
 LOOPBACK_ADDRS = {"127.0.0.1", "::1"}
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
+SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 
 
@@ -65,7 +67,7 @@ def port_in_use(host: str, port: int) -> UserError:
 
 async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError]) -> web.AppRunner:
     """Serve `app` on host:port; a port that is taken becomes the one-line `in_use` error."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECS)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)  # see check_port_free
     try:
@@ -76,6 +78,20 @@ async def listen(app: web.Application, host: str, port: int, in_use: Callable[[s
             raise in_use(host, port) from None
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return runner
+
+
+def host_allowed(host_header: str, listen_all: bool) -> bool:
+    """On loopback, only requests addressed to a loopback name: a page whose own name was
+    re-pointed at 127.0.0.1 (DNS rebinding) gets no answers from us."""
+    if listen_all:
+        return True
+    name = host_header if host_header.endswith("]") else host_header.rsplit(":", 1)[0]
+    return name.lower() in LOOPBACK_NAMES
+
+
+def is_local(request: web.Request) -> bool:
+    """Sent from this machine to a loopback name: may see the invite token."""
+    return request.remote in LOOPBACK_ADDRS and host_allowed(request.host, False)
 
 
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:
@@ -123,7 +139,11 @@ class ApiProxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        self._runner = await listen(self.app(), host, port, port_in_use)
+        try:
+            self._runner = await listen(self.app(), host, port, port_in_use)
+        except UserError:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._runner:
@@ -144,7 +164,7 @@ class ApiProxy:
         if self.status_source is None:
             return error_response(503, "the node is starting; retry shortly", "unavailable_error")
         # With --listen-all the API faces the network: the token (the key to the mesh) stays local.
-        return web.json_response(self.status_source(request.remote in LOOPBACK_ADDRS))
+        return web.json_response(self.status_source(is_local(request)))
 
     def _model_entry(self, model_id: str) -> dict[str, object]:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "mesh-llm"}

@@ -35,8 +35,11 @@ class Ports:
 
 def memory_used(records: list[PeerRecord]) -> dict[str, int]:
     """Bytes each node holds for models, from the hosts' plans: a split's need shared by weight."""
+    holders = {r.id for r in records if r.role != "client"}  # a host may name anyone: credit members only
     used: dict[str, int] = {}
     for r in records:
+        if r.id not in holders:
+            continue
         for h in r.hosting:
             if h.state not in LOADED_STATES:
                 continue
@@ -45,7 +48,8 @@ def memory_used(records: list[PeerRecord]) -> dict[str, int]:
                 used[r.id] = used.get(r.id, 0) + h.need_bytes
                 continue
             for s in h.split:
-                used[s.node] = used.get(s.node, 0) + round(h.need_bytes * s.share / total)
+                if s.node in holders:
+                    used[s.node] = used.get(s.node, 0) + round(h.need_bytes * s.share / total)
     return used
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh_llm.api.proxy import is_local
 from mesh_llm.api.status import stable_view
 
 POLL_SECS = 1.0
@@ -26,8 +27,9 @@ RETRY_MS = 2000  # how soon a browser reconnects after the node went away
 
 
 class StatusFeed:
-    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
-        self.build = build
+    def __init__(self, build: Callable[[bool], dict[str, Any]], warn: Callable[[str], None] = lambda line: None) -> None:
+        self.build = build  # the flag: include the invite token
+        self.warn = warn
         self.latest: dict[str, Any] = {}
         self.version = 0
         self._changed = asyncio.Event()
@@ -37,7 +39,7 @@ class StatusFeed:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self.latest = self.build()
+        self.latest = self.build(True)
         self._published_at = time.monotonic()
         self._tasks.append(asyncio.ensure_future(self._run()))
 
@@ -66,11 +68,14 @@ class StatusFeed:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), POLL_SECS)
             self._poked.clear()
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # a bug in one rebuild must not freeze every page for good
+                self.warn(f"console status update failed: {exc.__class__.__name__}: {exc}")
 
     def refresh(self) -> bool:
         """Rebuild the document; publish it if it changed. True when published."""
-        doc = self.build()
+        doc = self.build(True)
         changed = stable_view(doc) != stable_view(self.latest)
         drifted = doc != self.latest and time.monotonic() - self._published_at >= REFRESH_SECS
         if not (changed or drifted):
@@ -96,12 +101,14 @@ class StatusFeed:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await response.prepare(request)
         seen = -1
+        local = is_local(request)
         try:
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
             while not self._closed.is_set():
                 if await self._next_change(seen, KEEPALIVE_SECS):
                     seen = self.version
-                    await response.write(b"event: status\ndata: " + json.dumps(self.latest, separators=(",", ":")).encode() + b"\n\n")
+                    doc = self.latest if local else {**self.latest, "token": None}
+                    await response.write(b"event: status\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n")
                 elif not self._closed.is_set():
                     await response.write(b": keep-alive\n\n")
         except (ConnectionError, RuntimeError):  # the browser went away

@@ -7,11 +7,13 @@ frame carries the sender's own record plus the dial addresses of its members.
 
 from __future__ import annotations
 
+import json
+import random
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from mesh_llm.mesh.wire import ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
+from mesh_llm.mesh.wire import MAX_FRAME, ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
 
 HEARTBEAT_SECS = 1.5  # gossip with every member this often
 DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
@@ -19,9 +21,10 @@ REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often th
 MAX_PEERS_PER_FRAME = 256
 
 ROLES = ("host", "worker", "client", "standby")
-MODEL_STATES = ("ready", "loading", "planning", "waiting", "error")
-MAX_HOSTED = 16
-MAX_SLICES = 64
+MODEL_STATES = ("ready", "loading", "planning", "waiting", "error")  # what we send; newer peers may add more
+MAX_HOSTED = 8  # models one node runs llama-server for
+MAX_SLICES = 32  # nodes in one split
+MAX_DETAIL = 512
 
 
 @dataclass(frozen=True)
@@ -67,18 +70,21 @@ class HostedModel:
     def from_wire(doc: Any) -> HostedModel:
         if not isinstance(doc, dict):
             raise ProtocolError("hosted model is not an object")
-        state = get_str(doc, "state", 16)
-        if state not in MODEL_STATES:
-            raise ProtocolError(f"unknown model state {state!r}")
+        name = get_str(doc, "name", 256)
+        if not name or not name.isprintable():  # it ends up in copy-paste commands and on pages
+            raise ProtocolError("hosted model name must be printable text")
+        split = tuple(Slice.from_wire(s) for s in get_list(doc, "split", MAX_SLICES))
+        if len({s.node for s in split}) != len(split):
+            raise ProtocolError("a split names a node twice")
         return HostedModel(
-            name=get_str(doc, "name", 256),
-            state=state,
-            detail=get_str(doc, "detail", 512, ""),
+            name=name,
+            state=get_str(doc, "state", 16),
+            detail=get_str(doc, "detail", MAX_DETAIL, ""),
             size_bytes=get_int(doc, "size_bytes", 0, 2**62, 0),
             need_bytes=get_int(doc, "need_bytes", 0, 2**62, 0),
             ctx=get_int(doc, "ctx", 0, 1 << 24, 0),
             draft=get_str(doc, "draft", 256, ""),
-            split=tuple(Slice.from_wire(s) for s in get_list(doc, "split", MAX_SLICES)),
+            split=split,
         )
 
 
@@ -138,8 +144,21 @@ class PeerRecord:
         )
 
 
-def encode_gossip(me: PeerRecord, known: list[PeerRecord]) -> dict[str, Any]:
-    return {"self": me.to_wire(), "peers": [p.to_wire() for p in known[:MAX_PEERS_PER_FRAME]]}
+def encode_gossip(me: PeerRecord, known: list[PeerRecord], budget: int = MAX_FRAME * 3 // 4) -> dict[str, Any]:
+    """Our record plus as many known records as fit well inside a frame (the rest wait for
+    the next heartbeat: gossip only needs to introduce peers, not to be complete at once)."""
+    mine = me.to_wire()
+    docs = [(d, len(json.dumps(d)) + 1) for d in (p.to_wire() for p in known[:MAX_PEERS_PER_FRAME])]
+    room = budget - len(json.dumps(mine))
+    if sum(size for _, size in docs) > room:
+        random.shuffle(docs)  # a different subset each time, so every peer gets introduced
+        kept = []
+        for d, size in docs:
+            if size <= room:
+                kept.append((d, size))
+                room -= size
+        docs = kept
+    return {"self": mine, "peers": [d for d, _ in docs]}
 
 
 def decode_gossip(doc: dict[str, Any]) -> tuple[PeerRecord, list[PeerRecord]]:

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { status: null, receivedAt: 0, agentTab: "goose", busy: null, history: [], routes: "" };
+const state = { status: null, receivedAt: 0, agentTab: "goose", busy: null, history: [], routes: "", modelsFetch: 0, chatRun: 0, drawn: {} };
 const AGENT_TABS = [["goose", ["goose"]], ["pi", ["pi", "pi models.json"]], ["opencode", ["opencode"]], ["curl", ["curl"]]];
 
 function h(tag, props, ...children) {
@@ -61,24 +61,37 @@ function flash(button, label) {
 
 // ---------------------------------------------------------------- rendering
 
+// Redraw a section only when its part of the document changed: RTTs drift every few
+// seconds, and a redraw would drop the reader's text selection, focus or open tab.
+function redraw(name, part, draw) {
+  const key = JSON.stringify(part);
+  if (state.drawn[name] === key) return;
+  state.drawn[name] = key;
+  draw();
+}
+
 function render(st) {
   const me = st.node;
-  $("whoami").replaceChildren(
-    h("b", { text: me.name }), ` · ${short(me.id)} · ${me.role} · v${me.version}` + (me.engine ? ` · engine ${me.engine}` : ""),
-  );
-  $("mesh-summary").textContent = `${st.mesh.node_count} node${st.mesh.node_count === 1 ? "" : "s"} · ${fmtBytes(st.mesh.total_memory_bytes)} offered`;
-  renderCluster(st);
-  renderModels(st);
-  renderInvite(st);
-  renderAgents(st);
-  renderNodes(st);
+  const steady = st.nodes.map(({ rtt_ms, last_seen_secs, ...rest }) => rest);
+  redraw("head", [me.name, me.id, me.role, me.version, me.engine, st.mesh, st.api], () => {
+    $("whoami").replaceChildren(
+      h("b", { text: me.name }), ` · ${short(me.id)} · ${me.role} · v${me.version}` + (me.engine ? ` · engine ${me.engine}` : ""),
+    );
+    $("mesh-summary").textContent = `${st.mesh.node_count} node${st.mesh.node_count === 1 ? "" : "s"} · ${fmtBytes(st.mesh.total_memory_bytes)} offered`;
+    $("foot").textContent = `mesh ${short(st.mesh.id)} · API ${st.api.url}` + (st.api.listen_all ? " (also on this machine's network addresses)" : "");
+  });
+  redraw("cluster", [steady, st.models], () => renderCluster(st));
+  redraw("models", [st.models, st.mesh, st.api.url], () => renderModels(st));
+  redraw("invite", [st.token, me.role], () => renderInvite(st));
+  redraw("agents", [st.models, st.api.port], () => renderAgents(st));
+  redraw("nodes", st.nodes, () => renderNodes(st));
   syncChatModels(st);
-  $("foot").textContent = `mesh ${short(st.mesh.id)} · API ${st.api.url}` + (st.api.listen_all ? " (also on this machine's network addresses)" : "");
 }
 
 function sharesByNode(st) {
   const out = {};
   for (const m of st.models) {
+    if (m.state !== "ready" && m.state !== "loading") continue; // nothing held yet
     if (m.split.length) for (const s of m.split) (out[s.node] ||= []).push(`${layersText(s)} · ${pct(s.share)}`);
     else (out[m.host] ||= []).push(`all layers of ${m.name}`);
   }
@@ -229,11 +242,13 @@ async function syncChatModels(st) {
   const key = st.api.models.join("\n");
   if (key === state.routes) return;
   state.routes = key;
+  const ticket = ++state.modelsFetch;
   let ids = st.api.models;
   try {
     const res = await fetch("/v1/models");
     if (res.ok) ids = (await res.json()).data.map((m) => m.id);
   } catch (e) { /* keep the list from the status document */ }
+  if (ticket !== state.modelsFetch) return; // a newer list is on its way
   const select = $("chat-model");
   const keep = select.value;
   select.replaceChildren(...ids.map((id) => h("option", { value: id, text: id })));
@@ -310,6 +325,8 @@ async function send(text) {
   addMessage("user", text);
   const bubble = addMessage("assistant streaming", "");
   const controller = new AbortController();
+  const run = ++state.chatRun;
+  const remember = (message) => { if (run === state.chatRun) state.history.push(message); }; // not after Clear
   setBusy(controller);
   let reply = "";
   try {
@@ -321,22 +338,22 @@ async function send(text) {
     });
     if (!res.ok) {
       showError(bubble, await errorMessage(res));
-      state.history.pop();
+      if (run === state.chatRun) state.history.pop();
       return;
     }
     await readStream(res, (t) => { reply += t; bubble.textContent = reply; scrollChat(); });
     bubble.classList.remove("streaming");
     bubble.dataset.done = "1";
-    state.history.push({ role: "assistant", content: reply });
+    remember({ role: "assistant", content: reply });
   } catch (e) {
     if (e.name === "AbortError") {
       bubble.classList.remove("streaming");
       bubble.append(h("span", { class: "msg-note", text: "stopped" }));
       bubble.dataset.done = "1";
-      state.history.push({ role: "assistant", content: reply });
+      remember({ role: "assistant", content: reply });
     } else {
       showError(bubble, reply ? `${reply}\n\n— ${e.message}` : e.message === "Failed to fetch" ? "Could not reach this node." : e.message);
-      state.history.pop();
+      if (run === state.chatRun) state.history.pop();
     }
   } finally {
     setBusy(null);
@@ -357,6 +374,8 @@ function setupChat() {
   });
   $("chat-stop").addEventListener("click", () => state.busy && state.busy.abort());
   $("chat-clear").addEventListener("click", () => {
+    if (state.busy) state.busy.abort();
+    state.chatRun += 1; // the reply in flight no longer belongs to any conversation
     state.history = [];
     $("chat-log").replaceChildren(h("p", { class: "chat-empty muted", id: "chat-empty", text: "Ask the mesh something. Replies stream in through this node's API." }));
   });
