@@ -115,6 +115,14 @@ class Board:
         return {**json.loads(json.dumps(self.doc)), "token": "SECRET" if include_token else None}
 
 
+async def until(cond, tries: int = 100) -> None:  # type: ignore[no-untyped-def]
+    """Let the feed's task run until `cond()` holds (or give up; the assert after says what failed)."""
+    for _ in range(tries):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+
+
 async def test_feed_publishes_changes_and_rations_drift(monkeypatch) -> None:
     board = Board()
     feed = StatusFeed(board.build)
@@ -128,10 +136,7 @@ async def test_feed_publishes_changes_and_rations_drift(monkeypatch) -> None:
         board.doc["models"] = [{"name": "m", "state": "ready"}]
         version = feed.version
         feed.poke()
-        for _ in range(50):
-            if feed.version > version:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: feed.version > version)
         assert feed.version == version + 1 and feed.latest["models"][0]["name"] == "m"
     finally:
         await feed.close()
@@ -221,19 +226,13 @@ async def test_a_failing_rebuild_is_reported_and_the_feed_lives_on() -> None:
         real = feed.build
         feed.build = lambda include_token=True: {}["boom"]
         feed.poke()
-        for _ in range(100):
-            if warnings:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: warnings)
         assert warnings and "KeyError" in warnings[0]
         feed.build = real
         board.doc["models"] = [{"name": "back"}]
         version = feed.version
         feed.poke()
-        for _ in range(100):
-            if feed.version > version:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: feed.version > version)
         assert feed.latest["models"] == [{"name": "back"}]
     finally:
         await feed.close()
