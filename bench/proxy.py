@@ -25,6 +25,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from common import wait_http
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -64,22 +65,6 @@ def find_llama_port(node_pid: int) -> int:
     raise RuntimeError("llama-server child not found")
 
 
-async def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"node exited with {proc.returncode}")
-            try:
-                async with s.get(url + "/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
-    raise RuntimeError("node did not become ready")
-
-
 async def concurrent(url: str, model: str, n: int, tokens: int) -> tuple[int, float]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
         t0 = time.perf_counter()
@@ -98,7 +83,7 @@ async def run(args: argparse.Namespace) -> dict:
                             stdout=(state / "node.log").open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     proxy_url = f"http://127.0.0.1:{port}"
     try:
-        await wait_health(proxy_url, proc)
+        await wait_http(proxy_url + "/health", proc)
         direct_url = f"http://127.0.0.1:{find_llama_port(proc.pid)}"
         async with aiohttp.ClientSession() as s, s.get(proxy_url + "/v1/models") as r:
             model = (await r.json())["data"][0]["id"]

@@ -31,10 +31,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
+from common import wait_http
 
 from mesh_llm.engine.probes import free_loopback_port
 from mesh_llm.engine.provision import provide_engine
@@ -72,24 +72,6 @@ class Procs:
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             self.stop(p)
-
-
-async def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600, ok=lambda doc: True) -> dict:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
-            try:
-                async with s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
-                    if r.status == 200:
-                        doc = await r.json()
-                        if ok(doc):
-                            return doc
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.3)
-    raise SystemExit(f"{url} not ready in {timeout}s")
 
 
 async def decode_tps(base: str, tokens: int) -> float:
