@@ -16,7 +16,7 @@ from typing import Any
 
 from mesh_llm.mesh import handshake
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import HEARTBEAT_SECS, EventKind, Member, MeshEvent, Membership, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
+from mesh_llm.mesh.peers import HEARTBEAT_SECS, DialHint, EventKind, Member, MeshEvent, Membership, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
 from mesh_llm.mesh.token import InviteToken
 from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, describe, endpoint_addr, iroh
 from mesh_llm.mesh.wire import ALPN, FramedReader, ProtocolError, StreamKind, encode_frame, stream_prefix
@@ -55,7 +55,7 @@ class Mesh:
         self.my_id = b""
         self.membership = Membership(self_id="")
         self.links: dict[str, Link] = {}
-        self.discovered: dict[str, tuple[PeerRecord, float]] = {}
+        self.discovered: dict[str, tuple[DialHint, float]] = {}
         self.handlers: dict[StreamKind, StreamHandler] = {}
         self.join_tokens: list[InviteToken] = []
         self._subscribers: list[asyncio.Queue[MeshEvent]] = []
@@ -289,7 +289,7 @@ class Mesh:
 
     # -- gossip -----------------------------------------------------------------
 
-    def _heard(self, link: Link, record: PeerRecord, known: list[PeerRecord], rtt_ms: float | None) -> None:
+    def _heard(self, link: Link, record: PeerRecord, known: list[DialHint], rtt_ms: float | None) -> None:
         if record.id != link.peer_id:
             raise ProtocolError("gossip sender id does not match the connection")
         if self.links.get(link.peer_id) is not link:

@@ -7,13 +7,11 @@ frame carries the sender's own record plus the dial addresses of its members.
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from mesh_llm.mesh.wire import MAX_FRAME, ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
+from mesh_llm.mesh.wire import ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
 
 HEARTBEAT_SECS = 1.5  # gossip with every member this often
 DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
@@ -144,28 +142,43 @@ class PeerRecord:
         )
 
 
-def encode_gossip(me: PeerRecord, known: list[PeerRecord], budget: int = MAX_FRAME * 3 // 4) -> dict[str, Any]:
-    """Our record plus as many known records as fit well inside a frame (the rest wait for
-    the next heartbeat: gossip only needs to introduce peers, not to be complete at once)."""
-    mine = me.to_wire()
-    docs = [(d, len(json.dumps(d)) + 1) for d in (p.to_wire() for p in known[:MAX_PEERS_PER_FRAME])]
-    room = budget - len(json.dumps(mine))
-    if sum(size for _, size in docs) > room:
-        random.shuffle(docs)  # a different subset each time, so every peer gets introduced
-        kept = []
-        for d, size in docs:
-            if size <= room:
-                kept.append((d, size))
-                room -= size
-        docs = kept
-    return {"self": mine, "peers": [d for d, _ in docs]}
+@dataclass(frozen=True)
+class DialHint:
+    """What gossip passes on about a member: enough to dial it, nothing more (its full record
+    arrives from the peer itself once connected)."""
+
+    id: str
+    role: str = "standby"
+    addrs: tuple[str, ...] = ()
+    relay: str = ""
+
+    @staticmethod
+    def of(record: PeerRecord) -> DialHint:
+        return DialHint(record.id, record.role, record.addrs, record.relay)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "role": self.role, "addrs": list(self.addrs), "relay": self.relay}
+
+    @staticmethod
+    def from_wire(doc: Any) -> DialHint:
+        if not isinstance(doc, dict):
+            raise ProtocolError("peer hint is not an object")
+        role = get_str(doc, "role", 16, "standby")
+        if role not in ROLES:
+            raise ProtocolError(f"unknown role {role!r}")
+        return DialHint(get_hex(doc, "id", 32).hex(), role, tuple(get_str_list(doc, "addrs", 32, 64)), get_str(doc, "relay", 256, ""))
 
 
-def decode_gossip(doc: dict[str, Any]) -> tuple[PeerRecord, list[PeerRecord]]:
+def encode_gossip(me: PeerRecord, known: list[PeerRecord]) -> dict[str, Any]:
+    """Our own record, and how to dial each member we know (at most a few KiB per member)."""
+    return {"self": me.to_wire(), "peers": [DialHint.of(p).to_wire() for p in known[:MAX_PEERS_PER_FRAME]]}
+
+
+def decode_gossip(doc: dict[str, Any]) -> tuple[PeerRecord, list[DialHint]]:
     peers = doc.get("peers", [])
     if not isinstance(peers, list) or len(peers) > MAX_PEERS_PER_FRAME:
         raise ProtocolError("field 'peers' must be a list")
-    return PeerRecord.from_wire(doc.get("self")), [PeerRecord.from_wire(p) for p in peers]
+    return PeerRecord.from_wire(doc.get("self")), [DialHint.from_wire(p) for p in peers]
 
 
 class EventKind(str, Enum):
@@ -224,13 +237,13 @@ class Membership:
     def note_dial_failure(self, peer_id: str, now: float) -> None:
         self.dial_failed_at[peer_id] = now
 
-    def to_dial(self, discovered: list[PeerRecord], now: float) -> list[PeerRecord]:
+    def to_dial(self, discovered: list[DialHint], now: float) -> list[DialHint]:
         """Peers learned from gossip that this node should connect to (full mesh).
 
         Nobody dials a client (clients dial in, and may sit behind NAT);
         peers that failed recently wait out a backoff.
         """
-        out: dict[str, PeerRecord] = {}
+        out: dict[str, DialHint] = {}
         for p in discovered:
             if p.id == self.self_id or p.id in self.members or p.role == "client":
                 continue
