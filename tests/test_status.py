@@ -110,9 +110,9 @@ class Board:
         self.doc = {"node": {"id": "x"}, "nodes": [{"id": "x", "rtt_ms": 1.0, "last_seen_secs": 0.1}], "models": []}
         self.builds = 0
 
-    def build(self, include_token: bool = True) -> dict:
+    def build(self) -> dict:
         self.builds += 1
-        return {**json.loads(json.dumps(self.doc)), "token": "SECRET" if include_token else None}
+        return {**json.loads(json.dumps(self.doc)), "token": "SECRET"}
 
 
 async def until(cond, tries: int = 100) -> None:  # type: ignore[no-untyped-def]
@@ -224,7 +224,7 @@ async def test_a_failing_rebuild_is_reported_and_the_feed_lives_on() -> None:
     feed.start()
     try:
         real = feed.build
-        feed.build = lambda include_token=True: {}["boom"]
+        feed.build = lambda: {}["boom"]
         feed.poke()
         await until(lambda: warnings)
         assert warnings and "KeyError" in warnings[0]
@@ -273,7 +273,7 @@ async def test_console_port_in_use_is_one_clear_error() -> None:
 
 async def test_api_status_keeps_the_token_from_remote_callers() -> None:
     proxy = ApiProxy(UpstreamTable())
-    proxy.status_source = lambda include_token: {"token": "T" if include_token else None}
+    proxy.status_source = lambda: {"token": "T"}
     cases = [("127.0.0.1", "localhost:9337", "T"), ("::1", "[::1]:9337", "T"), ("192.168.1.9", "192.168.1.2:9337", None),
              ("127.0.0.1", "rebound.example:9337", None)]  # DNS rebinding: loopback peer, foreign name
     for remote, host, token in cases:

@@ -76,7 +76,7 @@ def plan_key(plan: Plan | None) -> tuple[Any, ...]:
     if isinstance(plan, Standby):
         return ("standby", plan.host)
     if isinstance(plan, Waiting):
-        return ("waiting", plan.need, plan.have)  # nothing runs: a new figure only updates the message
+        return ("waiting",)  # nothing runs: new figures only update the message
     return ("solo",) if isinstance(plan, Solo) else ()
 
 
@@ -135,8 +135,9 @@ class ModelRunner:
         self._advertise()
 
     def _advertise(self) -> None:
+        """One gossip update for every change: what we host, and whether it answers now."""
         hosted = self.hosted()
-        self.mesh.update_self(hosting=(hosted,) if hosted else ())
+        self.mesh.update_self(hosting=(hosted,) if hosted else (), models_served=(self.cfg.model_id,) if self.is_ready() else ())
         self.on_change()
 
     def snapshot(self) -> dict[str, Any]:
@@ -173,13 +174,11 @@ class ModelRunner:
         """Supervisor hook: advertise readiness, notice a dead llama-server."""
         if mp is not self.server:
             return
-        ready = mp.state == ProcState.READY
-        self.mesh.update_self(models_served=(self.cfg.model_id,) if ready else ())
         if mp.state == ProcState.FAILED:
             self._server_failed = True
             self._set_phase("planning", "re-planning: llama-server stopped")
             self._kick.set()
-        elif ready:
+        elif mp.state == ProcState.READY:
             self._set_phase("ready")
         elif mp.state in (ProcState.STARTING, ProcState.RESTARTING):  # the supervisor brings a crashed solo server back
             self._set_phase("loading", "llama-server restarting")
@@ -237,6 +236,9 @@ class ModelRunner:
         failed, self._server_failed = self._server_failed, False
         if plan_key(plan) == plan_key(self.plan) and not failed:
             self.plan = plan  # same running shape; keep the fresher details (exclusions, have)
+            if isinstance(plan, Waiting) and plan.message() != self.phase:
+                self._set_phase("waiting", plan.message())
+                self._report(plan.message(), warn=True)
             return
         if failed and plan_key(plan) == plan_key(self.plan):
             await asyncio.sleep(RETRY_SECS)
@@ -312,7 +314,6 @@ class ModelRunner:
         exc = task.exception()
         if exc is None:
             self.server = task.result()
-            self.mesh.update_self(models_served=(self.cfg.model_id,))
             self._set_phase("ready")
             if self.first_outcome.done():  # later plans announce themselves; the first gets the banner
                 self.say("Now serving " + (describe_split(self.plan, self.cfg.model_id) if isinstance(self.plan, Split) else f"{self.cfg.model_id} solo"))
@@ -340,7 +341,7 @@ class ModelRunner:
         if self.server is not None:
             server, self.server = self.server, None
             await self.supervisor.stop(server)
-            self.mesh.update_self(models_served=())
+            self._advertise()
         if self._probe is not None:
             await self._probe.close()
             self._probe = None

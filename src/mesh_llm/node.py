@@ -229,16 +229,14 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
     def on_process_change(mp: ManagedProcess) -> None:
         if runner is not None:
             runner.on_process_change(mp)
-        if feed is not None:
-            feed.poke()
 
-    def build_status(include_token: bool = True) -> dict[str, Any]:
+    def build_status() -> dict[str, Any]:
         assert mesh is not None
         now = time.monotonic()
         peers = [PeerView(m.record, m.rtt_ms, now - m.last_seen) for m in mesh.members()]
         return status_document(
             mesh.me, peers, mesh_id=mesh.creds.mesh_id.hex(),
-            token=mesh.token() if include_token and not cfg.client else None,  # a client is not dialable: its token would lead nowhere
+            token=token,
             ports=Ports(cfg.port, cfg.console_port, cfg.listen_all), routes=table.models(),
             local=runner.snapshot() if runner is not None else None,
         )
@@ -255,14 +253,15 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
         mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_id), transport=cfg.transport, log=say)
         await mesh.start()
+        token = None if cfg.client else mesh.token()  # a client is not dialable: its token would lead nowhere
         proxy.status_source = build_status
         remote = RemoteModels(mesh, table, set())
         remote.start()
         if cfg.console_port is not None:
             feed = StatusFeed(build_status, warn)
+            feed.start()  # before the first request: it serves the feed's latest document
             web_console = WebConsole(feed, proxy, cfg.listen_all)
             await web_console.start(cfg.host, cfg.console_port)
-            feed.start()
             feed.follow(mesh.subscribe())  # joins, leaves, record changes
         rpc_port: int | None = None
         worker: ManagedProcess | None = None
@@ -278,7 +277,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
                     raise UserError(f"cannot join the mesh: {exc}") from None
             say(f"Joined the mesh: {len(mesh.members())} peer(s) so far")
         if not cfg.client:
-            say(f"Invite token: {mesh.token()}")
+            say(f"Invite token: {token}")
         if model is None or engine is None:
             await remote.sync()
             print_passive_ready(console, cfg, table)
@@ -345,7 +344,7 @@ def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable,
     if table.models():
         first = table.models()[0]
         console.print("[bold]curl:[/] ", end="")
-        console.print(agent_commands(first, cfg.port, 4096)["curl"], markup=False, highlight=False)
+        console.print(agent_commands(first, cfg.port)["curl"], markup=False, highlight=False)
 
 
 def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int, runner: ModelRunner) -> None:

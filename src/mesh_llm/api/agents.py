@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 
@@ -34,8 +35,11 @@ def pi_models_json(model_id: str, base_url: str, context_window: int) -> str:
     return json.dumps(provider, indent=2)
 
 
-def agent_commands(model_id: str, port: int, context_window: int) -> dict[str, str]:
-    """Shell lines to paste. Model names may come from other nodes: every one is shell-quoted."""
+@functools.lru_cache(maxsize=64)  # the console rebuilds its status every second
+def agent_commands(model_id: str, port: int, context_window: int = 0) -> dict[str, str]:
+    """Shell lines to paste. Model names may come from other nodes: every one is shell-quoted.
+    A context window of 0 (not known here) stands for 4096."""
+    context_window = context_window or 4096
     host = f"http://localhost:{port}"
     base = f"{host}/v1"
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hello"}]})

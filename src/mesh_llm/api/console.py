@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, host_allowed, is_local, listen
+from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, for_caller, host_allowed, listen
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
 
@@ -69,4 +69,4 @@ class WebConsole:
         return web.FileResponse(PAGE_DIR / name, headers={"Cache-Control": "no-cache"})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.feed.build(is_local(request)))
+        return web.json_response(for_caller(self.feed.latest, request))  # at most a second old

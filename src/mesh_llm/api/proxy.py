@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -94,6 +95,11 @@ def is_local(request: web.Request) -> bool:
     return request.remote in LOOPBACK_ADDRS and host_allowed(request.host, False)
 
 
+def for_caller(status: dict[str, Any], request: web.Request) -> dict[str, Any]:
+    """The status document as this caller may see it: the token (the key to the mesh) stays local."""
+    return status if is_local(request) else {**status, "token": None}
+
+
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     headers = {"Retry-After": "5"} if status == 503 else None
@@ -112,8 +118,7 @@ async def _still_ready(upstream: Upstream, grace: float = 1.0) -> bool:
 class ApiProxy:
     def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
         self.table = table
-        # The node's status document; the flag says whether it may include the invite token.
-        self.status_source: Callable[[bool], dict[str, object]] | None = None
+        self.status_source: Callable[[], dict[str, Any]] | None = None  # the node's status document
         self.created = created or int(time.time())
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -163,8 +168,7 @@ class ApiProxy:
     async def status(self, request: web.Request) -> web.Response:
         if self.status_source is None:
             return error_response(503, "the node is starting; retry shortly", "unavailable_error")
-        # With --listen-all the API faces the network: the token (the key to the mesh) stays local.
-        return web.json_response(self.status_source(is_local(request)))
+        return web.json_response(for_caller(self.status_source(), request))
 
     def _model_entry(self, model_id: str) -> dict[str, object]:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "mesh-llm"}

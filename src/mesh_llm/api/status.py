@@ -71,7 +71,7 @@ def _model_entry(host: PeerRecord, h: HostedModel, names: dict[str, str], ports:
              "first": s.first, "last": s.last, "output": s.output}
             for s in h.split
         ],
-        "commands": agent_commands(h.name, ports.api, h.ctx or 4096),
+        "commands": agent_commands(h.name, ports.api, h.ctx),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh_llm.api.proxy import is_local
+from mesh_llm.api.proxy import for_caller
 from mesh_llm.api.status import stable_view
 
 POLL_SECS = 1.0
@@ -27,10 +27,11 @@ RETRY_MS = 2000  # how soon a browser reconnects after the node went away
 
 
 class StatusFeed:
-    def __init__(self, build: Callable[[bool], dict[str, Any]], warn: Callable[[str], None] = lambda line: None) -> None:
-        self.build = build  # the flag: include the invite token
+    def __init__(self, build: Callable[[], dict[str, Any]], warn: Callable[[str], None] = lambda line: None) -> None:
+        self.build = build
         self.warn = warn
         self.latest: dict[str, Any] = {}
+        self._latest_stable: dict[str, Any] = {}
         self.version = 0
         self._changed = asyncio.Event()
         self._poked = asyncio.Event()
@@ -39,7 +40,8 @@ class StatusFeed:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self.latest = self.build(True)
+        self.latest = self.build()
+        self._latest_stable = stable_view(self.latest)
         self._published_at = time.monotonic()
         self._tasks.append(asyncio.ensure_future(self._run()))
 
@@ -75,12 +77,13 @@ class StatusFeed:
 
     def refresh(self) -> bool:
         """Rebuild the document; publish it if it changed. True when published."""
-        doc = self.build(True)
-        changed = stable_view(doc) != stable_view(self.latest)
+        doc = self.build()
+        stable = stable_view(doc)
+        changed = stable != self._latest_stable
         drifted = doc != self.latest and time.monotonic() - self._published_at >= REFRESH_SECS
         if not (changed or drifted):
             return False
-        self.latest = doc
+        self.latest, self._latest_stable = doc, stable
         self.version += 1
         self._published_at = time.monotonic()
         self._changed.set()
@@ -101,13 +104,12 @@ class StatusFeed:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await response.prepare(request)
         seen = -1
-        local = is_local(request)
         try:
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
             while not self._closed.is_set():
                 if await self._next_change(seen, KEEPALIVE_SECS):
                     seen = self.version
-                    doc = self.latest if local else {**self.latest, "token": None}
+                    doc = for_caller(self.latest, request)
                     await response.write(b"event: status\ndata: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n")
                 elif not self._closed.is_set():
                     await response.write(b": keep-alive\n\n")

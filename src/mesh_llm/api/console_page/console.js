@@ -384,13 +384,10 @@ function setupChat() {
 
 // ---------------------------------------------------------------- start
 
-document.addEventListener("DOMContentLoaded", async () => {
+document.addEventListener("DOMContentLoaded", () => {
   setupChat();
   $("copy-token").addEventListener("click", (e) => copyText($("join-cmd").textContent, e.currentTarget));
   setInterval(tickLastSeen, 1000);
-  try {
-    const res = await fetch("/api/status");
-    if (res.ok) accept(await res.json());
-  } catch (e) { /* the event stream reports the connection state */ }
-  follow();
+  follow(); // its first message is the whole status
+
 });
