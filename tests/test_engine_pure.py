@@ -7,7 +7,7 @@ import pytest
 from mesh_llm.engine.build import BASE_CMAKE_ARGS, cmake_build_args, cmake_configure_args, engine_dir, parse_progress
 from mesh_llm.engine.flavor import Toolchains, pick_flavor
 from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, server_argv
-from mesh_llm.engine.provision import parse_device_list
+from mesh_llm.plan.capacity import parse_device_memory
 from mesh_llm.engine.source import LLAMA_CPP, PinnedSource, extract_tree, fetch_sdist, sha256_of
 from mesh_llm.errors import UserError
 
@@ -163,7 +163,7 @@ def test_choose_ctx() -> None:
     assert choose_ctx(100000, 2048) == 100000
 
 
-def test_parse_device_list() -> None:
+def test_parse_device_names() -> None:
     text = "load_backend: x\nAvailable devices:\n  CUDA0: NVIDIA RTX 4090 (24080 MiB, 23000 MiB free)\n  CUDA1: NVIDIA RTX 3090 (24000 MiB, 1 MiB free)\n"
-    assert parse_device_list(text) == ["CUDA0", "CUDA1"]
-    assert parse_device_list("Available devices:\n") == []
+    assert [d.name for d in parse_device_memory(text)] == ["CUDA0", "CUDA1"]
+    assert parse_device_memory("Available devices:\n") == []

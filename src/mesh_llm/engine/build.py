@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh_llm.engine.flavor import FLAVORS
-from mesh_llm.engine.source import LLAMA_CPP, PinnedSource, extract_tree, fetch_sdist
+from mesh_llm.engine.source import LLAMA_CPP, extract_tree, fetch_sdist
 from mesh_llm.errors import UserError
 from mesh_llm.paths import cache_dir
 
@@ -59,21 +59,19 @@ class EngineDir:
     def stamp(self) -> Path:
         return self.root / "engine.json"
 
-    def is_built(self, pin: PinnedSource | None = None) -> bool:
+    def is_built(self) -> bool:
         """Finished, and built from the current tree (a new patch means a rebuild)."""
-        pin = pin or LLAMA_CPP
         if not (self.stamp.is_file() and all((self.bin_dir / t).is_file() for t in TARGETS)):
             return False
         try:
-            return json.loads(self.stamp.read_text()).get("tree") == pin.tree_id()
+            return json.loads(self.stamp.read_text()).get("tree") == LLAMA_CPP.tree_id()
         except (OSError, ValueError):
             return False
 
 
-def engine_dir(flavor: str, pin: PinnedSource | None = None) -> EngineDir:
-    pin = pin or LLAMA_CPP
+def engine_dir(flavor: str) -> EngineDir:
     # Named by the llama.cpp build only: a new patch level rebuilds in place, incrementally.
-    return EngineDir(cache_dir() / "engine" / f"llama.cpp-b{pin.version.split('.')[0]}-{flavor}")
+    return EngineDir(cache_dir() / "engine" / f"llama.cpp-{LLAMA_CPP.build}-{flavor}")
 
 
 def cmake_configure_args(src: Path, build: Path, flavor: str, generator: str | None) -> list[str]:

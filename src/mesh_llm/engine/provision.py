@@ -11,6 +11,7 @@ from mesh_llm.engine.binaries import EngineBinaries, find_engine
 from mesh_llm.engine.build import build_engine, engine_dir
 from mesh_llm.engine.flavor import detect_toolchains, pick_flavor
 from mesh_llm.errors import UserError
+from mesh_llm.plan.capacity import parse_device_memory
 
 
 def provide_engine(bin_dir: Path | None, flavor: str | None, console: Console, *, allow_build: bool = True) -> EngineBinaries:
@@ -39,19 +40,4 @@ def device_listing(llama_server: Path) -> str:
 
 def list_devices(llama_server: Path) -> list[str]:
     """Devices llama.cpp can offload to (empty for a CPU-only build)."""
-    return parse_device_list(device_listing(llama_server))
-
-
-def parse_device_list(text: str) -> list[str]:
-    """Names from the `Available devices:` block (`  CUDA0: NVIDIA … (24000 MiB, …)`)."""
-    devices: list[str] = []
-    in_block = False
-    for line in text.splitlines():
-        if line.strip().startswith("Available devices"):
-            in_block = True
-            continue
-        if in_block:
-            if not line.startswith((" ", "\t")) or ":" not in line:
-                break
-            devices.append(line.strip().split(":", 1)[0])
-    return devices
+    return [d.name for d in parse_device_memory(device_listing(llama_server))]

@@ -17,13 +17,9 @@ HELLO = 14
 CONN_CAPS = 24
 
 
-def rpc_worker_argv(binary: Path, port: int, device: str | None = None, threads: int | None = None) -> list[str]:
+def rpc_worker_argv(binary: Path, port: int, device: str | None = None) -> list[str]:
     argv = [str(binary), "--host", "127.0.0.1", "--port", str(port)]
-    if device:
-        argv += ["--device", device]
-    if threads:
-        argv += ["--threads", str(threads)]
-    return argv
+    return argv + ["--device", device] if device else argv
 
 
 def rpc_worker_env(model: Path | None) -> dict[str, str]:

@@ -38,12 +38,16 @@ class PinnedSource:
     patches: tuple[Path, ...] = ()
 
     @property
+    def build(self) -> str:
+        """The llama.cpp build number, e.g. `b11434`."""
+        return "b" + self.version.split(".")[0]
+
+    @property
     def engine_version(self) -> str:
         """llama.cpp build number plus our patch level, e.g. `b11434-mesh1`.
 
         Peers compare it: a split only uses workers that run the same engine."""
-        base = "b" + self.version.split(".")[0]
-        return f"{base}-mesh{len(self.patches)}" if self.patches else base
+        return f"{self.build}-mesh{len(self.patches)}" if self.patches else self.build
 
     def tree_id(self) -> str:
         """Identifies the unpacked, patched tree: sdist hash plus the patches' hash."""
