@@ -52,8 +52,10 @@ class UpstreamTable:
     def add(self, upstream: Upstream) -> None:
         self._by_model[upstream.model_id] = upstream
 
-    def remove(self, model_id: str) -> None:
-        self._by_model.pop(model_id, None)
+    def remove(self, model_id: str, only: Upstream | None = None) -> None:
+        """Drop the entry for `model_id` (with `only`: just if it is still that entry)."""
+        if only is None or self._by_model.get(model_id) is only:
+            self._by_model.pop(model_id, None)
 
     def models(self) -> list[str]:
         return list(self._by_model)

@@ -17,12 +17,11 @@ from mesh_llm.mesh.wire import StreamKind
 
 
 class RemoteModels:
-    def __init__(self, mesh: Mesh, table: UpstreamTable, local_models: set[str]) -> None:
+    def __init__(self, mesh: Mesh, table: UpstreamTable) -> None:
         self.mesh = mesh
         self.table = table
-        self.local_models = local_models
-        self.tunnels: dict[tuple[str, str], TunnelListener] = {}
-        self.routes: dict[str, str] = {}
+        self.local_models: set[str] = set()  # served here: never routed to a peer
+        self.routes: dict[str, tuple[str, TunnelListener, Upstream]] = {}  # model -> (peer, tunnel, proxy entry)
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # sync runs from the event follower and from start-up
 
@@ -60,29 +59,26 @@ class RemoteModels:
             await self._sync()
 
     async def _sync(self) -> None:
-        wanted = choose_servers(self.local_models, self.served_by(), self.routes)
+        wanted = choose_servers(self.local_models, self.served_by(), {m: peer for m, (peer, _, _) in self.routes.items()})
+        for model in list(self.routes):
+            if wanted.get(model) != self.routes[model][0]:
+                _, tunnel, entry = self.routes.pop(model)
+                self.table.remove(model, only=entry)  # never an entry the model's runner added meanwhile
+                await tunnel.close()
         for model, peer in wanted.items():
-            if self.routes.get(model) == peer:
+            if model in self.routes:
                 continue
-            key = (peer, model)
-            tunnel = self.tunnels.get(key)
-            if tunnel is None:
-                tunnel = TunnelListener(self.mesh, peer, StreamKind.HTTP, {"model": model})
-                await tunnel.start()
-                self.tunnels[key] = tunnel
-            self.routes[model] = peer
-            self.table.add(Upstream(model, f"http://127.0.0.1:{tunnel.port}", is_ready=lambda: True, status=lambda p=peer: f"served by {p[:8]}"))
-        for model in [m for m in self.routes if m not in wanted]:
-            del self.routes[model]
-            self.table.remove(model)
-        for key in [k for k in self.tunnels if self.routes.get(k[1]) != k[0]]:
-            await self.tunnels.pop(key).close()
+            tunnel = TunnelListener(self.mesh, peer, StreamKind.HTTP, {"model": model})
+            await tunnel.start()
+            entry = Upstream(model, f"http://127.0.0.1:{tunnel.port}", is_ready=lambda: True, status=lambda p=peer: f"served by {p[:8]}")
+            self.routes[model] = (peer, tunnel, entry)
+            self.table.add(entry)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for tunnel in self.tunnels.values():
+        for _, tunnel, _ in self.routes.values():
             await tunnel.close()
-        self.tunnels.clear()
+        self.routes.clear()

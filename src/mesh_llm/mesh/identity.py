@@ -34,9 +34,7 @@ def new_secret_key() -> bytes:
 def load_or_create_key(state_dir: Path) -> bytes:
     path = state_dir / KEY_FILE
     if not path.exists():
-        key = new_secret_key()
-        _write_private(path, key.hex() + "\n")
-        return key
+        return rotate_key(state_dir)
     try:
         key = bytes.fromhex(path.read_text().strip())
     except (ValueError, OSError):

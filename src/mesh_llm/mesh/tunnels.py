@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -155,7 +156,9 @@ UNAVAILABLE = (
 
 
 def _unavailable(model: str) -> bytes:
-    body = b'{"error":{"message":"model %s is not served by this node right now; retry shortly","type":"unavailable_error","code":503}}' % model.encode()[:200]
+    """The reply a peer's proxy passes on as is: the same JSON error shape as the proxy's own."""
+    message = f"model {model[:200]} is not served by this node right now; retry shortly"
+    body = json.dumps({"error": {"message": message, "type": "unavailable_error", "code": 503}}).encode()
     return UNAVAILABLE % (len(body), body)
 
 

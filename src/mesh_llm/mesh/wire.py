@@ -95,7 +95,6 @@ class FramedReader:
     def __init__(self, recv: _Recv, max_frame: int = MAX_FRAME) -> None:
         self.recv = recv
         self.decoder = FrameDecoder(max_frame)
-        self._pending = b""
 
     async def _more(self) -> None:
         data = await self.recv.read(self.CHUNK)
