@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,29 @@ from pathlib import Path
 
 import pytest
 
+from mesh_llm.engine.probes import free_loopback_port
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="split-tiny")  # 19 MB: split tests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = free_loopback_port
+LOCAL = ("--no-relay", "--bind-host", "127.0.0.1")  # a mesh that stays on this machine
+
+
+def wait_for(cond, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+            if last:
+                return last
+        except (OSError, KeyError, ValueError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
-from tests.test_e2e_mesh import LOCAL, wait_for
+from tests.conftest import LOCAL, REPO, free_port, wait_for
 from tests.test_e2e_split import CTX, SPEC
 
 playwright = pytest.importorskip("playwright.sync_api", reason="install mesh-llm[test]")

@@ -15,26 +15,9 @@ import pytest
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.token import InviteToken, decode_token
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
-from tests.conftest import run_cli
+from tests.conftest import LOCAL, run_cli, wait_for
 
 pytestmark = pytest.mark.engine
-
-LOCAL = ("--no-relay", "--bind-host", "127.0.0.1")
-
-
-def wait_for(cond, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except (OSError, KeyError, ValueError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout}s (last: {last!r})")
-
 
 def chat(port: int, model: str) -> dict:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}).encode()

@@ -16,8 +16,7 @@ from mesh_llm.model_runner import RunnerConfig
 from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 from mesh_llm.plan.split import LayerRange, predict_layers
-from tests.conftest import SPLIT_SPEC
-from tests.test_e2e_mesh import LOCAL, wait_for
+from tests.conftest import LOCAL, SPLIT_SPEC, wait_for
 
 pytestmark = pytest.mark.engine
 

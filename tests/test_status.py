@@ -20,6 +20,7 @@ from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.peers import HostedModel, PeerRecord, Slice
 from tests.conftest import free_port
+from tests.mesh_helpers import wait_until
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
 GB = 10**9
@@ -115,14 +116,6 @@ class Board:
         return {**json.loads(json.dumps(self.doc)), "token": "SECRET"}
 
 
-async def until(cond, tries: int = 100) -> None:  # type: ignore[no-untyped-def]
-    """Let the feed's task run until `cond()` holds (or give up; the assert after says what failed)."""
-    for _ in range(tries):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-
-
 async def test_feed_publishes_changes_and_rations_drift(monkeypatch) -> None:
     board = Board()
     feed = StatusFeed(board.build)
@@ -136,7 +129,7 @@ async def test_feed_publishes_changes_and_rations_drift(monkeypatch) -> None:
         board.doc["models"] = [{"name": "m", "state": "ready"}]
         version = feed.version
         feed.poke()
-        await until(lambda: feed.version > version)
+        await wait_until(lambda: feed.version > version)
         assert feed.version == version + 1 and feed.latest["models"][0]["name"] == "m"
     finally:
         await feed.close()
@@ -226,13 +219,13 @@ async def test_a_failing_rebuild_is_reported_and_the_feed_lives_on() -> None:
         real = feed.build
         feed.build = lambda: {}["boom"]
         feed.poke()
-        await until(lambda: warnings)
+        await wait_until(lambda: warnings)
         assert warnings and "KeyError" in warnings[0]
         feed.build = real
         board.doc["models"] = [{"name": "back"}]
         version = feed.version
         feed.poke()
-        await until(lambda: feed.version > version)
+        await wait_until(lambda: feed.version > version)
         assert feed.latest["models"] == [{"name": "back"}]
     finally:
         await feed.close()

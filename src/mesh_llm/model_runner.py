@@ -254,7 +254,7 @@ class ModelRunner:
             await self.remote.release(self.cfg.model_id)
             self._settle("standby")
             return
-        await self.remote.claim(self.cfg.model_id)  # before our entry: it drops a route it held while we stood by
+        await self.remote.claim(self.cfg.model_id)  # stop routing it to a peer
         self._add_upstream()
         self.mesh.update_self(role="host")
         if isinstance(plan, Waiting):
