@@ -25,6 +25,13 @@ MAX_SLICES = 32  # nodes in one split
 MAX_DETAIL = 512
 
 
+def get_role(doc: dict[str, Any]) -> str:
+    role = get_str(doc, "role", 16, "standby")
+    if role not in ROLES:
+        raise ProtocolError(f"unknown role {role!r}")
+    return role
+
+
 @dataclass(frozen=True)
 class Slice:
     """One node's part of a split model, as the host planned it."""
@@ -119,12 +126,9 @@ class PeerRecord:
     def from_wire(doc: Any) -> PeerRecord:
         if not isinstance(doc, dict):
             raise ProtocolError("peer record is not an object")
-        role = get_str(doc, "role", 16, "standby")
-        if role not in ROLES:
-            raise ProtocolError(f"unknown role {role!r}")
         return PeerRecord(
             id=get_hex(doc, "id", 32).hex(),
-            role=role,
+            role=get_role(doc),
             hostname=get_str(doc, "hostname", 255, ""),
             incarnation=get_str(doc, "incarnation", 64, ""),
             version=get_str(doc, "version", 64, ""),
@@ -163,10 +167,7 @@ class DialHint:
     def from_wire(doc: Any) -> DialHint:
         if not isinstance(doc, dict):
             raise ProtocolError("peer hint is not an object")
-        role = get_str(doc, "role", 16, "standby")
-        if role not in ROLES:
-            raise ProtocolError(f"unknown role {role!r}")
-        return DialHint(get_hex(doc, "id", 32).hex(), role, tuple(get_str_list(doc, "addrs", 32, 64)), get_str(doc, "relay", 256, ""))
+        return DialHint(get_hex(doc, "id", 32).hex(), get_role(doc), tuple(get_str_list(doc, "addrs", 32, 64)), get_str(doc, "relay", 256, ""))
 
 
 def encode_gossip(me: PeerRecord, known: list[PeerRecord]) -> dict[str, Any]:
