@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,15 @@ import pytest
 
 from mesh_llm.engine.probes import free_loopback_port
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+
+# Tests never reach the real Hugging Face hub: an empty cache of their own and an endpoint that
+# refuses connections, unless a test points HF_ENDPOINT at its local stand-in (tests/hub_standin.py).
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mesh-llm-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("HF_HUB_CACHE", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="split-tiny")  # 19 MB: split tests

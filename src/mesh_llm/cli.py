@@ -21,11 +21,15 @@ Pool the GPUs (or CPUs) of several machines into one OpenAI-compatible API
 on http://localhost:9337/v1, powered by llama.cpp.
 
 examples:
-  mesh-llm --model gemma-3-270m          serve the packaged Gemma 3 270M
+  mesh-llm --model gemma-3-270m          serve the packaged Gemma 3 270M (offline)
+  mesh-llm --model Qwen3-8B              serve a catalog model (downloaded on first use)
   mesh-llm --model ~/models/model.gguf   serve a local GGUF file
+  mesh-llm --model ORG/REPO/FILE.gguf    serve a GGUF from Hugging Face (or a URL to it)
   mesh-llm --join TOKEN --model M        join a mesh (token from any member's output)
   mesh-llm --client --join TOKEN         use a mesh's models on :9337 without serving any
   mesh-llm --model M --console           also serve the web console on http://localhost:3131
+  mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
+  mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show)
   mesh-llm engine                        show which llama.cpp binaries are used
   mesh-llm engine build                  build llama.cpp into the cache now
 """
@@ -34,7 +38,8 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mesh-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
-    p.add_argument("--model", action="append", default=[], metavar="PATH|NAME", help="GGUF file or built-in model name to serve (gemma-3-270m)")
+    p.add_argument("--model", action="append", default=[], metavar="REF",
+                   help="model to serve: catalog name (fuzzy), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], Hugging Face URL, or path")
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
@@ -42,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"serve the web console (default port {DEFAULT_CONSOLE_PORT}; 127.0.0.1 unless --listen-all)")
     p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
     p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
+    spec = p.add_argument_group("speculative decoding (a small draft model proposes, the big one verifies)")
+    spec.add_argument("--draft", default=None, metavar="REF", help="draft model (same forms as --model; default: the catalog's pairing when on disk)")
+    spec.add_argument("--draft-max", type=int, default=8, metavar="N", help="tokens drafted per step (default 8)")
+    spec.add_argument("--no-draft", action="store_true", help="no draft model, even if the catalog pairs one")
     split = p.add_argument_group("splitting a model over several nodes")
     split.add_argument("--max-vram", type=float, default=None, metavar="GB", help="offer at most this much memory to models (default: GPU memory, or 75%% of RAM)")
     split.add_argument("--split", action="store_true", help="split the model over the mesh even if it fits here")
@@ -56,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     rot = sub.add_parser("rotate-key", help="replace this node's key (its mesh id changes; meshes see a new node)")
     rot.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR")
+    dl = sub.add_parser("download", help="download a model into the Hugging Face cache; no NAME lists the catalog")
+    dl.add_argument("name", nargs="?", metavar="NAME", help="catalog name (fuzzy: 3b, Qwen3-8B), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT] or URL")
+    dl.add_argument("--draft", action="store_true", help="also download the catalog's draft model for it")
+    models = sub.add_parser("models", help="catalog and local models: recommended | installed | search QUERY | show REF | download REF")
+    models.add_argument("action", choices=["recommended", "installed", "search", "show", "download"])
+    models.add_argument("ref", nargs="?", metavar="QUERY|REF")
+    models.add_argument("--draft", action="store_true", help="with download: also fetch the paired draft")
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
@@ -95,6 +111,12 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         from mesh_llm.engine.commands import engine_command
 
         return engine_command(args.action, bin_dir, flavor, args.force, out)
+    if args.command in ("download", "models"):
+        from mesh_llm.models.commands import download_command, models_command
+
+        if args.command == "download":
+            return download_command(args.name, args.draft, out)
+        return models_command(args.action, args.ref, args.draft, out)
     state_dir = (getattr(args, "state_dir", None) or default_state_dir()).expanduser()
     if args.command == "rotate-key":
         from mesh_llm.mesh.identity import rotate_key
@@ -110,6 +132,12 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError(f"--console {args.console} is not a port number (1-65535)")
     if args.max_vram is not None and not args.max_vram > 0:
         raise UserError(f"--max-vram {args.max_vram:g} must be a positive number of GB")
+    if args.draft and args.no_draft:
+        raise UserError("--draft and --no-draft contradict each other: pass one")
+    if not 1 <= args.draft_max <= 64:
+        raise UserError(f"--draft-max {args.draft_max} must be from 1 to 64 tokens")
+    if args.client and args.draft:
+        raise UserError("--client serves no model, so it runs no draft: drop --draft")
     tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
     from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
@@ -129,6 +157,9 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         force_split=args.split,
         tensor_split=tensor_split,
         console_port=args.console,
+        draft=args.draft,
+        draft_max=args.draft_max,
+        no_draft=args.no_draft,
         transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
     )
     return run_node(cfg, out)

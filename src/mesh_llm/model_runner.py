@@ -37,6 +37,17 @@ RETRY_SECS = 2.0  # after a failed start with an unchanged plan
 RPC_DELAY_ENV = "MESH_LLM_RPC_DELAY_MS"  # injected latency on RPC tunnels, for benchmarks
 
 
+@dataclass(frozen=True)
+class Draft:
+    """The speculative-decoding draft this node runs next to the model when it hosts it."""
+
+    name: str
+    path: Path
+    need: int  # bytes it takes on the host: weights and its own KV cache
+    max_tokens: int = 8
+    device: str = "none"  # a local GPU, or "none": this host's CPU; never the RPC workers
+
+
 @dataclass
 class RunnerConfig:
     model_id: str
@@ -52,21 +63,25 @@ class RunnerConfig:
     force_split: bool = False
     tensor_split: tuple[float, ...] | None = None
     log_dir: Path = Path("logs")
+    draft: Draft | None = None
 
     @cached_property
     def need(self) -> int:
-        """Bytes the model takes to run: weights with headroom plus the KV cache."""
-        info = self.info
-        heads = int(info.arch_value("attention.head_count", 1) or 1)  # type: ignore[arg-type]
-        kv_heads = info.arch_value("attention.head_count_kv", heads)
-        kv = kv_cache_bytes(
-            info.n_layers, self.ctx_size, heads,
-            kv_heads if isinstance(kv_heads, list) else int(kv_heads),  # type: ignore[arg-type]
-            int(info.arch_value("embedding_length", 0) or 0),  # type: ignore[arg-type]
-            info.arch_value("attention.key_length"),  # type: ignore[arg-type]
-            info.arch_value("attention.value_length"),  # type: ignore[arg-type]
-        )
-        return required_bytes(info.file_size, kv)
+        return memory_need(self.info, self.ctx_size)
+
+
+def memory_need(info: GGUFInfo, ctx: int) -> int:
+    """Bytes a model takes to run: weights with headroom plus the KV cache."""
+    heads = int(info.arch_value("attention.head_count", 1) or 1)  # type: ignore[arg-type]
+    kv_heads = info.arch_value("attention.head_count_kv", heads)
+    kv = kv_cache_bytes(
+        info.n_layers, ctx, heads,
+        kv_heads if isinstance(kv_heads, list) else int(kv_heads),  # type: ignore[arg-type]
+        int(info.arch_value("embedding_length", 0) or 0),  # type: ignore[arg-type]
+        info.arch_value("attention.key_length"),  # type: ignore[arg-type]
+        info.arch_value("attention.value_length"),  # type: ignore[arg-type]
+    )
+    return required_bytes(info.file_size, kv)
 
 
 def plan_key(plan: Plan | None) -> tuple[Any, ...]:
@@ -128,6 +143,7 @@ class ModelRunner:
         return HostedModel(
             name=self.cfg.model_id, state="ready" if ready else self.state, detail="" if ready else self.phase[:MAX_DETAIL],
             size_bytes=info.file_size, need_bytes=self.cfg.need, ctx=self.cfg.ctx_size, split=split,
+            draft=self.cfg.draft.name if self.cfg.draft else "",
         )
 
     def _set_phase(self, state: str, words: str = "") -> None:
@@ -202,7 +218,8 @@ class ModelRunner:
 
     def _candidates(self) -> tuple[Candidate, list[Candidate]]:
         cfg = self.cfg
-        me = Candidate(self.mesh.me.id, cfg.memory, cfg.fingerprint, cfg.engine_version)
+        room = cfg.memory - (cfg.draft.need if cfg.draft else 0)  # as host, the draft lives here too
+        me = Candidate(self.mesh.me.id, max(room, 0), cfg.fingerprint, cfg.engine_version)
         peers = []
         for m in self.mesh.members():
             r = m.record
@@ -293,6 +310,9 @@ class ModelRunner:
             device=cfg.device if not rpc else None, rpc=tuple(rpc),
             tensor_split=format_tensor_split(weights) if weights else None,
             chat_template_file=fallback_chat_template(cfg.info.metadata), embeddings=is_embedding_model(cfg.info.metadata),
+            draft=cfg.draft.path if cfg.draft else None,
+            draft_max=cfg.draft.max_tokens if cfg.draft else 0,
+            draft_device=cfg.draft.device if cfg.draft else None,
         )
         self._probe = HealthProbe(f"http://127.0.0.1:{self.server_port}/health")
         spec = ProcessSpec(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import os
 import signal
 import socket
 import time
@@ -43,12 +42,15 @@ from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.transport import TransportConfig
 from mesh_llm.mesh.tunnels import serve_http_tunnels, serve_rpc_tunnels
-from mesh_llm.model_runner import ModelRunner, RunnerConfig, describe_split
+from mesh_llm.model_runner import Draft, ModelRunner, RunnerConfig, describe_split, memory_need
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
-from mesh_llm.models.resolve import resolve_model
+from mesh_llm.models.catalog import model_id, shard_files
+from mesh_llm.models.reference import CatalogModel
+from mesh_llm.models.resolve import ResolvedModel, locate, paired_draft, resolve_model
+from mesh_llm.models.vocab import vocab_mismatch
 from mesh_llm.paths import cache_dir
-from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory
+from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory, system_memory_bytes
 from mesh_llm.plan.split import Split
 
 
@@ -68,6 +70,9 @@ class NodeConfig:
     force_split: bool = False
     tensor_split: tuple[float, ...] | None = None
     console_port: int | None = None  # None: no web console
+    draft: str | None = None  # --draft PATH|NAME; None: the catalog's pairing when it is on disk
+    draft_max: int = 8
+    no_draft: bool = False
     transport: TransportConfig = field(default_factory=TransportConfig)
 
     @property
@@ -76,11 +81,19 @@ class NodeConfig:
 
 
 @dataclass
+class DraftModel:
+    model_id: str
+    path: Path
+    info: GGUFInfo
+
+
+@dataclass
 class ServedModel:
     model_id: str
     path: Path
     info: GGUFInfo
     fingerprint: str = ""
+    draft: DraftModel | None = None
 
 
 def check_port_free(host: str, port: int, in_use: Callable[[str, int], UserError] = port_in_use) -> None:
@@ -95,10 +108,41 @@ def check_port_free(host: str, port: int, in_use: Callable[[str, int], UserError
             raise in_use(host, port) from None
 
 
-def prepare_model(ref: str) -> ServedModel:
-    path = resolve_model(ref)
-    info = inspect_model(path)
-    return ServedModel(model_id=path.stem, path=path, info=info, fingerprint=cached_fingerprint(info, cache_dir() / "fingerprints.json"))
+def prepare_model(cfg: NodeConfig, ref: str, say: Callable[[str], None]) -> ServedModel:
+    """Find (or download) the model and its draft, and check both before any slow engine work."""
+    resolved = resolve_model(ref, say=say)
+    if len(shard_files(resolved.path.name)) > 1:
+        raise UserError(f"{resolved.model_id} is split over several GGUF files, which mesh-llm cannot serve yet: merge them with llama-gguf-split --merge and pass the merged file")
+    info = inspect_model(resolved.path)
+    fingerprint = cached_fingerprint(info, cache_dir() / "fingerprints.json")
+    model = ServedModel(resolved.model_id, resolved.path, info, fingerprint)
+    model.draft = None if cfg.no_draft else choose_draft(cfg, resolved, info, say)
+    return model
+
+
+def choose_draft(cfg: NodeConfig, target: ResolvedModel, info: GGUFInfo, say: Callable[[str], None]) -> DraftModel | None:
+    """--draft if given (refused when its vocabulary does not match), else the catalog's pairing if on disk."""
+    paired = paired_draft(target)
+    if cfg.draft:
+        found = resolve_model(cfg.draft, say=say)
+        draft = DraftModel(found.model_id, found.path, inspect_model(found.path))
+        why = vocab_mismatch(info, draft.info)
+        if why:
+            hint = f"the catalog pairs it with {paired.name}" if paired else "pick a model of the same family"
+            raise UserError(f"--draft {cfg.draft} cannot draft for {target.model_id}: {why}; {hint}, or pass --no-draft")
+        return draft
+    if paired is None:
+        return None
+    path = locate(CatalogModel(paired))
+    if path is None:
+        say(f"Tip: {paired.name} ({paired.size_gb:g} GB) speeds up {target.model_id} as a draft: mesh-llm download {paired.name}")
+        return None
+    draft = DraftModel(model_id(path.name), path, inspect_model(path))
+    why = vocab_mismatch(info, draft.info)
+    if why:
+        say(f"Not using {paired.name} as a draft for {target.model_id}: {why}")
+        return None
+    return draft
 
 
 def run_node(cfg: NodeConfig, console: Console) -> int:
@@ -116,7 +160,7 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
         if cfg.console_port == cfg.port:
             raise UserError(f"--console {cfg.console_port} is the API port too: give the console another port")
         check_port_free(cfg.host, cfg.console_port, console_port_in_use)
-    model = prepare_model(cfg.models[0]) if cfg.models else None
+    model = prepare_model(cfg, cfg.models[0], lambda line: console.print(line, markup=False, highlight=False)) if cfg.models else None
     engine = provide_engine(cfg.bin_dir, cfg.flavor, console) if model else None  # clients need no engine
     return asyncio.run(_serve(cfg, tokens, model, engine, console))
 
@@ -146,13 +190,6 @@ def mesh_credentials(cfg: NodeConfig, tokens: list[InviteToken]) -> MeshCredenti
     return creds
 
 
-def system_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
-
-
 def memory_offer(cfg: NodeConfig, engine: EngineBinaries | None) -> Offer:
     if cfg.client or engine is None:
         return Offer(0, "", "client")
@@ -163,6 +200,14 @@ def memory_offer(cfg: NodeConfig, engine: EngineBinaries | None) -> Offer:
         return choose_offer(gpus, system_memory_bytes(), device=cfg.device, max_vram_gb=cfg.max_vram_gb, source=source)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def draft_config(cfg: NodeConfig, model: ServedModel, offer: Offer, ctx: int) -> Draft | None:
+    if model.draft is None:
+        return None
+    d = model.draft
+    on_gpu = offer.device not in ("", "CPU")
+    return Draft(d.model_id, d.path, memory_need(d.info, ctx), cfg.draft_max, (cfg.device or offer.device.split("+")[0]) if on_gpu else "none")
 
 
 def engine_version(engine: EngineBinaries | None) -> str:
@@ -292,6 +337,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
                 model_id=model.model_id, path=model.path, info=model.info, fingerprint=model.fingerprint, engine=engine,
                 engine_version=engine_id, memory=offer.bytes, gpu=offer.device != "CPU", ctx_size=ctx,
                 device=cfg.device, force_split=cfg.force_split, tensor_split=cfg.tensor_split, log_dir=cfg.state_dir / "logs",
+                draft=draft_config(cfg, model, offer, ctx),
             ),
             mesh, supervisor, table, remote, lambda: rpc_port, say, warn,
         )
@@ -351,7 +397,8 @@ def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable,
 
 def print_ready(console: Console, cfg: NodeConfig, model: ServedModel, engine: EngineBinaries, ctx: int, runner: ModelRunner) -> None:
     how = describe_split(runner.plan, model.model_id) if isinstance(runner.plan, Split) else f"{model.model_id} solo"
-    console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{escape(how)}[/] ({model.info.architecture}, {model.info.n_layers} layers, context {ctx})")
+    draft = f", draft {model.draft.model_id} (up to {cfg.draft_max} tokens)" if model.draft else ""
+    console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{escape(how)}[/] ({model.info.architecture}, {model.info.n_layers} layers, context {ctx}{escape(draft)})")
     console.print(f"API: {api_url(cfg)}" + console_hint(cfg) + f"   engine: {engine.llama_server.parent} ({engine.origin})")
     commands = agent_commands(model.model_id, cfg.port, ctx)
     for name, text in commands.items():

@@ -41,6 +41,9 @@ class ServerConfig:
     embeddings: bool = False
     rpc: tuple[str, ...] = ()  # host:port of RPC workers, in device order
     tensor_split: str | None = None  # -ts, one weight per device (RPC devices first)
+    draft: Path | None = None  # a small model of the same vocabulary for speculative decoding
+    draft_max: int = 8  # tokens drafted per step
+    draft_device: str | None = None  # where the draft runs: a local GPU, or "none" for this host's CPU
     extra: tuple[str, ...] = ()
 
 
@@ -81,4 +84,21 @@ def server_argv(binary: Path, cfg: ServerConfig) -> list[str]:
         argv += ["--threads", str(cfg.threads)]
     if cfg.parallel:
         argv += ["--parallel", str(cfg.parallel)]
-    return argv + list(cfg.extra)
+    return argv + draft_args(cfg) + list(cfg.extra)
+
+
+def draft_args(cfg: ServerConfig) -> list[str]:
+    """Speculative decoding with a separate draft model (the pinned engine dropped --draft-max).
+
+    The device is explicit because the draft otherwise follows the main model's
+    devices, RPC workers included: a split would then ship every drafted token
+    over the network, the very round trips the draft exists to save.
+    """
+    if cfg.draft is None:
+        return []
+    argv = ["--spec-type", "draft-simple", "--spec-draft-model", str(cfg.draft), "--spec-draft-n-max", str(cfg.draft_max)]
+    if cfg.draft_device:
+        argv += ["--spec-draft-device", cfg.draft_device]
+        if cfg.draft_device != "none":
+            argv += ["--spec-draft-ngl", "all"]
+    return argv

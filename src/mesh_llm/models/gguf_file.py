@@ -50,6 +50,7 @@ class GGUFInfo:
     data_offset: int
     metadata: dict[str, object] = field(default_factory=dict)
     array_lengths: dict[str, int] = field(default_factory=dict)
+    array_offsets: dict[str, int] = field(default_factory=dict)  # where each array's elements start in the file
     tensors: list[TensorInfo] = field(default_factory=list)
 
     @property
@@ -130,6 +131,7 @@ class _Cursor:
             etype = int(self.unpack("<I"))  # type: ignore[arg-type]
             count = int(self.unpack("<Q"))  # type: ignore[arg-type]
             info.array_lengths[key] = count
+            info.array_offsets[key] = self.pos
             if etype == _STRING:
                 self.skip_strings(count)
             elif etype in _SCALARS:

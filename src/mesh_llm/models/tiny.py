@@ -40,6 +40,7 @@ class TinyModelSpec:
     seed: int = 0
     name: str = "tiny-llama"
     n_experts: int = 0  # reserved for the MoE variant; 0 = dense
+    merges: tuple[str, ...] = tuple(COMMON_PAIRS)  # another list gives another vocabulary (a draft that cannot pair)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -62,12 +63,12 @@ def gpt2_byte_alphabet() -> list[str]:
     return [mapping[b] for b in range(256)]
 
 
-def tiny_vocab() -> tuple[list[str], list[int], list[str], list[int]]:
+def tiny_vocab(pairs: tuple[str, ...] = tuple(COMMON_PAIRS)) -> tuple[list[str], list[int], list[str], list[int]]:
     """tokens, token types, merges, and ids of printable-ASCII tokens."""
     alphabet = gpt2_byte_alphabet()
     tokens = list(alphabet)
     merges = []
-    for pair in COMMON_PAIRS:
+    for pair in pairs:
         left, right = pair.split(" ")
         if left + right not in tokens:
             merges.append(pair)
@@ -83,7 +84,7 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
-    tokens, types, merges, printable = tiny_vocab()
+    tokens, types, merges, printable = tiny_vocab(spec.merges)
     n_vocab = len(tokens)
     head_dim = spec.n_embd // spec.n_heads
     n_embd_kv = head_dim * spec.n_kv_heads

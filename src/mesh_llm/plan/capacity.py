@@ -9,6 +9,7 @@ offers a fixed share of RAM: llama.cpp would report all of it as free.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -59,6 +60,13 @@ def nvml_devices() -> list[DeviceMemory]:
         return out
     finally:
         pynvml.nvmlShutdown()
+
+
+def system_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def choose_offer(gpus: list[DeviceMemory], ram_bytes: int, *, device: str | None = None, max_vram_gb: float | None = None, source: str = "llama.cpp") -> Offer:

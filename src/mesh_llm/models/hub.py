@@ -1,0 +1,182 @@
+"""Hugging Face hub access: cache lookups, resumable downloads, repo listing, search.
+
+Files land in the standard Hugging Face cache (blobs/ + snapshots/<commit>/),
+so `huggingface-cli`, llama.cpp's `-hf` and other tools see them and vice versa.
+`huggingface_hub` supplies the cache layout, metadata, HTTP and progress bar;
+this module adds what it no longer does: a partial file with a stable name
+(`blobs/<etag>.incomplete`) that a later run resumes with an HTTP Range request
+after the process was killed, and a disk-space check that stops before starting.
+`HF_ENDPOINT` points all of it at a mirror or a local stand-in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh_llm.errors import UserError
+from mesh_llm.models.catalog import shard_files
+
+DISK_MARGIN = 512 * 1024 * 1024  # keep this much free after a download
+
+
+@dataclass(frozen=True)
+class HubHit:
+    repo: str
+    downloads: int
+    likes: int
+
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def cached_file(repo: str, file: str, revision: str = "main") -> Path | None:
+    """The file's path if the cache holds it for that revision (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo, file, revision=revision)
+    except ValueError:  # a repo id the hub would reject
+        return None
+    return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
+
+
+def cached_model(repo: str, file: str, revision: str = "main") -> Path | None:
+    """The first file of a model if every one of its files is cached."""
+    paths = [cached_file(repo, f, revision) for f in shard_files(file)]
+    return paths[0] if all(paths) else None
+
+
+def disk_shortfall(needed: int, free: int, margin: int = DISK_MARGIN) -> int:
+    """Bytes missing to store `needed` more while keeping `margin` free (0: enough)."""
+    return max(0, needed + margin - free)
+
+
+@contextlib.contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """One-line errors for the ways the hub can fail."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise UserError(f"cannot fetch {what}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache ({hub_cache()})") from None
+    except (httpx2.TransportError, ConnectionError) as exc:
+        raise UserError(
+            f"cannot reach {endpoint()} to fetch {what} ({type(exc).__name__}: {exc or 'no answer'}): "
+            "check the network, or pass a local .gguf path"
+        ) from None
+    except GatedRepoError:
+        raise UserError(f"{what} is gated: accept its licence on the hub and log in (`hf auth login`), then retry") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{what}: no such repository on {endpoint()} (or it is private: log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{what}: no such revision on {endpoint()}") from None
+    except RemoteEntryNotFoundError:
+        raise UserError(f"{what}: no such file in the repository; `mesh-llm models show ORG/REPO` lists its GGUF files") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise UserError(f"the hub answered HTTP {status} for {what}: try again later") from None
+
+
+def download_model(repo: str, file: str, revision: str = "main", say: Callable[[str], None] = print) -> Path:
+    """Fetch every file of a model (all shards of a split GGUF); returns the first."""
+    paths = [download_file(repo, f, revision, say) for f in shard_files(file)]
+    return paths[0]
+
+
+def download_file(repo: str, file: str, revision: str = "main", say: Callable[[str], None] = print) -> Path:
+    hit = cached_file(repo, file, revision)
+    if hit is not None:
+        return hit
+    what = f"{repo}/{file}"
+    if offline():
+        raise UserError(f"cannot fetch {what}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache ({hub_cache()})")
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get, repo_folder_name
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    with hub_errors(what):
+        meta = get_hf_file_metadata(hf_hub_url(repo, file, revision=revision), timeout=15)
+    if not meta.commit_hash or not meta.etag:
+        raise UserError(f"{endpoint()} did not say which version of {what} it serves (no commit or ETag header): is HF_ENDPOINT a Hugging Face hub?")
+    storage = hub_cache() / repo_folder_name(repo_id=repo, repo_type="model")
+    blob = storage / "blobs" / meta.etag
+    pointer = storage / "snapshots" / meta.commit_hash / file
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(blob.with_name(blob.name + ".lock")):
+        if not blob.is_file():
+            _fetch_blob(meta.location, blob, meta.size, what, say, http_get, build_hf_headers())
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        if not pointer.exists():
+            pointer.unlink(missing_ok=True)  # a dangling link from a removed blob
+            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+        if revision != meta.commit_hash:
+            refs = storage / "refs" / revision
+            refs.parent.mkdir(parents=True, exist_ok=True)
+            refs.write_text(meta.commit_hash)
+    return pointer
+
+
+def _fetch_blob(url: str, blob: Path, size: int | None, what: str, say: Callable[[str], None], http_get, headers: dict[str, str]) -> None:
+    partial = blob.with_name(blob.name + ".incomplete")
+    have = partial.stat().st_size if partial.exists() else 0
+    if size is not None and have > size:  # not ours to trust
+        partial.unlink()
+        have = 0
+    if size is not None:
+        missing = disk_shortfall(size - have, shutil.disk_usage(blob.parent).free)
+        if missing:
+            raise UserError(
+                f"not enough disk space for {what}: it needs {(size - have) / 1e9:.2f} GB more and {blob.parent} has "
+                f"{shutil.disk_usage(blob.parent).free / 1e9:.2f} GB free; free {missing / 1e9:.2f} GB or set HF_HOME to a bigger disk"
+            )
+    total = f"{size / 1e9:.2f} GB" if size is not None else "unknown size"
+    say(f"Downloading {what} ({total}) from {endpoint()}" + (f", resuming at {have / 1e9:.2f} GB" if have else "") + f" into {hub_cache()}")
+    with hub_errors(what), partial.open("ab") as f:
+        http_get(url, f, resume_size=have, headers=headers, expected_size=size, displayed_filename=Path(what).name)
+    partial.replace(blob)
+
+
+def list_repo_files(repo: str, revision: str = "main") -> list[str]:
+    from huggingface_hub import HfApi
+
+    if offline():
+        raise UserError(f"cannot list {repo}: HF_HUB_OFFLINE is set; name a file (ORG/REPO/FILE.gguf) that is in the cache")
+    with hub_errors(repo):
+        return list(HfApi().list_repo_files(repo, revision=revision))
+
+
+def search_hub(query: str, limit: int = 20) -> list[HubHit]:
+    from huggingface_hub import HfApi
+
+    with hub_errors(f"search results for {query!r}"):
+        models = HfApi().list_models(search=query, filter="gguf", sort="downloads", limit=limit)
+        return [HubHit(m.id, m.downloads or 0, m.likes or 0) for m in models]

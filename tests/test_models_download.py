@@ -1,0 +1,169 @@
+"""Downloads against a local stand-in for the Hugging Face hub (never the real one)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+from tests.conftest import run_cli, wait_for
+from tests.hub_standin import COMMIT, HubStandIn
+
+TARGET = ("Qwen/Qwen2.5-3B-Instruct-GGUF", "qwen2.5-3b-instruct-q4_k_m.gguf")
+DRAFT = ("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hubfiles")
+    return {
+        "target": write_tiny_model(root / "target.gguf", TinyModelSpec(seed=1, name="stand-in 3b")),
+        "draft": write_tiny_model(root / "draft.gguf", TinyModelSpec(n_layers=1, seed=2, name="stand-in 0.5b")),
+        # 32 MB: huggingface_hub writes in 10 MB pieces, so a kill after 14 MB leaves 10 MB to resume from
+        "big": write_tiny_model(root / "big.gguf", TinyModelSpec(n_layers=2, n_embd=512, n_ff=2048, seed=4, name="big")),
+    }
+
+
+@pytest.fixture
+def hub(files: dict[str, Path], tmp_path: Path):
+    standin = HubStandIn()
+    standin.add(*TARGET, files["target"])
+    standin.add(*DRAFT, files["draft"])
+    standin.add("org/tiny-GGUF", "tiny-Q4_K_M.gguf", files["target"])
+    standin.add("org/tiny-GGUF", "tiny-Q8_0.gguf", files["draft"])
+    standin.add("org/tiny-GGUF", "sub/big-Q2_K.gguf", files["big"])
+    standin.add("org/split-GGUF", "s/m-00001-of-00002.gguf", files["target"])
+    standin.add("org/split-GGUF", "s/m-00002-of-00002.gguf", files["draft"])
+    standin.start()
+    yield standin
+    standin.stop()
+
+
+def hub_env(hub: HubStandIn, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), **extra}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mesh-llm: error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_download_3b_with_its_draft_into_the_hf_cache(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
+    env = hub_env(hub, tmp_path)
+    proc = run_cli("download", "3b", "--draft", env=env)
+    assert proc.returncode == 0, proc.stderr
+    repo_dir = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-3B-Instruct-GGUF"
+    pointer = repo_dir / "snapshots" / COMMIT / TARGET[1]
+    assert pointer.is_symlink() and sha(pointer) == sha(files["target"])
+    assert (repo_dir / "refs" / "main").read_text() == COMMIT
+    draft = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct-GGUF" / "snapshots" / COMMIT / DRAFT[1]
+    assert sha(draft) == sha(files["draft"])
+    assert f"qwen2.5-3b-instruct-q4_k_m: {pointer}" in proc.stdout and f"draft Qwen2.5-0.5B-Instruct-Q4_K_M: {draft}" in proc.stdout
+
+    gets = len([s for s in hub.log if s.method == "GET"])
+    again = run_cli("download", "Qwen2.5-3B", "--draft", env=env)  # cached: no transfer at all
+    assert again.returncode == 0 and len([s for s in hub.log if s.method == "GET"]) == gets and len(hub.log) == 4
+
+    installed = run_cli("models", "installed", env=env)
+    assert "Qwen2.5-3B-Instruct-Q4_K_M" in installed.stdout and "Qwen2.5-0.5B-Instruct-Q4_K_M" in installed.stdout
+    listing = run_cli("download", env=env)
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("Qwen2.5-3B-Instruct-Q4_K_M "))
+    assert " yes " in row
+    shown = run_cli("models", "show", "3b", env=env)
+    assert "arch      : llama, 4 layers" in shown.stdout and "draft     : Qwen2.5-0.5B-Instruct-Q4_K_M (on disk)" in shown.stdout
+
+
+def test_every_reference_form_downloads(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
+    env = hub_env(hub, tmp_path)
+    forms = {
+        f"{hub.url}/org/tiny-GGUF/resolve/main/tiny-Q8_0.gguf": files["draft"],  # URL
+        "org/tiny-GGUF/sub/big-Q2_K.gguf": files["big"],  # shorthand, file in a folder
+        "org/tiny-GGUF": files["target"],  # repo: Q4_K_M by default
+        "org/tiny-GGUF:q2_k": files["big"],  # repo:QUANT
+        "qwen2.5-0.5b-instruct-q4_k_m.gguf": files["draft"],  # a catalog file's name
+    }
+    for ref, source in forms.items():
+        proc = run_cli("models", "download", ref, env=env)
+        assert proc.returncode == 0, (ref, proc.stderr)
+        path = Path(proc.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+        assert sha(path) == sha(source), ref
+    split = run_cli("download", "org/split-GGUF/s/m-00001-of-00002.gguf", env=env)  # every shard of a split GGUF
+    assert split.returncode == 0, split.stderr
+    assert {s.path for s in hub.gets("-of-00002.gguf")} == {"s/m-00001-of-00002.gguf", "s/m-00002-of-00002.gguf"}
+    ambiguous = run_cli("download", "org/tiny-GGUF:Q", env=env)
+    assert_one_line_error(ambiguous, "matches several files")
+
+
+def test_a_killed_download_resumes_where_it_stopped(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, **hub_env(hub, tmp_path)}
+    size = files["big"].stat().st_size
+    hub.bytes_per_s = 16_000_000
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_llm", "download", "org/tiny-GGUF/sub/big-Q2_K.gguf"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    wait_for(lambda: hub.sent("big-Q2_K.gguf") > 14_000_000, timeout=30, what="14 MB sent")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = list((tmp_path / "hf" / "hub").rglob("*.incomplete"))
+    assert len(partial) == 1 and 0 < partial[0].stat().st_size < size
+    kept = partial[0].stat().st_size
+
+    hub.bytes_per_s = None
+    done = run_cli("download", "org/tiny-GGUF/sub/big-Q2_K.gguf", env=hub_env(hub, tmp_path))
+    assert done.returncode == 0, done.stderr
+    first, second = hub.gets("big-Q2_K.gguf")
+    assert first.start == 0 and second.start == kept  # asked only for the missing bytes
+    assert second.sent == size - kept
+    assert "resuming at" in done.stdout
+    path = Path(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    assert sha(path) == sha(files["big"]) and not list((tmp_path / "hf" / "hub").rglob("*.incomplete"))
+
+
+def test_offline_and_missing_models_are_one_clear_line(hub: HubStandIn, tmp_path: Path) -> None:
+    unreachable = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    assert_one_line_error(run_cli("download", "3b", env=unreachable), "cannot reach http://127.0.0.1:9", "qwen2.5-3b-instruct-q4_k_m.gguf")
+    assert_one_line_error(run_cli("download", "3b", env={**unreachable, "HF_HUB_OFFLINE": "1"}), "HF_HUB_OFFLINE is set")
+    # a node asked for a model it cannot fetch fails the same way, before any engine work
+    assert_one_line_error(run_cli("--model", "Qwen3-8B", "--port", "0", env=unreachable), "cannot reach", "Qwen3-8B-Q4_K_M.gguf")
+    env = hub_env(hub, tmp_path)
+    assert_one_line_error(run_cli("download", "org/nope-GGUF/x.gguf", env=env), "no such repository")
+    assert_one_line_error(run_cli("download", "org/tiny-GGUF/x.gguf", env=env), "no such file in the repository")
+    assert_one_line_error(run_cli("download", "org/tiny-GGUF:IQ1_S", env=env), "has no IQ1_S file")
+    assert_one_line_error(run_cli("download", "32b", env=env), "matches several catalog models")
+
+
+def test_search_lists_catalog_and_hub(hub: HubStandIn, tmp_path: Path) -> None:
+    found = run_cli("models", "search", "qwen2.5", env=hub_env(hub, tmp_path))
+    assert found.returncode == 0, found.stderr
+    assert "catalog  Qwen2.5-7B-Instruct-Q4_K_M" in found.stdout
+    assert "hub      Qwen/Qwen2.5-3B-Instruct-GGUF" in found.stdout
+    offline = run_cli("models", "search", "qwen2.5", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert offline.returncode == 0 and "hub search unavailable" in offline.stdout and "catalog  Qwen2.5-7B" in offline.stdout
+
+
+def test_not_enough_disk_space_stops_before_downloading(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from mesh_llm.errors import UserError
+    from mesh_llm.models import hub as hub_module
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(UserError, match=r"not enough disk space for Qwen/Qwen2.5-3B-Instruct-GGUF/qwen2.5-3b-instruct-q4_k_m.gguf: .*set HF_HOME"):
+        hub_module.download_model(*TARGET, say=lambda line: None)
+    assert not hub.gets(TARGET[1])  # nothing was fetched
