@@ -131,11 +131,11 @@ async def count_stock_load(procs: Procs, engine, model: Path) -> int:  # type: i
     return traffic.weight_bytes
 
 
-async def start_mesh(procs: Procs, root: Path, model: Path, delay_ms: int, tag: str) -> tuple[str, subprocess.Popen, subprocess.Popen]:
+async def start_mesh(procs: Procs, root: Path, model: Path | str, delay_ms: int, tag: str, host_args: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen, subprocess.Popen]:
     """Host A (splits 1:1 with B) and worker B; returns A's API base URL."""
     pa, pb = free_loopback_port(), free_loopback_port()
     common = [sys.executable, "-m", "mesh_llm", "--model", str(model), "--ctx-size", "1024", "--split", *LOCAL]
-    a = procs.start(f"mesh-a-{tag}", [*common, "--tensor-split", "1,1", "--port", str(pa), "--state-dir", str(root / f"a-{tag}")], {"MESH_LLM_RPC_DELAY_MS": str(delay_ms)})
+    a = procs.start(f"mesh-a-{tag}", [*common, *host_args, "--tensor-split", "1,1", "--port", str(pa), "--state-dir", str(root / f"a-{tag}")], {"MESH_LLM_RPC_DELAY_MS": str(delay_ms)})
     log = root / f"mesh-a-{tag}.log"
     token = None
     for _ in range(600):
@@ -236,7 +236,7 @@ async def run(args: argparse.Namespace) -> None:
         try:
             from mesh_llm.models.resolve import resolve_model
 
-            models.append(resolve_model("gemma-3-270m"))
+            models.append(resolve_model("gemma-3-270m").path)
         except Exception as exc:  # the gemma extra is optional
             print(f"(skipping Gemma 3 270M: {exc})", flush=True)
     results = [await bench_model(m, args, engine) for m in models]

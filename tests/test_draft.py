@@ -16,7 +16,7 @@ from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.resolve import ResolvedModel
 from mesh_llm.models.tiny import COMMON_PAIRS, TinyModelSpec, write_tiny_model
 from mesh_llm.models.vocab import vocab_mismatch
-from mesh_llm.node import NodeConfig, choose_draft
+from mesh_llm.models.draft import choose_draft
 from tests.conftest import LOCAL, run_cli
 from tests.hub_standin import HubStandIn
 
@@ -63,25 +63,25 @@ def test_server_argv_runs_the_draft_on_the_host_only(tmp_path: Path) -> None:
 
 
 def test_choose_draft(tiny_model: Path, drafts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import mesh_llm.node as node
+    import mesh_llm.models.draft as draft_module
 
     said: list[str] = []
     info = inspect_model(tiny_model)
     as_catalog = ResolvedModel(tiny_model, by_name("Qwen2.5-3B-Instruct-Q4_K_M"))
-    monkeypatch.setattr(node, "locate", lambda ref: drafts["same"])
-    chosen = choose_draft(NodeConfig(), as_catalog, info, said.append)
+    monkeypatch.setattr(draft_module, "locate", lambda ref: drafts["same"])
+    chosen = choose_draft(None, as_catalog, info, said.append)
     assert chosen is not None and chosen.path == drafts["same"]  # the pairing, found on disk
-    monkeypatch.setattr(node, "locate", lambda ref: drafts["texts"])
-    assert choose_draft(NodeConfig(), as_catalog, info, said.append) is None
+    monkeypatch.setattr(draft_module, "locate", lambda ref: drafts["texts"])
+    assert choose_draft(None, as_catalog, info, said.append) is None
     assert said[-1] == "Not using Qwen2.5-0.5B-Instruct-Q4_K_M as a draft for tiny-llama: token texts differ"
-    monkeypatch.setattr(node, "locate", lambda ref: None)
-    assert choose_draft(NodeConfig(), as_catalog, info, said.append) is None
+    monkeypatch.setattr(draft_module, "locate", lambda ref: None)
+    assert choose_draft(None, as_catalog, info, said.append) is None
     assert said[-1].startswith("Tip: Qwen2.5-0.5B-Instruct-Q4_K_M (0.49 GB) speeds up tiny-llama as a draft: mesh-llm download")
-    assert choose_draft(NodeConfig(), ResolvedModel(tiny_model, None), info, said.append) is None  # not in the catalog: no pairing
-    explicit = choose_draft(NodeConfig(draft=str(drafts["same"])), ResolvedModel(tiny_model, None), info, said.append)
+    assert choose_draft(None, ResolvedModel(tiny_model, None), info, said.append) is None  # not in the catalog: no pairing
+    explicit = choose_draft(str(drafts["same"]), ResolvedModel(tiny_model, None), info, said.append)
     assert explicit is not None and explicit.model_id == "same-vocab"
     with pytest.raises(UserError, match=r"--draft .*other-texts.gguf cannot draft for tiny-llama: token texts differ; pick a model"):
-        choose_draft(NodeConfig(draft=str(drafts["texts"])), ResolvedModel(tiny_model, None), info, said.append)
+        choose_draft(str(drafts["texts"]), ResolvedModel(tiny_model, None), info, said.append)
 
 
 def test_cli_refuses_bad_draft_options(tiny_model: Path, drafts: dict[str, Path]) -> None:

@@ -167,3 +167,14 @@ def test_not_enough_disk_space_stops_before_downloading(hub: HubStandIn, tmp_pat
     with pytest.raises(UserError, match=r"not enough disk space for Qwen/Qwen2.5-3B-Instruct-GGUF/qwen2.5-3b-instruct-q4_k_m.gguf: .*set HF_HOME"):
         hub_module.download_model(*TARGET, say=lambda line: None)
     assert not hub.gets(TARGET[1])  # nothing was fetched
+
+
+@pytest.mark.engine
+def test_a_node_downloads_the_model_it_is_asked_to_serve(start_node, hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
+    url = f"{hub.url}/org/tiny-GGUF/resolve/main/tiny-Q4_K_M.gguf"
+    node = start_node("--model", url, "--ctx-size", "512", "--no-relay", "--bind-host", "127.0.0.1", env=hub_env(hub, tmp_path))
+    node.wait_ready()
+    assert "Downloading org/tiny-GGUF/tiny-Q4_K_M.gguf" in node.output()
+    (model,) = node.status()["models"]
+    assert model["name"] == "tiny-Q4_K_M" and model["state"] == "ready"
+    assert hub.sent("tiny-Q4_K_M.gguf") == files["target"].stat().st_size

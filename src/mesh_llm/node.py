@@ -45,10 +45,9 @@ from mesh_llm.mesh.tunnels import serve_http_tunnels, serve_rpc_tunnels
 from mesh_llm.model_runner import Draft, ModelRunner, RunnerConfig, describe_split, memory_need
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
-from mesh_llm.models.catalog import model_id, shard_files
-from mesh_llm.models.reference import CatalogModel
-from mesh_llm.models.resolve import ResolvedModel, locate, paired_draft, resolve_model
-from mesh_llm.models.vocab import vocab_mismatch
+from mesh_llm.models.catalog import shard_files
+from mesh_llm.models.draft import DraftModel, choose_draft
+from mesh_llm.models.resolve import resolve_model
 from mesh_llm.paths import cache_dir
 from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory, system_memory_bytes
 from mesh_llm.plan.split import Split
@@ -81,13 +80,6 @@ class NodeConfig:
 
 
 @dataclass
-class DraftModel:
-    model_id: str
-    path: Path
-    info: GGUFInfo
-
-
-@dataclass
 class ServedModel:
     model_id: str
     path: Path
@@ -116,33 +108,8 @@ def prepare_model(cfg: NodeConfig, ref: str, say: Callable[[str], None]) -> Serv
     info = inspect_model(resolved.path)
     fingerprint = cached_fingerprint(info, cache_dir() / "fingerprints.json")
     model = ServedModel(resolved.model_id, resolved.path, info, fingerprint)
-    model.draft = None if cfg.no_draft else choose_draft(cfg, resolved, info, say)
+    model.draft = None if cfg.no_draft else choose_draft(cfg.draft, resolved, info, say)
     return model
-
-
-def choose_draft(cfg: NodeConfig, target: ResolvedModel, info: GGUFInfo, say: Callable[[str], None]) -> DraftModel | None:
-    """--draft if given (refused when its vocabulary does not match), else the catalog's pairing if on disk."""
-    paired = paired_draft(target)
-    if cfg.draft:
-        found = resolve_model(cfg.draft, say=say)
-        draft = DraftModel(found.model_id, found.path, inspect_model(found.path))
-        why = vocab_mismatch(info, draft.info)
-        if why:
-            hint = f"the catalog pairs it with {paired.name}" if paired else "pick a model of the same family"
-            raise UserError(f"--draft {cfg.draft} cannot draft for {target.model_id}: {why}; {hint}, or pass --no-draft")
-        return draft
-    if paired is None:
-        return None
-    path = locate(CatalogModel(paired))
-    if path is None:
-        say(f"Tip: {paired.name} ({paired.size_gb:g} GB) speeds up {target.model_id} as a draft: mesh-llm download {paired.name}")
-        return None
-    draft = DraftModel(model_id(path.name), path, inspect_model(path))
-    why = vocab_mismatch(info, draft.info)
-    if why:
-        say(f"Not using {paired.name} as a draft for {target.model_id}: {why}")
-        return None
-    return draft
 
 
 def run_node(cfg: NodeConfig, console: Console) -> int:
