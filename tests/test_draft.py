@@ -127,7 +127,8 @@ def test_catalog_draft_is_found_on_disk_and_used(start_node, tiny_model: Path, d
     (model,) = node.status()["models"]
     assert model["name"] == "qwen2.5-3b-instruct-q4_k_m" and model["draft"] == "qwen2.5-0.5b-instruct-q4_k_m"
     argv = llama_server_argv(node)
-    assert argv[argv.index("--spec-draft-device") + 1] == "none"  # CPU engine: the draft stays in this process
+    assert argv[argv.index("--spec-draft-model") + 1].endswith("qwen2.5-0.5b-instruct-q4_k_m.gguf")
+    assert "--spec-draft-device" not in argv  # solo: the draft follows the model's own device
 
 
 @pytest.mark.engine

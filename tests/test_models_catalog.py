@@ -113,7 +113,6 @@ def test_an_existing_file_wins_over_every_other_reading(tmp_path: Path) -> None:
         "https://huggingface.co/org/repo/resolve/main/config.json",  # not a GGUF
         "https://huggingface.co/org/repo/tree/main/f.gguf",
         "ftp://huggingface.co/org/repo/resolve/main/f.gguf",
-        "https://huggingface.co/org/repo/resolve/main/../../x.gguf",
     ],
 )
 def test_urls_that_name_no_hub_file_are_refused(url: str) -> None:
@@ -121,19 +120,53 @@ def test_urls_that_name_no_hub_file_are_refused(url: str) -> None:
         parse(url)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://huggingface.co/org/repo/resolve/main/../../x.gguf",
+        "https://huggingface.co/org/repo/resolve/main/..%2F..%2Fx.gguf",
+        "https://huggingface.co/org/repo/resolve/..%2F..%2Fevil/x.gguf",
+        "org/repo/../../x.gguf",
+        "org/repo//abs/x.gguf",
+        "org/repo/sub/./x.gguf",
+    ],
+)
+def test_paths_that_would_leave_the_cache_are_refused(text: str) -> None:
+    with pytest.raises(ReferenceError, match="names a path outside its repository"):
+        parse(text)
+
+
+@pytest.mark.parametrize("text", ["org/my--repo", "org/my--repo/x.gguf", "org/" + "r" * 100 + "/x.gguf"])
+def test_repo_ids_the_hub_rejects_are_refused(text: str) -> None:
+    with pytest.raises(ReferenceError, match="not a valid Hugging Face repo id"):
+        parse(text)
+
+
+def test_a_directory_is_not_a_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen3-8B").mkdir()
+    (tmp_path / "org" / "repo").mkdir(parents=True)
+    assert isinstance(parse_reference("Qwen3-8B"), CatalogModel)
+    assert parse_reference("org/repo") == HubRepo("org/repo")
+
+
 def test_pick_repo_file_by_quantization() -> None:
     files = [
-        "README.md", "M-Q8_0.gguf", "M-Q4_K_M.gguf", "M-Q4_K_S.gguf", "mmproj-M-f16.gguf",
-        "big/M-Q2_K-00001-of-00002.gguf", "big/M-Q2_K-00002-of-00002.gguf",
+        "README.md", "M-Q8_0.gguf", "M-Q4_K_M.gguf", "M-Q4_K_S.gguf", "mmproj-M-f16.gguf", "M-Q6_K.gguf", "M-Q6_K_L.gguf",
+        "big/M-Q2_K-00001-of-00002.gguf", "big/M-Q2_K-00002-of-00002.gguf", "M.Q5_0.gguf",
     ]
     assert pick_repo_file(HubRepo("o/r"), files) == "M-Q4_K_M.gguf"
     assert pick_repo_file(HubRepo("o/r", "q8_0"), files) == "M-Q8_0.gguf"
     assert pick_repo_file(HubRepo("o/r", "Q2_K"), files) == "big/M-Q2_K-00001-of-00002.gguf"
+    assert pick_repo_file(HubRepo("o/r", "Q6_K"), files) == "M-Q6_K.gguf"  # not Q6_K_L: the quant is a whole word
+    assert pick_repo_file(HubRepo("o/r", "q5_0"), files) == "M.Q5_0.gguf"
     assert pick_repo_file(HubRepo("o/r"), ["only-F16.gguf", "mmproj.gguf"]) == "only-F16.gguf"
     with pytest.raises(ReferenceError, match="has no IQ1_S file; it has: M-Q2_K-00001-of-00002.gguf, M-Q4_K_M.gguf"):
         pick_repo_file(HubRepo("o/r", "IQ1_S"), files)
-    with pytest.raises(ReferenceError, match="matches several files"):
+    with pytest.raises(ReferenceError, match="has no Q4_K file"):
         pick_repo_file(HubRepo("o/r", "Q4_K"), files)
+    with pytest.raises(ReferenceError, match="matches several files"):
+        pick_repo_file(HubRepo("o/r", "Q8_0"), ["a/M-Q8_0.gguf", "b/M-Q8_0.gguf"])
     with pytest.raises(ReferenceError, match="has no GGUF files"):
         pick_repo_file(HubRepo("o/r"), ["README.md"])
 

@@ -104,8 +104,8 @@ def test_every_reference_form_downloads(hub: HubStandIn, files: dict[str, Path],
     split = run_cli("download", "org/split-GGUF/s/m-00001-of-00002.gguf", env=env)  # every shard of a split GGUF
     assert split.returncode == 0, split.stderr
     assert {s.path for s in hub.gets("-of-00002.gguf")} == {"s/m-00001-of-00002.gguf", "s/m-00002-of-00002.gguf"}
-    ambiguous = run_cli("download", "org/tiny-GGUF:Q", env=env)
-    assert_one_line_error(ambiguous, "matches several files")
+    missing = run_cli("download", "org/tiny-GGUF:Q4_K", env=env)  # whole words only: Q4_K is not Q4_K_M
+    assert_one_line_error(missing, "org/tiny-GGUF has no Q4_K file; it has: big-Q2_K.gguf, tiny-Q4_K_M.gguf, tiny-Q8_0.gguf")
 
 
 def test_a_killed_download_resumes_where_it_stopped(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
@@ -138,6 +138,8 @@ def test_offline_and_missing_models_are_one_clear_line(hub: HubStandIn, tmp_path
     assert_one_line_error(run_cli("download", "3b", env={**unreachable, "HF_HUB_OFFLINE": "1"}), "HF_HUB_OFFLINE is set")
     # a node asked for a model it cannot fetch fails the same way, before any engine work
     assert_one_line_error(run_cli("--model", "Qwen3-8B", "--port", "0", env=unreachable), "cannot reach", "Qwen3-8B-Q4_K_M.gguf")
+    # a model in several files is refused before anything is fetched
+    assert_one_line_error(run_cli("--model", "MiniMax", "--port", "0", env=unreachable), "MiniMax-M2.5-Q4_K_M is split over several GGUF files")
     env = hub_env(hub, tmp_path)
     assert_one_line_error(run_cli("download", "org/nope-GGUF/x.gguf", env=env), "no such repository")
     assert_one_line_error(run_cli("download", "org/tiny-GGUF/x.gguf", env=env), "no such file in the repository")
@@ -154,19 +156,44 @@ def test_search_lists_catalog_and_hub(hub: HubStandIn, tmp_path: Path) -> None:
     assert offline.returncode == 0 and "hub search unavailable" in offline.stdout and "catalog  Qwen2.5-7B" in offline.stdout
 
 
-def test_not_enough_disk_space_stops_before_downloading(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def in_process_hub(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """huggingface_hub in this process pointed at the stand-in (it reads HF_ENDPOINT at import)."""
     from huggingface_hub import constants
 
-    from mesh_llm.errors import UserError
     from mesh_llm.models import hub as hub_module
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hub_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    return hub_module
+
+
+def test_not_enough_disk_space_stops_before_downloading(in_process_hub, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from mesh_llm.errors import UserError
+
+    monkeypatch.setattr(in_process_hub.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(UserError, match=r"not enough disk space for Qwen/Qwen2.5-3B-Instruct-GGUF/qwen2.5-3b-instruct-q4_k_m.gguf: .*set HF_HOME"):
-        hub_module.download_model(*TARGET, say=lambda line: None)
+        in_process_hub.download_model(*TARGET, say=lambda line: None)
     assert not hub.gets(TARGET[1])  # nothing was fetched
+
+
+def test_a_write_error_mid_download_is_one_line_and_keeps_the_partial(in_process_hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    from huggingface_hub import file_download
+
+    from mesh_llm.errors import UserError
+
+    def full_disk(url, f, **kw):  # type: ignore[no-untyped-def]
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_download, "http_get", full_disk)
+    with pytest.raises(UserError, match=r"could not download Qwen/.*q4_k_m.gguf \(No space left on device\): .*run the same command again to resume"):
+        in_process_hub.download_model(*TARGET, say=lambda line: None)
+    (partial,) = (tmp_path / "cache").rglob("*.incomplete")
+    assert partial.stat().st_size == 1000
 
 
 @pytest.mark.engine

@@ -45,7 +45,7 @@ class Draft:
     path: Path
     need: int  # bytes it takes on the host: weights and its own KV cache
     max_tokens: int = 8
-    device: str = "none"  # a local GPU, or "none": this host's CPU; never the RPC workers
+    device: str = "none"  # in a split: a local GPU, or "none" (this host's CPU); never the RPC workers
 
 
 @dataclass
@@ -312,7 +312,7 @@ class ModelRunner:
             chat_template_file=fallback_chat_template(cfg.info.metadata), embeddings=is_embedding_model(cfg.info.metadata),
             draft=cfg.draft.path if cfg.draft else None,
             draft_max=cfg.draft.max_tokens if cfg.draft else 0,
-            draft_device=cfg.draft.device if cfg.draft else None,
+            draft_device=cfg.draft.device if cfg.draft and rpc else None,  # solo: the draft follows the model's device
         )
         self._probe = HealthProbe(f"http://127.0.0.1:{self.server_port}/health")
         spec = ProcessSpec(

@@ -30,7 +30,7 @@ from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.engine.binaries import EngineBinaries
 from mesh_llm.engine.llama_server import choose_ctx
 from mesh_llm.engine.probes import free_loopback_port
-from mesh_llm.engine.provision import device_listing, provide_engine
+from mesh_llm.engine.provision import device_listing, list_devices, provide_engine
 from mesh_llm.engine.rpc_worker import rpc_hello, rpc_worker_argv, rpc_worker_env
 from mesh_llm.engine.source import LLAMA_CPP
 from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
@@ -45,7 +45,6 @@ from mesh_llm.mesh.tunnels import serve_http_tunnels, serve_rpc_tunnels
 from mesh_llm.model_runner import Draft, ModelRunner, RunnerConfig, describe_split, memory_need
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
-from mesh_llm.models.catalog import shard_files
 from mesh_llm.models.draft import DraftModel, choose_draft
 from mesh_llm.models.resolve import resolve_model
 from mesh_llm.paths import cache_dir
@@ -102,9 +101,7 @@ def check_port_free(host: str, port: int, in_use: Callable[[str, int], UserError
 
 def prepare_model(cfg: NodeConfig, ref: str, say: Callable[[str], None]) -> ServedModel:
     """Find (or download) the model and its draft, and check both before any slow engine work."""
-    resolved = resolve_model(ref, say=say)
-    if len(shard_files(resolved.path.name)) > 1:
-        raise UserError(f"{resolved.model_id} is split over several GGUF files, which mesh-llm cannot serve yet: merge them with llama-gguf-split --merge and pass the merged file")
+    resolved = resolve_model(ref, say=say, single_file=True)
     info = inspect_model(resolved.path)
     fingerprint = cached_fingerprint(info, cache_dir() / "fingerprints.json")
     model = ServedModel(resolved.model_id, resolved.path, info, fingerprint)
@@ -169,12 +166,16 @@ def memory_offer(cfg: NodeConfig, engine: EngineBinaries | None) -> Offer:
         raise UserError(str(exc)) from None
 
 
-def draft_config(cfg: NodeConfig, model: ServedModel, offer: Offer, ctx: int) -> Draft | None:
+def draft_config(cfg: NodeConfig, model: ServedModel, offer: Offer, ctx: int, engine: EngineBinaries) -> Draft | None:
+    """The draft's settings; its device (for splits) is one the engine itself lists, or "none": the CPU."""
     if model.draft is None:
         return None
     d = model.draft
-    on_gpu = offer.device not in ("", "CPU")
-    return Draft(d.model_id, d.path, memory_need(d.info, ctx), cfg.draft_max, (cfg.device or offer.device.split("+")[0]) if on_gpu else "none")
+    device = "none"
+    if offer.device not in ("", "CPU"):
+        engine_devices = list_devices(engine.llama_server)  # NVML's names need not be the engine's
+        device = cfg.device if cfg.device in engine_devices else engine_devices[0] if engine_devices else "none"
+    return Draft(d.model_id, d.path, memory_need(d.info, ctx), cfg.draft_max, device)
 
 
 def engine_version(engine: EngineBinaries | None) -> str:
@@ -304,7 +305,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
                 model_id=model.model_id, path=model.path, info=model.info, fingerprint=model.fingerprint, engine=engine,
                 engine_version=engine_id, memory=offer.bytes, gpu=offer.device != "CPU", ctx_size=ctx,
                 device=cfg.device, force_split=cfg.force_split, tensor_split=cfg.tensor_split, log_dir=cfg.state_dir / "logs",
-                draft=draft_config(cfg, model, offer, ctx),
+                draft=await asyncio.to_thread(draft_config, cfg, model, offer, ctx, engine),
             ),
             mesh, supervisor, table, remote, lambda: rpc_port, say, warn,
         )

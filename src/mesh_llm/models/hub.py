@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mesh_llm.errors import UserError
 from mesh_llm.models.catalog import shard_files
 
 DISK_MARGIN = 512 * 1024 * 1024  # keep this much free after a download
+SAFE_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")  # commit hashes and ETags become file names
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def hub_errors(what: str) -> Iterator[None]:
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise UserError(f"the hub answered HTTP {status} for {what}: try again later") from None
+    except OSError as exc:  # a full disk, a read-only cache, a transfer that ended short: the partial file stays
+        raise UserError(f"could not download {what} ({exc.strerror or str(exc).splitlines()[0]}): fix that and run the same command again to resume") from None
 
 
 def download_model(repo: str, file: str, revision: str = "main", say: Callable[[str], None] = print) -> Path:
@@ -112,7 +117,23 @@ def download_model(repo: str, file: str, revision: str = "main", say: Callable[[
     return paths[0]
 
 
+def check_names(repo: str, file: str, revision: str) -> None:
+    """Refuse names that could place files outside the cache (they come from users and servers)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise UserError(f"{repo!r} is not a valid Hugging Face repo id (ORG/NAME: letters, digits, '-', '_', '.')") from None
+    for label, value in (("file", file), ("revision", revision)):
+        parts = value.split("/")
+        if not value or value.startswith("/") or "\\" in value or any(p in ("", ".", "..") for p in parts):
+            raise UserError(f"{value!r} is not a usable {label} name in {repo}")
+
+
 def download_file(repo: str, file: str, revision: str = "main", say: Callable[[str], None] = print) -> Path:
+    check_names(repo, file, revision)
     hit = cached_file(repo, file, revision)
     if hit is not None:
         return hit
@@ -120,28 +141,32 @@ def download_file(repo: str, file: str, revision: str = "main", say: Callable[[s
     if offline():
         raise UserError(f"cannot fetch {what}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache ({hub_cache()})")
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get, repo_folder_name
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _get_pointer_path, http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock, build_hf_headers
 
     with hub_errors(what):
         meta = get_hf_file_metadata(hf_hub_url(repo, file, revision=revision), timeout=15)
-    if not meta.commit_hash or not meta.etag:
-        raise UserError(f"{endpoint()} did not say which version of {what} it serves (no commit or ETag header): is HF_ENDPOINT a Hugging Face hub?")
-    storage = hub_cache() / repo_folder_name(repo_id=repo, repo_type="model")
+    if not (meta.commit_hash and meta.etag and SAFE_NAME.fullmatch(meta.commit_hash) and SAFE_NAME.fullmatch(meta.etag)):
+        raise UserError(f"{endpoint()} did not say which version of {what} it serves (missing or odd commit/ETag headers): is HF_ENDPOINT a Hugging Face hub?")
+    folder = repo_folder_name(repo_id=repo, repo_type="model")
+    storage = hub_cache() / folder
     blob = storage / "blobs" / meta.etag
-    pointer = storage / "snapshots" / meta.commit_hash / file
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(blob.with_name(blob.name + ".lock")):
-        if not blob.is_file():
-            _fetch_blob(meta.location, blob, meta.size, what, say, http_get, build_hf_headers())
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        if not pointer.exists():
-            pointer.unlink(missing_ok=True)  # a dangling link from a removed blob
-            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
-        if revision != meta.commit_hash:
-            refs = storage / "refs" / revision
-            refs.parent.mkdir(parents=True, exist_ok=True)
-            refs.write_text(meta.commit_hash)
+    headers = build_hf_headers()
+    if urlsplit(meta.location).netloc != urlsplit(endpoint()).netloc:
+        headers.pop("authorization", None)  # a signed CDN link: the hub token stays with the hub
+    with hub_errors(what):
+        pointer = Path(_get_pointer_path(str(storage), meta.commit_hash, file))  # refuses paths leaving snapshots/
+        pointer.parent.mkdir(parents=True, exist_ok=True)  # early, as huggingface_hub does: `hf cache` sees a partial repo
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        lock = hub_cache() / ".locks" / folder / f"{meta.etag}.lock"  # the lock huggingface_hub itself takes
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            if not blob.is_file():
+                _fetch_blob(meta.location, blob, meta.size, what, say, http_get, headers)
+            if not pointer.exists():
+                pointer.unlink(missing_ok=True)  # a dangling link from a removed blob
+                pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+            _cache_commit_hash_for_specific_revision(str(storage), revision, meta.commit_hash)
     return pointer
 
 
@@ -160,7 +185,7 @@ def _fetch_blob(url: str, blob: Path, size: int | None, what: str, say: Callable
             )
     total = f"{size / 1e9:.2f} GB" if size is not None else "unknown size"
     say(f"Downloading {what} ({total}) from {endpoint()}" + (f", resuming at {have / 1e9:.2f} GB" if have else "") + f" into {hub_cache()}")
-    with hub_errors(what), partial.open("ab") as f:
+    with partial.open("ab") as f:
         http_get(url, f, resume_size=have, headers=headers, expected_size=size, displayed_filename=Path(what).name)
     partial.replace(blob)
 

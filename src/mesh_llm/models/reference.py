@@ -59,7 +59,7 @@ class CatalogModel:
 ModelRef = LocalFile | HubFile | HubRepo | CatalogModel
 
 
-def parse_reference(text: str, *, exists: Callable[[Path], bool] = Path.exists, hub_hosts: set[str] | None = None) -> ModelRef:
+def parse_reference(text: str, *, exists: Callable[[Path], bool] = Path.is_file, hub_hosts: set[str] | None = None) -> ModelRef:
     text = text.strip()
     if not text:
         raise ReferenceError("empty model reference")
@@ -73,10 +73,10 @@ def parse_reference(text: str, *, exists: Callable[[Path], bool] = Path.exists, 
         return CatalogModel(entry) if entry else LocalFile(path)
     m = REPO_FILE.match(text)
     if m:
-        return HubFile(m.group(1), m.group(2))
+        return HubFile(valid_repo(m.group(1)), valid_path(m.group(2), text))
     m = REPO_ONLY.match(text)
     if m:
-        return HubRepo(m.group(1), m.group(2) or "")
+        return HubRepo(valid_repo(m.group(1)), m.group(2) or "")
     hits = match(text)
     if len(hits) == 1:
         return CatalogModel(hits[0])
@@ -109,9 +109,33 @@ def parse_hub_url(url: str, hosts: set[str]) -> HubFile:
     if len(segments) < 5 or segments[2] not in ("resolve", "blob") or not segments[-1].lower().endswith(".gguf"):
         raise bad
     org, repo, _, revision, *file = segments
-    if not re.fullmatch(REPO_PART, org) or not re.fullmatch(REPO_PART, repo) or ".." in file:
+    if not re.fullmatch(REPO_PART, org) or not re.fullmatch(REPO_PART, repo):
         raise bad
-    return HubFile(f"{org}/{repo}", "/".join(file), revision)
+    return HubFile(valid_repo(f"{org}/{repo}"), valid_path("/".join(file), url), valid_path(revision, url))
+
+
+def valid_repo(repo: str) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ReferenceError(f"{repo!r} is not a valid Hugging Face repo id (ORG/NAME: letters, digits, '-', '_', '.')") from None
+    return repo
+
+
+def valid_path(path: str, text: str) -> str:
+    """A file or revision name inside a repo: no empty, `.` or `..` parts (they would leave the cache)."""
+    if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in path.split("/")):
+        raise ReferenceError(f"{text} names a path outside its repository")
+    return path
+
+
+def has_quant(file: str, quant: str) -> bool:
+    """`Q6_K` names …-Q6_K.gguf, not …-Q6_K_L.gguf (the quant is a whole word of the file name)."""
+    want = re.escape(quant.lower())
+    return re.search(rf"(?<![a-z0-9_]){want}(?![a-z0-9_])", Path(file).name.lower()) is not None
 
 
 def pick_repo_file(ref: HubRepo, files: list[str]) -> str:
@@ -121,8 +145,7 @@ def pick_repo_file(ref: HubRepo, files: list[str]) -> str:
     if not ggufs:
         raise ReferenceError(f"{ref.repo} has no GGUF files: pass ORG/REPO/FILE.gguf of a GGUF repo")
     quant = ref.quant or DEFAULT_QUANT
-    want = quant.lower().replace("-", "_")
-    hits = [f for f in ggufs if want in Path(f).name.lower().replace("-", "_")]
+    hits = [f for f in ggufs if has_quant(f, quant)]
     if len(hits) == 1:
         return hits[0]
     if not hits and not ref.quant and len(ggufs) == 1:

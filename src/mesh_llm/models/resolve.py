@@ -14,8 +14,19 @@ from pathlib import Path
 
 from mesh_llm.errors import UserError
 from mesh_llm.models import hub
-from mesh_llm.models.catalog import CatalogEntry, by_file, by_name, model_id
-from mesh_llm.models.reference import CatalogModel, HubFile, HubRepo, LocalFile, ModelRef, ReferenceError, parse_reference, pick_repo_file
+from mesh_llm.models.catalog import CatalogEntry, by_file, by_name, model_id, shard_files
+from mesh_llm.models.reference import (
+    DEFAULT_QUANT,
+    CatalogModel,
+    HubFile,
+    HubRepo,
+    LocalFile,
+    ModelRef,
+    ReferenceError,
+    has_quant,
+    parse_reference,
+    pick_repo_file,
+)
 from mesh_llm.paths import cache_dir
 
 
@@ -36,13 +47,26 @@ def parse(text: str) -> ModelRef:
         raise UserError(str(exc)) from None
 
 
-def resolve_model(text: str, *, fetch: bool = True, say: Callable[[str], None] = print) -> ResolvedModel:
-    """The model's file, downloading it (and every shard) when `fetch` and it is not cached."""
+def resolve_model(text: str, *, fetch: bool = True, say: Callable[[str], None] = print, single_file: bool = False) -> ResolvedModel:
+    """The model's file, downloading it (and every shard) when `fetch` and it is not cached.
+
+    `single_file` refuses a GGUF split over several files (before downloading, when the
+    reference shows it): llama-server could load one, our RPC workers cannot yet.
+    """
     ref = parse(text)
+    named = ref.entry.file if isinstance(ref, CatalogModel) else ref.file if isinstance(ref, HubFile) else ""
+    if single_file and len(shard_files(named or "x.gguf")) > 1:
+        raise_multi_file(model_id(named))
     path = locate(ref) or (fetch_ref(ref, say) if fetch else None)
     if path is None:
         raise UserError(f"{text} is not downloaded yet: mesh-llm models download {text}")
+    if single_file and len(shard_files(path.name)) > 1:
+        raise_multi_file(model_id(path.name))
     return ResolvedModel(path, by_file(path.name))
+
+
+def raise_multi_file(name: str) -> None:
+    raise UserError(f"{name} is split over several GGUF files, which mesh-llm cannot serve yet: merge them with llama-gguf-split --merge and pass the merged file")
 
 
 def locate(ref: ModelRef) -> Path | None:
@@ -58,11 +82,9 @@ def locate(ref: ModelRef) -> Path | None:
         return hub.cached_model(entry.repo, entry.file)
     if isinstance(ref, HubFile):
         return hub.cached_model(ref.repo, ref.file, ref.revision)
-    cached = cached_repo_files(ref.repo)
-    try:
-        return hub.cached_model(ref.repo, pick_repo_file(ref, cached)) if cached else None
-    except ReferenceError:
-        return None  # not decidable from the cache: ask the hub
+    # only a cached file of the asked quantization: "the repo's only GGUF" cannot be judged from a partial cache
+    hits = [f for f in cached_repo_files(ref.repo) if has_quant(f, ref.quant or DEFAULT_QUANT)]
+    return hub.cached_model(ref.repo, hits[0]) if len(hits) == 1 else None
 
 
 def fetch_ref(ref: ModelRef, say: Callable[[str], None]) -> Path:
