@@ -34,6 +34,17 @@ free_port = free_loopback_port
 LOCAL = ("--no-relay", "--bind-host", "127.0.0.1")  # a mesh that stays on this machine
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit 1 and a single `mesh-llm: error:` line on stderr holding every fragment; no traceback."""
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mesh-llm: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def wait_for(cond, timeout: float = 20.0, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     last: object = None

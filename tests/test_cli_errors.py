@@ -12,17 +12,7 @@ import pytest
 from mesh_llm.engine import build as build_mod
 from mesh_llm.engine.source import PinnedSource, sha256_of
 from mesh_llm.errors import UserError
-from tests.conftest import free_port, run_cli
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("mesh-llm: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from tests.conftest import assert_one_line_error, free_port, run_cli
 
 
 def test_no_arguments_prints_help_and_exits_0() -> None:

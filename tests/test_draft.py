@@ -17,7 +17,7 @@ from mesh_llm.models.resolve import ResolvedModel
 from mesh_llm.models.tiny import COMMON_PAIRS, TinyModelSpec, write_tiny_model
 from mesh_llm.models.vocab import vocab_mismatch
 from mesh_llm.models.draft import choose_draft
-from tests.conftest import LOCAL, run_cli
+from tests.conftest import LOCAL, assert_one_line_error, run_cli
 from tests.hub_standin import HubStandIn
 
 EXTRA_PAIRS = tuple(f"{a} {b}" for a in "bcdfghjklmnpqrstvwxyz" for b in "aeiouyr")  # about 146 more merged tokens
@@ -85,8 +85,6 @@ def test_choose_draft(tiny_model: Path, drafts: dict[str, Path], monkeypatch: py
 
 
 def test_cli_refuses_bad_draft_options(tiny_model: Path, drafts: dict[str, Path]) -> None:
-    from tests.test_cli_errors import assert_one_line_error
-
     model = ("--model", str(tiny_model), "--port", "0")
     assert_one_line_error(run_cli(*model, "--draft", str(drafts["texts"])), "cannot draft for tiny-llama: token texts differ", "--no-draft")
     assert_one_line_error(run_cli(*model, "--draft", str(drafts["same"]), "--no-draft"), "contradict")

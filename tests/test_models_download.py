@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
-from tests.conftest import run_cli, wait_for
+from tests.conftest import assert_one_line_error, run_cli, wait_for
 from tests.hub_standin import COMMIT, HubStandIn
 
 TARGET = ("Qwen/Qwen2.5-3B-Instruct-GGUF", "qwen2.5-3b-instruct-q4_k_m.gguf")
@@ -51,15 +51,6 @@ def hub_env(hub: HubStandIn, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 1, proc
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("mesh-llm: error:")]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_download_3b_with_its_draft_into_the_hf_cache(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
