@@ -196,3 +196,13 @@ def test_a_node_downloads_the_model_it_is_asked_to_serve(start_node, hub: HubSta
     (model,) = node.status()["models"]
     assert model["name"] == "tiny-Q4_K_M" and model["state"] == "ready"
     assert hub.sent("tiny-Q4_K_M.gguf") == files["target"].stat().st_size
+
+
+@pytest.mark.parametrize(("repo", "file", "revision"), [("org/r", "../x.gguf", "main"), ("org/r", "x.gguf", "../../main"), ("org/my--r", "x.gguf", "main")])
+def test_every_download_refuses_names_that_leave_the_cache(repo: str, file: str, revision: str) -> None:
+    """Names from a hub listing or the catalog pass the same check as the user's (before any network)."""
+    from mesh_llm.errors import UserError
+    from mesh_llm.models import hub as hub_module
+
+    with pytest.raises(UserError, match="path outside its repository|not a valid Hugging Face repo id"):
+        hub_module.download_file(repo, file, revision, say=lambda line: None)

@@ -173,7 +173,8 @@ def draft_config(cfg: NodeConfig, model: ServedModel, offer: Offer, ctx: int, en
     d = model.draft
     device = "none"
     if offer.device not in ("", "CPU"):
-        engine_devices = list_devices(engine.llama_server)  # NVML's names need not be the engine's
+        # the offer's names are the engine's unless NVML (or --max-vram) supplied them; then ask the engine
+        engine_devices = offer.device.split("+") if offer.source == "llama.cpp" else list_devices(engine.llama_server)
         device = cfg.device if cfg.device in engine_devices else engine_devices[0] if engine_devices else "none"
     return Draft(d.model_id, d.path, memory_need(d.info, ctx), cfg.draft_max, device)
 

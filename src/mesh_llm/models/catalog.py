@@ -84,6 +84,11 @@ def by_name(name: str, entries: tuple[CatalogEntry, ...] | None = None) -> Catal
     return None
 
 
+def draft_of(entry: CatalogEntry) -> CatalogEntry | None:
+    """The entry of the draft the catalog pairs with this one."""
+    return by_name(entry.draft) if entry.draft else None
+
+
 def by_file(file_name: str, entries: tuple[CatalogEntry, ...] | None = None) -> CatalogEntry | None:
     """The entry for a file on disk, matched on its name (case-insensitive), wherever it came from."""
     want = Path(file_name).name.lower()

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from mesh_llm.errors import UserError
 from mesh_llm.models import hub
-from mesh_llm.models.catalog import CatalogEntry, by_file, by_name, load_catalog, model_id, search
+from mesh_llm.models.catalog import CatalogEntry, by_file, draft_of, load_catalog, model_id, search
 from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.reference import CatalogModel, HubFile, HubRepo, ReferenceError, pick_repo_file
 from mesh_llm.models.resolve import locate, packaged_path, paired_draft, parse, resolve_model
@@ -148,7 +148,7 @@ def show(text: str, out: Console) -> int:
         line("catalog", f"{entry.name} — {entry.description}")
         line("source", entry.ref)
         line("size", f"{entry.size_gb:g} GB" + (f" in {entry.parts} files" if entry.parts > 1 else ""))
-        draft = by_name(entry.draft) if entry.draft else None
+        draft = draft_of(entry)
         line("draft", f"{draft.name} ({'on disk' if locate(CatalogModel(draft)) else 'not downloaded'})" if draft else "none paired")
     if path is None:
         line("on disk", f"no — mesh-llm models download {text}")

@@ -118,18 +118,16 @@ def download_model(repo: str, file: str, revision: str = "main", say: Callable[[
 
 
 def check_names(repo: str, file: str, revision: str) -> None:
-    """Refuse names that could place files outside the cache (they come from users and servers)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    """Refuse names that could place files outside the cache: every download passes here,
+    whether the name came from the user, the catalog or a hub listing."""
+    from mesh_llm.models.reference import ReferenceError, valid_path, valid_repo
 
     try:
-        validate_repo_id(repo)
-    except HFValidationError:
-        raise UserError(f"{repo!r} is not a valid Hugging Face repo id (ORG/NAME: letters, digits, '-', '_', '.')") from None
-    for label, value in (("file", file), ("revision", revision)):
-        parts = value.split("/")
-        if not value or value.startswith("/") or "\\" in value or any(p in ("", ".", "..") for p in parts):
-            raise UserError(f"{value!r} is not a usable {label} name in {repo}")
+        valid_repo(repo)
+        valid_path(file, f"{repo}/{file}")
+        valid_path(revision, f"{repo}@{revision}")
+    except ReferenceError as exc:
+        raise UserError(str(exc)) from None
 
 
 def download_file(repo: str, file: str, revision: str = "main", say: Callable[[str], None] = print) -> Path:
@@ -141,7 +139,7 @@ def download_file(repo: str, file: str, revision: str = "main", say: Callable[[s
     if offline():
         raise UserError(f"cannot fetch {what}: HF_HUB_OFFLINE is set and it is not in the Hugging Face cache ({hub_cache()})")
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _get_pointer_path, http_get, repo_folder_name
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _get_pointer_path, repo_folder_name
     from huggingface_hub.utils import WeakFileLock, build_hf_headers
 
     with hub_errors(what):
@@ -162,7 +160,7 @@ def download_file(repo: str, file: str, revision: str = "main", say: Callable[[s
         lock.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
             if not blob.is_file():
-                _fetch_blob(meta.location, blob, meta.size, what, say, http_get, headers)
+                _fetch_blob(meta.location, blob, meta.size, what, say, headers)
             if not pointer.exists():
                 pointer.unlink(missing_ok=True)  # a dangling link from a removed blob
                 pointer.symlink_to(os.path.relpath(blob, pointer.parent))
@@ -170,7 +168,9 @@ def download_file(repo: str, file: str, revision: str = "main", say: Callable[[s
     return pointer
 
 
-def _fetch_blob(url: str, blob: Path, size: int | None, what: str, say: Callable[[str], None], http_get, headers: dict[str, str]) -> None:
+def _fetch_blob(url: str, blob: Path, size: int | None, what: str, say: Callable[[str], None], headers: dict[str, str]) -> None:
+    from huggingface_hub.file_download import http_get
+
     partial = blob.with_name(blob.name + ".incomplete")
     have = partial.stat().st_size if partial.exists() else 0
     if size is not None and have > size:  # not ours to trust

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mesh_llm.errors import UserError
 from mesh_llm.models import hub
-from mesh_llm.models.catalog import CatalogEntry, by_file, by_name, model_id, shard_files
+from mesh_llm.models.catalog import CatalogEntry, by_file, draft_of, model_id, shard_files
 from mesh_llm.models.reference import (
     DEFAULT_QUANT,
     CatalogModel,
@@ -119,9 +119,7 @@ def cached_repo_files(repo: str) -> list[str]:
 
 def paired_draft(target: ResolvedModel) -> CatalogEntry | None:
     """The catalog's draft for the target, if the catalog knows the target's file."""
-    if target.entry is None or not target.entry.draft:
-        return None
-    return by_name(target.entry.draft)
+    return draft_of(target.entry) if target.entry else None
 
 
 def packaged_path(entry: CatalogEntry) -> Path:
