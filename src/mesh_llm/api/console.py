@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, for_caller, host_allowed, listen
 from mesh_llm.api.status_feed import StatusFeed
@@ -45,7 +46,7 @@ class WebConsole:
         return app
 
     @web.middleware
-    async def _guard(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not host_allowed(request.host, self.listen_all):
             return error_response(403, f"host {request.host!r} is not served here: open the console at http://localhost:{request.url.port or ''}", "forbidden")
         return await handler(request)

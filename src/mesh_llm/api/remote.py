@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from mesh_llm.api.proxy import Upstream, UpstreamTable
 from mesh_llm.api.routing import choose_servers
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.tunnels import TunnelListener
 from mesh_llm.mesh.wire import StreamKind
+
+
+def _served_by(peer: str) -> Callable[[], str]:
+    return lambda: f"served by {peer[:8]}"
 
 
 class RemoteModels:
@@ -70,7 +75,7 @@ class RemoteModels:
                 continue
             tunnel = TunnelListener(self.mesh, peer, StreamKind.HTTP, {"model": model})
             await tunnel.start()
-            entry = Upstream(model, f"http://127.0.0.1:{tunnel.port}", is_ready=lambda: True, status=lambda p=peer: f"served by {p[:8]}")
+            entry = Upstream(model, f"http://127.0.0.1:{tunnel.port}", is_ready=lambda: True, status=_served_by(peer))
             self.routes[model] = (peer, tunnel, entry)
             self.table.add(entry)
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -118,7 +119,7 @@ def build_engine(flavor: str, *, force: bool = False, console: Console | None = 
     return edir
 
 
-def _run_logged(argv: list[str], log, edir: EngineDir, step: str, console: Console) -> None:
+def _run_logged(argv: list[str], log: TextIO, edir: EngineDir, step: str, console: Console) -> None:
     log.write("$ " + " ".join(argv) + "\n")
     log.flush()
     columns = [TextColumn(f"[bold]llama.cpp {step}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

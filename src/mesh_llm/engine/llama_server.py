@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 EMBEDDING_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"}
 
 
-def fallback_chat_template(metadata: dict[str, object]) -> Path | None:
+def fallback_chat_template(metadata: Mapping[str, object]) -> Path | None:
     """A template file for models that ship without one (llama-server would fall
     back to ChatML, which e.g. Gemma does not understand)."""
     if "tokenizer.chat_template" in metadata:
@@ -21,7 +22,7 @@ def fallback_chat_template(metadata: dict[str, object]) -> Path | None:
     return None
 
 
-def is_embedding_model(metadata: dict[str, object]) -> bool:
+def is_embedding_model(metadata: Mapping[str, object]) -> bool:
     """Encoder models serve /v1/embeddings only (llama-server --embeddings)."""
     arch = str(metadata.get("general.architecture", ""))
     return arch in EMBEDDING_ARCHS or f"{arch}.pooling_type" in metadata

@@ -12,14 +12,20 @@ proof checks out. Errors are one line meant for the person at the other end.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from mesh_llm.mesh import auth
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.wire import PROTOCOL_VERSION, FramedReader, ProtocolError, StreamKind, encode_frame, get_hex, get_int, get_str, stream_prefix
 
+if TYPE_CHECKING:
+    import iroh
+
 HANDSHAKE_SECS = 10.0
+_T = TypeVar("_T")
 
 
 class Refused(Exception):
@@ -45,11 +51,11 @@ def _check_version(doc: dict) -> None:
         raise Refused(f"protocol version mismatch: the other node speaks v{v}, this one v{PROTOCOL_VERSION}: run the same mesh-llm version on both")
 
 
-async def _send(send, doc: dict) -> None:  # type: ignore[no-untyped-def]
+async def _send(send: iroh.SendStreamProtocol, doc: dict) -> None:
     await send.write_all(encode_frame(doc))
 
 
-async def dial_handshake(conn, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:  # type: ignore[no-untyped-def]
+async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:
     peer_id = conn.remote_id().to_bytes()
     bi = await conn.open_bi()
     send, reader = bi.send(), FramedReader(bi.recv())
@@ -77,7 +83,7 @@ async def dial_handshake(conn, creds: MeshCredentials, my_id: bytes, me: PeerRec
     return Admitted(record)
 
 
-async def accept_handshake(conn, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:  # type: ignore[no-untyped-def]
+async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:
     peer_id = conn.remote_id().to_bytes()
     bi = await conn.accept_bi()
     send, reader = bi.send(), FramedReader(bi.recv())
@@ -114,7 +120,7 @@ async def accept_handshake(conn, creds: MeshCredentials, my_id: bytes, me: PeerR
     return Admitted(record)
 
 
-async def with_timeout(coro, secs: float = HANDSHAKE_SECS):  # type: ignore[no-untyped-def]
+async def with_timeout(coro: Awaitable[_T], secs: float = HANDSHAKE_SECS) -> _T:
     try:
         return await asyncio.wait_for(coro, secs)
     except asyncio.TimeoutError:

@@ -23,7 +23,7 @@ class FastPathError(RuntimeError):
     pass
 
 
-def _fast_write(self, value) -> None:  # type: ignore[no-untyped-def]
+def _fast_write(self: iroh_ffi._UniffiRustBufferBuilder, value: bytes | bytearray | memoryview) -> None:
     data = value if isinstance(value, bytes) else bytes(value)  # ctypes passes bytes by pointer, no copy
     n = len(data)
     with self._reserve(n):
@@ -31,7 +31,7 @@ def _fast_write(self, value) -> None:  # type: ignore[no-untyped-def]
             ctypes.memmove(ctypes.addressof(self.rbuf.data.contents) + self.rbuf.len, data, n)
 
 
-def _fast_read(self, size: int) -> bytes:  # type: ignore[no-untyped-def]
+def _fast_read(self: iroh_ffi._UniffiRustBufferStream, size: int) -> bytes:
     if size < 0 or self.offset + size > self.len:
         raise iroh_ffi.InternalError("read past end of rust buffer")
     data = ctypes.string_at(ctypes.addressof(self.data.contents) + self.offset, size) if size else b""

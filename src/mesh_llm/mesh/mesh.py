@@ -338,9 +338,9 @@ class Mesh:
                 self._exchange_soon(link)
             now = time.monotonic()
             for pid in self.membership.silent(now):
-                link = self.links.get(pid)
-                if link is not None:
-                    self._drop(link, f"silent for {now - self.membership.members[pid].last_seen:.1f} s")
+                silent = self.links.get(pid)
+                if silent is not None:
+                    self._drop(silent, f"silent for {now - self.membership.members[pid].last_seen:.1f} s")
             self._dial_discovered(now)
             if not self.links and self.join_tokens and now - last_rejoin > REJOIN_SECS:
                 last_rejoin = now

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -47,7 +47,7 @@ def models_command(action: str, arg: str | None, with_draft: bool, out: Console)
     return download_command(arg, with_draft, out)
 
 
-def print_columns(out: Console, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_columns(out: Console, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     """Aligned plain text: names stay whole (people copy them), the last column runs on."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:

@@ -14,6 +14,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, overload
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -27,6 +28,10 @@ MAX_STRING = 1 << 24  # no legitimate key or tensor name is this long
 # GGUF metadata value types -> struct format of a scalar (None: variable size)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+
+Scalar = bool | int | float  # what struct reads for a GGUF scalar type
+MetaValue = Scalar | str  # a metadata value as kept (array bodies are skipped)
+_T = TypeVar("_T")
 
 
 class GGUFError(ValueError):
@@ -48,7 +53,7 @@ class GGUFInfo:
     version: int
     file_size: int
     data_offset: int
-    metadata: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, MetaValue] = field(default_factory=dict)
     array_lengths: dict[str, int] = field(default_factory=dict)
     array_offsets: dict[str, int] = field(default_factory=dict)  # where each array's elements start in the file
     tensors: list[TensorInfo] = field(default_factory=list)
@@ -57,16 +62,20 @@ class GGUFInfo:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", "unknown"))
 
+    @overload
+    def arch_value(self, key: str) -> MetaValue | None: ...
+    @overload
+    def arch_value(self, key: str, default: _T) -> MetaValue | _T: ...
     def arch_value(self, key: str, default: object = None) -> object:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
     @property
     def n_layers(self) -> int:
-        return int(self.arch_value("block_count", 0))  # type: ignore[arg-type]
+        return int(self.arch_value("block_count", 0))
 
     @property
     def context_length(self) -> int:
-        return int(self.arch_value("context_length", 0))  # type: ignore[arg-type]
+        return int(self.arch_value("context_length", 0))
 
     @property
     def name(self) -> str:
@@ -94,7 +103,7 @@ class _Cursor:
     def __init__(self, buf: mmap.mmap | bytes) -> None:
         self.buf, self.pos = buf, 0
 
-    def unpack(self, fmt: str) -> object:
+    def unpack(self, fmt: str) -> Scalar:
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buf):
             raise GGUFError("file ends inside the header")
@@ -103,7 +112,7 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        n = int(self.unpack("<Q"))  # type: ignore[arg-type]
+        n = int(self.unpack("<Q"))
         if n > MAX_STRING or self.pos + n > len(self.buf):
             raise GGUFError("string runs past the end of the file")
         raw = bytes(self.buf[self.pos : self.pos + n])
@@ -122,14 +131,14 @@ class _Cursor:
             raise GGUFError("file ends inside a string array")
         self.pos = pos
 
-    def value(self, vtype: int, key: str, info: GGUFInfo) -> object:
+    def value(self, vtype: int, key: str, info: GGUFInfo) -> MetaValue | None:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype = int(self.unpack("<I"))  # type: ignore[arg-type]
-            count = int(self.unpack("<Q"))  # type: ignore[arg-type]
+            etype = int(self.unpack("<I"))
+            count = int(self.unpack("<Q"))
             info.array_lengths[key] = count
             info.array_offsets[key] = self.pos
             if etype == _STRING:
@@ -160,31 +169,31 @@ def read_gguf(path: Path) -> GGUFInfo:
 def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFInfo:
     cur = _Cursor(mm)
     cur.pos = 4
-    version = int(cur.unpack("<I"))  # type: ignore[arg-type]
+    version = int(cur.unpack("<I"))
     if version not in (2, 3):
         raise GGUFError(f"unsupported GGUF version {version}")
-    n_tensors = int(cur.unpack("<Q"))  # type: ignore[arg-type]
-    n_kv = int(cur.unpack("<Q"))  # type: ignore[arg-type]
+    n_tensors = int(cur.unpack("<Q"))
+    n_kv = int(cur.unpack("<Q"))
     if n_tensors > 1_000_000 or n_kv > 1_000_000:
         raise GGUFError("implausible tensor or metadata count")
     info = GGUFInfo(path=path, version=version, file_size=size, data_offset=0)
     for _ in range(n_kv):
         key = cur.string()
-        vtype = int(cur.unpack("<I"))  # type: ignore[arg-type]
+        vtype = int(cur.unpack("<I"))
         value = cur.value(vtype, key, info)
         if value is not None:
             info.metadata[key] = value
     raw_tensors = []
     for _ in range(n_tensors):
         name = cur.string()
-        n_dims = int(cur.unpack("<I"))  # type: ignore[arg-type]
+        n_dims = int(cur.unpack("<I"))
         if n_dims > MAX_DIMS:
             raise GGUFError(f"tensor {name} has {n_dims} dimensions")
-        shape = tuple(int(cur.unpack("<Q")) for _ in range(n_dims))  # type: ignore[arg-type]
-        ggml_type = int(cur.unpack("<I"))  # type: ignore[arg-type]
-        offset = int(cur.unpack("<Q"))  # type: ignore[arg-type]
+        shape = tuple(int(cur.unpack("<Q")) for _ in range(n_dims))
+        ggml_type = int(cur.unpack("<I"))
+        offset = int(cur.unpack("<Q"))
         raw_tensors.append((name, shape, ggml_type, offset))
-    alignment = int(info.metadata.get("general.alignment", DEFAULT_ALIGNMENT))  # type: ignore[arg-type]
+    alignment = int(info.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     if alignment <= 0 or alignment & (alignment - 1):
         raise GGUFError(f"bad alignment {alignment}")
     info.data_offset = (cur.pos + alignment - 1) // alignment * alignment

@@ -45,7 +45,7 @@ def parse_device_memory(text: str) -> list[DeviceMemory]:
 def nvml_devices() -> list[DeviceMemory]:
     """NVIDIA GPUs via NVML, or [] when nvidia-ml-py or a driver is missing."""
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return []
     try:
