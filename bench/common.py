@@ -25,3 +25,21 @@ async def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600, ok=l
                 pass
             await asyncio.sleep(0.3)
     raise SystemExit(f"{url} not ready in {timeout}s")
+
+
+async def tunnel_rtt_ms(base: str, injected_ms: float) -> float:
+    """Median round trip the host's RPC tunnels timed (ms), checked against the injected delay.
+
+    Exits instead of returning when the delay did not take effect: figures measured
+    without it would be quoted as if they had it."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/api/status") as r:
+            traffic = ((await r.json()).get("serving") or {}).get("rpc_traffic") or {}
+    rtts = [t.get("rtt_ms") for t in traffic.values()]
+    if not rtts or None in rtts:
+        raise SystemExit(f"{base}: the host's RPC tunnels timed no round trips; not printing figures")
+    fastest = min(r["min"] for r in rtts)
+    if fastest < injected_ms:
+        raise SystemExit(f"{base}: {injected_ms:g} ms injected, but the fastest round trip through the tunnel took {fastest:.2f} ms: "
+                         "the delay did not take effect; not printing figures")
+    return max(r["median"] for r in rtts)

@@ -12,7 +12,9 @@ saving per accepted token is larger; acceptance depends on the text.
 Configurations, each with and without `--draft` (both up at once, measured in
 alternating rounds): one solo node; a two-node split (`--split --tensor-split 1,1`)
 on loopback with 0 ms and 20 ms injected in the host's RPC tunnel.
-Decode tok/s and draft counts come from llama-server's own timings.
+Decode tok/s and draft counts come from llama-server's own timings. For the splits, the
+round trip the host's tunnel timed is read back and checked against the injected delay
+(a run where the delay did not take effect stops without printing figures).
 The last line is one JSON object.
 
     .venv/bin/python bench/speculative.py [--rounds 3] [--tokens 128] [--draft-max 8]
@@ -31,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import wait_http
+from common import tunnel_rtt_ms, wait_http
 from split import LOCAL, Procs, start_mesh
 
 from mesh_llm.engine.probes import free_loopback_port
@@ -91,6 +93,7 @@ async def run(args: argparse.Namespace) -> None:
                 with_draft, _, _ = await start_mesh(procs, root, MODEL, delay, f"{name}-draft", draft)
                 bases = {"plain": plain, "draft": with_draft}
             m = await measure(bases, args)
+            rtt = {label: await tunnel_rtt_ms(base, delay) for label, base in bases.items()} if delay is not None else None
             acceptance = m["draft"]["accepted"] / m["draft"]["drafted"] if m["draft"]["drafted"] else 0.0
             results[name] = {
                 "tps_plain": round(m["plain"]["tps"], 2),
@@ -98,6 +101,7 @@ async def run(args: argparse.Namespace) -> None:
                 "speedup": round(m["draft"]["tps"] / m["plain"]["tps"], 3),
                 "acceptance": round(acceptance, 3),
                 "drafted": m["draft"]["drafted"],
+                **({"tunnel_rtt_ms": {k: round(v, 2) for k, v in rtt.items()}} if rtt else {}),
             }
             print(f"{name:>10}: {results[name]}", flush=True)
             procs.stop_all()

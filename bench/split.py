@@ -12,7 +12,9 @@ Decode tok/s comes from llama-server's own timings (prompt excluded).
 It also reports weight bytes crossing at load (a stock worker that receives every
 weight, counted by a relay, vs ours, counted in the mesh tunnel), blocking round
 trips per generated token (counted in the tunnel: requests that wait for a reply),
-and decode tok/s with latency injected in the host's tunnel (0/5/10/20 ms).
+and decode tok/s with latency injected in the host's tunnel (0/5/10/20 ms). At each
+delay the round trips the tunnel itself timed are read back; a run where they are
+shorter than the injected delay stops without printing figures.
 `rtt_cost_factor` = time added per token at 20 ms ÷ (20 ms × remote segments).
 The last line is one JSON object (for the first model).
 
@@ -34,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import wait_http
+from common import tunnel_rtt_ms, wait_http
 
 from mesh_llm.engine.probes import free_loopback_port
 from mesh_llm.engine.provision import provide_engine
@@ -192,11 +194,13 @@ async def bench_model(model: Path, args: argparse.Namespace, engine) -> dict:  #
         procs.procs.clear()
 
         by_delay: dict[int, float] = {}
+        rtt_by_delay: dict[int, float] = {}
         for delay in (0, 5, 10, 20):
             url, a, b = await start_mesh(procs, root, model, delay, f"{delay}ms")
             await decode_tps(url, 4)
             by_delay[delay] = statistics.median([await decode_tps(url, args.tokens) for _ in range(3)])
-            print(f"  injected RTT {delay:2d} ms: {by_delay[delay]:.2f} tok/s", flush=True)
+            rtt_by_delay[delay] = await tunnel_rtt_ms(url, delay)
+            print(f"  injected RTT {delay:2d} ms: {by_delay[delay]:.2f} tok/s (round trip timed in the tunnel: {rtt_by_delay[delay]:.2f} ms)", flush=True)
             procs.stop_all()
             procs.procs.clear()
         added = 1 / by_delay[20] - 1 / by_delay[0]
@@ -212,6 +216,7 @@ async def bench_model(model: Path, args: argparse.Namespace, engine) -> dict:  #
             "stock_load_weight_bytes": stock_load,
             "round_trips_per_token_per_segment": round(rt_per_token, 3),
             "tps_by_injected_rtt_ms": {str(k): round(v, 2) for k, v in by_delay.items()},
+            "tunnel_rtt_ms_by_injected_ms": {str(k): round(v, 2) for k, v in rtt_by_delay.items()},
             "added_ms_per_token_at_20ms": round(added * 1000, 2),
             "rtt_cost_factor": round(added / (0.020 * segments), 3),
             "remote_segments": segments,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import stat
 import struct
+import time
 
 import pytest
 
@@ -115,12 +117,15 @@ async def test_an_unadmitted_connection_gets_nothing() -> None:
     await a.close()
 
 
+FLIP = bytes(range(256))[::-1]  # the echo server maps every byte b to 255-b: chunking cannot matter
+
+
 async def test_tunnel_carries_a_tcp_byte_stream_both_ways() -> None:
     a, b = await joined_pair()
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
-            writer.write(data[::-1])
+            writer.write(data.translate(FLIP))
             await writer.drain()
         writer.close()
 
@@ -129,10 +134,11 @@ async def test_tunnel_carries_a_tcp_byte_stream_both_ways() -> None:
     tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {})
     port = await tunnel.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    for msg in (b"hello", os.urandom(300_000)):
+    for msg in (b"hello", b"\0", os.urandom(65537), os.urandom(300_000), os.urandom(2_000_003)):
         writer.write(msg)
         await writer.drain()
-        assert await reader.readexactly(len(msg)) == msg[::-1] or len(msg) > 65536
+        back = await asyncio.wait_for(reader.readexactly(len(msg)), 30)
+        assert hashlib.sha256(back).digest() == hashlib.sha256(msg.translate(FLIP)).digest(), len(msg)
     writer.close()
     await tunnel.close()
     server.close()
@@ -141,40 +147,53 @@ async def test_tunnel_carries_a_tcp_byte_stream_both_ways() -> None:
 
 
 async def test_delayed_and_counted_rpc_tunnel_keeps_order_and_counts_commands() -> None:
-    """The benchmark's injected latency holds every byte back at least that long, in order;
-    the traffic counter sees the RPC commands that crossed."""
-    import struct
-    import time
-
+    """The benchmark's injected latency holds every message back at least that long, in order
+    (each message's own send → arrival time, so a tunnel that ignores the delay fails for all
+    of them); the traffic counter sees the RPC commands that crossed."""
     from mesh_llm.mesh.rpc_traffic import RpcTraffic
 
+    delay, count, size = 0.2, 20, 17
     a, b = await joined_pair()
     received = bytearray()
+    arrived: list[float] = []  # when message i was complete at the far end
     done = asyncio.Event()
 
+    sink_writers: list[asyncio.StreamWriter] = []
+
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sink_writers.append(writer)
         while data := await reader.read(65536):
             received.extend(data)
-            if len(received) >= 9 * 50:
+            now = time.monotonic()
+            arrived.extend([now] * (len(received) // size - len(arrived)))
+            if len(arrived) >= count:
                 done.set()
         writer.close()
 
     server = await asyncio.start_server(sink, "127.0.0.1", 0)
     serve_rpc_tunnels(a, lambda: server.sockets[0].getsockname()[1])
     traffic = RpcTraffic()
-    tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {}, traffic=traffic, delay_s=0.05)
+    tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {}, traffic=traffic, delay_s=delay)
     port = await tunnel.start()
     _, writer = await asyncio.open_connection("127.0.0.1", port)
-    messages = [struct.pack("<BQ", 15, 0) for _ in range(50)]  # DEVICE_COUNT: empty payload
-    t0 = time.monotonic()
+    messages = [struct.pack("<BQQ", 15, 8, i) for i in range(count)]  # DEVICE_COUNT, numbered: order shows
+    sent: list[float] = []
     for msg in messages:
+        sent.append(time.monotonic())
         writer.write(msg)
         await writer.drain()
-        await asyncio.sleep(0.001)
-    await asyncio.wait_for(done.wait(), 10)
-    assert time.monotonic() - t0 >= 0.05
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(done.wait(), 30)
+    held = [arrival - start for start, arrival in zip(sent, arrived, strict=True)]
+    assert min(held) >= delay, held
     assert bytes(received) == b"".join(messages)
-    assert traffic.commands["DEVICE_COUNT"] == 50 and traffic.round_trips == 50
+    assert traffic.commands["DEVICE_COUNT"] == count and traffic.round_trips == count
+    # The answers come back through the tunnel: each round trip it times holds the delay.
+    for i in range(3):
+        sink_writers[0].write(struct.pack("<Q", 1))
+        await sink_writers[0].drain()
+        await wait_until(lambda i=i: len(traffic.rtts) == i + 1)
+    assert min(traffic.rtts) >= delay, traffic.rtts
     writer.close()
     await tunnel.close()
     server.close()

@@ -58,3 +58,19 @@ def test_counts_the_same_in_any_chunking(cuts) -> None:
         pos += n
     parser.feed(STREAM[pos:])
     check(t)
+
+
+def test_round_trip_times_run_from_a_blocking_command_to_its_answer() -> None:
+    t = RpcTraffic()
+    parser = t.connection()
+    assert t.snapshot()["rtt_ms"] is None
+    parser.feed(command(14, bytes(24))[:5], now=1.0)  # HELLO, not yet all sent
+    parser.answered(1.5)  # stray bytes with nothing awaiting an answer: no sample
+    parser.feed(command(14, bytes(24))[5:], now=2.0)
+    parser.feed(command(16, struct.pack("<I", 0)), now=2.1)  # one-way: awaits nothing
+    parser.answered(2.25)
+    parser.answered(2.5)  # the rest of the same answer
+    parser.feed(command(15, b""), now=3.0)
+    parser.answered(3.01)
+    assert [round(r, 3) for r in t.rtts] == [0.25, 0.01]
+    assert t.snapshot()["rtt_ms"] == {"min": 10.0, "median": 130.0, "samples": 2}

@@ -5,14 +5,18 @@ a `RpcStreamParser` (one per connection: framing restarts with each). A
 request is `cmd:u8 | size:u64 | payload`; commands in `REPLY_COMMANDS` block
 the host until the worker answers, so they are the network round trips.
 Weight bytes are SET_TENSOR payloads for tensors named like the model's own
-weights (activations and graph inputs have other names).
+weights (activations and graph inputs have other names). The round-trip time
+of a blocking command runs from its last byte entering the tunnel to the first
+bytes of the answer coming back (llama.cpp's client waits for each answer
+before it sends on, so answers come back in order).
 """
 
 from __future__ import annotations
 
 import re
+import statistics
 import struct
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 COMMANDS = {
@@ -28,6 +32,7 @@ NAME_OFFSET, NAME_SIZE = 228, 64  # rpc_tensor.name inside the packed struct
 SET_TENSOR_HEADER = RPC_TENSOR_SIZE + 1 + 8  # tensor, cache flag, offset; then the data
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 OUTPUT_TENSORS = ("output.weight", "output_norm.weight")
+RTT_SAMPLES = 256  # the latest round trips kept per tunnel
 
 
 @dataclass
@@ -42,6 +47,7 @@ class RpcTraffic:
     local_loads: int = 0  # SET_TENSOR_GGUF requests: weights the worker read from its own disk
     layers: set[int] = field(default_factory=set)  # layers whose weights went to this worker
     output: bool = False  # and whether the output head did: where llama.cpp really put them
+    rtts: deque[float] = field(default_factory=lambda: deque(maxlen=RTT_SAMPLES))  # seconds, latest last
 
     def connection(self) -> RpcStreamParser:
         return RpcStreamParser(self)
@@ -55,11 +61,19 @@ class RpcTraffic:
             "layers": sorted(self.layers),
             "output": self.output,
             "commands": dict(self.commands),
+            "rtt_ms": rtt_summary(self.rtts),
         }
 
 
+def rtt_summary(rtts: deque[float]) -> dict[str, float | int] | None:
+    """Min and median of the latest round trips, in ms (None before the first)."""
+    if not rtts:
+        return None
+    return {"min": round(min(rtts) * 1000, 3), "median": round(statistics.median(rtts) * 1000, 3), "samples": len(rtts)}
+
+
 class RpcStreamParser:
-    """Incremental parser for one client→server byte stream."""
+    """Incremental parser for one client→server byte stream (and the timing of its answers)."""
 
     def __init__(self, totals: RpcTraffic) -> None:
         self.totals = totals
@@ -67,8 +81,12 @@ class RpcStreamParser:
         self._cmd = -1
         self._left = 0  # payload bytes still to skip
         self._want = 0  # payload bytes to keep for inspection
+        self._now = 0.0
+        self._awaiting: deque[float] = deque()  # when each blocking command was fully sent, oldest first
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed(self, data: bytes | memoryview, now: float = 0.0) -> None:
+        """Bytes llama-server sent towards the worker, seen at time `now` (seconds)."""
+        self._now = now
         self.totals.bytes_sent += len(data)
         view = memoryview(data)
         while view:
@@ -92,8 +110,18 @@ class RpcStreamParser:
             self._left -= take
             view = view[take:]
             if not self._left:
-                self._cmd = -1
-                self._head.clear()
+                self._end()
+
+    def answered(self, now: float) -> None:
+        """Bytes came back from the worker at `now`: the oldest blocking command has its answer."""
+        if self._awaiting:
+            self.totals.rtts.append(now - self._awaiting.popleft())
+
+    def _end(self) -> None:
+        if self._cmd in REPLY_COMMANDS:
+            self._awaiting.append(self._now)
+        self._cmd = -1
+        self._head.clear()
 
     def _start(self, cmd: int, size: int) -> None:
         self._cmd, self._left = cmd, size
@@ -107,7 +135,7 @@ class RpcStreamParser:
         inspect = (cmd == SET_TENSOR and size >= SET_TENSOR_HEADER) or (cmd == SET_TENSOR_GGUF and size >= RPC_TENSOR_SIZE)
         self._want = RPC_TENSOR_SIZE if inspect else 0
         if not self._left:
-            self._cmd = -1
+            self._end()
 
     def _inspect(self) -> None:
         name = bytes(self._head[NAME_OFFSET:NAME_OFFSET + NAME_SIZE]).split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -121,4 +149,4 @@ class RpcStreamParser:
                 t.output = True
         self._head.clear()
         if not self._left:
-            self._cmd = -1
+            self._end()

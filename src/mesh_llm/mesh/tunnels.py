@@ -77,19 +77,22 @@ async def _delayed_tcp_to_quic(reader: asyncio.StreamReader, send: Any, tap: Tap
     await send.finish()
 
 
-async def _quic_to_tcp(recv: Any, first: bytes, writer: asyncio.StreamWriter) -> None:
+async def _quic_to_tcp(recv: Any, first: bytes, writer: asyncio.StreamWriter, tap: Tap | None = None) -> None:
     if first:
         writer.write(first)
     while data := await recv.read(CHUNK):
+        if tap:
+            tap(data)
         writer.write(data)
         await writer.drain()
     await writer.drain()
 
 
-async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send: Any, recv: Any, first: bytes = b"", tap: Tap | None = None, delay_s: float = 0.0) -> None:
-    """Pump both ways until either side ends, then close both."""
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send: Any, recv: Any, first: bytes = b"",
+                tap: Tap | None = None, answer_tap: Tap | None = None, delay_s: float = 0.0) -> None:
+    """Pump both ways until either side ends, then close both. `tap` sees what goes out, `answer_tap` what comes back."""
     up = asyncio.ensure_future(_tcp_to_quic(reader, send, tap, delay_s))
-    down = asyncio.ensure_future(_quic_to_tcp(recv, first, writer))
+    down = asyncio.ensure_future(_quic_to_tcp(recv, first, writer, answer_tap))
     try:
         await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -130,14 +133,21 @@ class TunnelListener:
         self._conns.add(task)
         try:
             send, recv = await self.mesh.open_stream(self.peer_id, self.kind, self.header)
-            tap = self.traffic.connection().feed if self.traffic is not None else None
-            await relay(reader, writer, send, recv, tap=tap, delay_s=self.delay_s)
+            tap, answer_tap = self._taps()
+            await relay(reader, writer, send, recv, tap=tap, answer_tap=answer_tap, delay_s=self.delay_s)
         except PeerGone:
             writer.close()  # the client sees a closed connection: the proxy answers 502
         except asyncio.CancelledError:
             pass  # closing the listener; asyncio's stream callback must not see the cancellation
         finally:
             self._conns.discard(task)
+
+    def _taps(self) -> tuple[Tap | None, Tap | None]:
+        """One RPC parser per connection: commands out, answer times back."""
+        if self.traffic is None:
+            return None, None
+        parser = self.traffic.connection()
+        return (lambda data: parser.feed(data, time.monotonic())), (lambda data: parser.answered(time.monotonic()))
 
     async def close(self) -> None:
         if self._server is not None:
