@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from mesh_llm.engine.source import LLAMA_CPP
 from mesh_llm.engine.supervisor import ManagedProcess, ProcessSpec, ProcState, StartFailed, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.handshake import Refused
-from mesh_llm.mesh.identity import MeshCredentials, load_mesh, load_or_create_key, new_secret_key, save_mesh
+from mesh_llm.mesh.identity import MeshCredentials, load_last_port, load_mesh, load_or_create_key, new_secret_key, save_last_port, save_mesh
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
@@ -267,8 +267,12 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         offer = await asyncio.to_thread(memory_offer, cfg, engine)
         engine_id = await asyncio.to_thread(engine_version, engine)
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
-        mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_id), transport=cfg.transport, log=say)
+        # A member binds its last port again, so the tokens it printed before still lead to it.
+        transport = cfg.transport if cfg.client else replace(cfg.transport, preferred_port=load_last_port(cfg.state_dir))
+        mesh = Mesh(secret_key=key, creds=mesh_credentials(cfg, tokens), me=self_record(cfg, model, offer, engine_id), transport=transport, log=say)
         await mesh.start()
+        if not cfg.client:
+            save_last_port(cfg.state_dir, mesh.me.addrs)
         token = None if cfg.client else mesh.token()  # a client is not dialable: its token would lead nowhere
         proxy.status_source = build_status
         remote = RemoteModels(mesh, table)
@@ -316,7 +320,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], model: ServedModel 
         size_mb = model.info.file_size / 1e6
         with console.status(f"Planning and loading {model.model_id} ({size_mb:,.0f} MB, this node offers {offer.bytes / 1e9:.2f} GB of {offer.device}, from {offer.source})…"):
             stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({runner.first_outcome, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((runner.first_outcome, stopper), return_when=asyncio.FIRST_COMPLETED)
             if runner.first_outcome not in done:
                 console.print("Stopped before the model finished loading.")
                 return 0

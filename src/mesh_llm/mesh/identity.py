@@ -16,6 +16,7 @@ from mesh_llm.errors import UserError
 
 KEY_FILE = "key"
 MESH_FILE = "mesh.json"
+PORT_FILE = "quic-port"  # the UDP port of the last run: tokens carry it, so a restart binds it again
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -80,3 +81,19 @@ def load_mesh(state_dir: Path) -> MeshCredentials | None:
 
 def save_mesh(state_dir: Path, creds: MeshCredentials) -> None:
     _write_private(state_dir / MESH_FILE, json.dumps({"mesh_id": creds.mesh_id.hex(), "secret": creds.secret.hex()}) + "\n")
+
+
+def load_last_port(state_dir: Path) -> int:
+    """The QUIC port this node bound last time, or 0 (none, or a file that says nothing sensible)."""
+    try:
+        port = int((state_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    return port if 0 < port < 65536 else 0
+
+
+def save_last_port(state_dir: Path, addrs: tuple[str, ...]) -> None:
+    """Remember the port of this run's direct addresses (the ones its tokens carry)."""
+    ports = {int(a.rsplit(":", 1)[1]) for a in addrs if a.rsplit(":", 1)[-1].isdigit()}
+    if len(ports) == 1 and load_last_port(state_dir) not in ports:
+        _write_private(state_dir / PORT_FILE, f"{ports.pop()}\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mesh_llm.errors import UserError
 from mesh_llm.mesh import iroh_fastpath
@@ -21,6 +21,7 @@ class TransportConfig:
     no_relay: bool = False  # air-gapped LANs and tests: direct addresses only
     bind_host: str = "0.0.0.0"
     bind_port: int = 0
+    preferred_port: int = 0  # with bind_port 0: try this one first (the last run's, so earlier tokens still lead here)
 
     @staticmethod
     def loopback() -> TransportConfig:
@@ -40,11 +41,16 @@ def endpoint_options(cfg: TransportConfig, secret_key: bytes) -> iroh.EndpointOp
         preset, mode = iroh.preset_n0(), iroh.RelayMode.custom_from_urls(cfg.relays)
     else:
         preset, mode = iroh.preset_n0(), None
-    kwargs = {"relay_mode": mode} if mode is not None else {}
-    return iroh.EndpointOptions(preset=preset, bind_addr=cfg.bind_addr, secret_key=secret_key, alpns=[ALPN], **kwargs)
+    # relay_mode=None is what leaving it out gives: the preset's relays
+    return iroh.EndpointOptions(preset=preset, bind_addr=cfg.bind_addr, secret_key=secret_key, alpns=[ALPN], relay_mode=mode)
 
 
 async def bind_endpoint(cfg: TransportConfig, secret_key: bytes) -> iroh.Endpoint:
+    if cfg.bind_port == 0 and cfg.preferred_port:
+        try:
+            return await bind_endpoint(replace(cfg, bind_port=cfg.preferred_port, preferred_port=0), secret_key)
+        except UserError:
+            pass  # taken by now: any free port (tokens printed earlier then need a relay to find us)
     iroh_fastpath.install()
     try:
         endpoint = await iroh.Endpoint.bind(endpoint_options(cfg, secret_key))
