@@ -72,6 +72,7 @@ def test_workers_added_by_ascending_rtt_until_the_group_fits() -> None:
     assert isinstance(p, Split)
     assert p.workers == ("y" * 8, "z" * 8)  # nearest two: 8 + 4 + 4 = 16 ≥ 15
     assert p.weights == (4 * GB // (1 << 20), 4 * GB // (1 << 20), 8 * GB // (1 << 20))
+    assert p.spares == ("x" * 8,)  # eligible, not needed: it replaces a worker that goes
 
 
 def test_running_workers_are_kept_while_eligible() -> None:
@@ -109,6 +110,7 @@ def test_differing_gguf_or_engine_is_excluded_with_the_reason() -> None:
     p = plan(me, [other_copy, old_engine, good], 11)
     assert isinstance(p, Split) and p.workers == ("g" * 8,)
     assert any("copy of m differs" in e for e in p.excluded)
+    assert p.spares == ()  # the excluded are no spares
     assert any("engine b10000 differs" in e for e in p.excluded)
     # and the excluded node itself knows why it stands by
     s = plan(other_copy, [me, old_engine, good], 11)

@@ -72,12 +72,12 @@ class RunnerConfig:
 
 def memory_need(info: GGUFInfo, ctx: int) -> int:
     """Bytes a model takes to run: weights with headroom plus the KV cache."""
-    heads = int(info.arch_value("attention.head_count", 1) or 1)  # type: ignore[arg-type]
+    heads = int(info.arch_value("attention.head_count", 1) or 1)
     kv_heads = info.arch_value("attention.head_count_kv", heads)
     kv = kv_cache_bytes(
         info.n_layers, ctx, heads,
-        kv_heads if isinstance(kv_heads, list) else int(kv_heads),  # type: ignore[arg-type]
-        int(info.arch_value("embedding_length", 0) or 0),  # type: ignore[arg-type]
+        kv_heads if isinstance(kv_heads, list) else int(kv_heads),
+        int(info.arch_value("embedding_length", 0) or 0),
         info.arch_value("attention.key_length"),  # type: ignore[arg-type]
         info.arch_value("attention.value_length"),  # type: ignore[arg-type]
     )
@@ -136,7 +136,7 @@ class ModelRunner:
         if self.state == "standby":
             return None
         plan, info = self.plan, self.cfg.info
-        split = ()
+        split: tuple[Slice, ...] = ()
         if isinstance(plan, Split):
             split = tuple(Slice(r.node, w, r.first, r.last, r.output) for r, w in zip(plan.layers, plan.weights, strict=True))
         ready = self.is_ready()
@@ -166,6 +166,7 @@ class ModelRunner:
                 "tensor_split": list(plan.weights),
                 "layers": [asdict(r) for r in plan.layers],
                 "excluded": list(plan.excluded),
+                "spares": list(plan.spares),
             }
         elif isinstance(plan, Waiting):
             doc["waiting"] = {"need_bytes": plan.need, "have_bytes": plan.have, "excluded": list(plan.excluded)}

@@ -63,6 +63,7 @@ class Split:
     weights: tuple[float, ...]  # --tensor-split: one per worker, then the host
     layers: tuple[LayerRange, ...]  # predicted placement, same order as weights
     excluded: tuple[str, ...] = ()  # one line per peer left out, with the reason
+    spares: tuple[str, ...] = ()  # eligible peers the group does not need (a worker lost is replaced from here)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def plan_model(
         weights = tuple(float(max(1, c.memory // MIB)) for c in order)
     weights = tuple(float(format(w, "g")) for w in weights)  # exactly what llama.cpp will parse
     layers = predict_layers([c.id for c in order], weights, n_layers)
-    return Split(me.id, tuple(c.id for c in chosen), weights, layers, tuple(excluded))
+    spares = tuple(p.id for p in eligible if p not in chosen)
+    return Split(me.id, tuple(c.id for c in chosen), weights, layers, tuple(excluded), spares)
 
 
 def predict_layers(nodes: Sequence[str], weights: Sequence[float], n_layers: int) -> tuple[LayerRange, ...]:
