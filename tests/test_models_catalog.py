@@ -188,3 +188,29 @@ def test_disk_shortfall() -> None:
     assert disk_shortfall(5 * gb, 10 * gb, margin=gb) == 0
     assert disk_shortfall(5 * gb, 5 * gb, margin=gb) == gb
     assert disk_shortfall(0, 0, margin=0) == 0
+
+
+def test_models_recommended_sizes_every_chat_model_against_this_machine() -> None:
+    import re
+
+    from mesh_llm.plan.split import required_bytes
+    from tests.conftest import run_cli
+
+    result = run_cli("models", "recommended")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    header, columns, *rows = result.stdout.splitlines()
+    offer = float(re.match(r"This machine offers ([\d.]+) GB \(", header).group(1)) * 1e9  # type: ignore[union-attr]
+    assert columns.split()[:3] == ["NAME", "SIZE", "FITS"]
+    fits = {cells[0]: cells[2] for cells in (re.split(r"\s{2,}", row) for row in rows)}
+    chat = [e for e in load_catalog() if e.role != "draft"]
+    assert sorted(fits) == sorted(e.name for e in chat)  # every chat model once, no drafts
+    for e in chat:
+        need = required_bytes(e.size_bytes, 0)
+        if abs(need - offer) < 0.05e9:
+            continue  # the header rounds the offer to 0.1 GB: too close to call
+        if need < offer:
+            assert fits[e.name] == "here", e.name
+        else:  # as many machines like this one as it takes, for an offer within the rounding
+            counts = {f"split over >={-(-need // int(offer + d))} like this" for d in (-0.05e9, 0.05e9)}
+            assert fits[e.name] in counts, (e.name, fits[e.name], counts)
+    assert fits["gemma-3-270m"] == "here"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,24 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "draft": write_tiny_model(root / "draft.gguf", TinyModelSpec(n_layers=1, seed=2, name="stand-in 0.5b")),
         # 32 MB: huggingface_hub writes in 10 MB pieces, so a kill after 14 MB leaves 10 MB to resume from
         "big": write_tiny_model(root / "big.gguf", TinyModelSpec(n_layers=2, n_embd=512, n_ff=2048, seed=4, name="big")),
+        # the next version of "big": same size and header, other weights
+        "big2": write_tiny_model(root / "big2.gguf", TinyModelSpec(n_layers=2, n_embd=512, n_ff=2048, seed=5, name="big")),
     }
 
 
 @pytest.fixture
-def hub(files: dict[str, Path], tmp_path: Path):
-    standin = HubStandIn()
+def hub(files: dict[str, Path]) -> Iterator[HubStandIn]:
+    yield from standin_for(files, redirect=False)
+
+
+@pytest.fixture
+def cdn_hub(files: dict[str, Path]) -> Iterator[HubStandIn]:
+    """The stand-in as the real hub serves large files: resolve answers 302 to a CDN on another host."""
+    yield from standin_for(files, redirect=True)
+
+
+def standin_for(files: dict[str, Path], redirect: bool) -> Iterator[HubStandIn]:
+    standin = HubStandIn(redirect=redirect)
     standin.add(*TARGET, files["target"])
     standin.add(*DRAFT, files["draft"])
     standin.add("org/tiny-GGUF", "tiny-Q4_K_M.gguf", files["target"])
@@ -51,6 +64,21 @@ def hub_env(hub: HubStandIn, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def downloaded(proc: subprocess.CompletedProcess[str]) -> Path:
+    return Path(proc.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+
+
+def kill_midway(hub: HubStandIn, tmp_path: Path, ref: str) -> None:
+    """Start `mesh-llm download REF` slowly and kill -9 it once 14 MB have been sent."""
+    hub.bytes_per_s = 16_000_000
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_llm", "download", ref], env={**os.environ, **hub_env(hub, tmp_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    wait_for(lambda: hub.sent(Path(ref).name) > 14_000_000, timeout=30, what="14 MB sent")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    hub.bytes_per_s = None
 
 
 def test_download_3b_with_its_draft_into_the_hf_cache(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
@@ -90,7 +118,7 @@ def test_every_reference_form_downloads(hub: HubStandIn, files: dict[str, Path],
     for ref, source in forms.items():
         proc = run_cli("models", "download", ref, env=env)
         assert proc.returncode == 0, (ref, proc.stderr)
-        path = Path(proc.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+        path = downloaded(proc)
         assert sha(path) == sha(source), ref
     split = run_cli("download", "org/split-GGUF/s/m-00001-of-00002.gguf", env=env)  # every shard of a split GGUF
     assert split.returncode == 0, split.stderr
@@ -100,27 +128,57 @@ def test_every_reference_form_downloads(hub: HubStandIn, files: dict[str, Path],
 
 
 def test_a_killed_download_resumes_where_it_stopped(hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
-    env = {**os.environ, **hub_env(hub, tmp_path)}
     size = files["big"].stat().st_size
-    hub.bytes_per_s = 16_000_000
-    proc = subprocess.Popen([sys.executable, "-m", "mesh_llm", "download", "org/tiny-GGUF/sub/big-Q2_K.gguf"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    wait_for(lambda: hub.sent("big-Q2_K.gguf") > 14_000_000, timeout=30, what="14 MB sent")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_midway(hub, tmp_path, "org/tiny-GGUF/sub/big-Q2_K.gguf")
     partial = list((tmp_path / "hf" / "hub").rglob("*.incomplete"))
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < size
     kept = partial[0].stat().st_size
+    other = run_cli("download", "org/tiny-GGUF/tiny-Q8_0.gguf", env=hub_env(hub, tmp_path))  # another file of the repo
+    assert other.returncode == 0 and partial[0].stat().st_size == kept  # leaves this partial alone
 
-    hub.bytes_per_s = None
     done = run_cli("download", "org/tiny-GGUF/sub/big-Q2_K.gguf", env=hub_env(hub, tmp_path))
     assert done.returncode == 0, done.stderr
     first, second = hub.gets("big-Q2_K.gguf")
     assert first.start == 0 and second.start == kept  # asked only for the missing bytes
     assert second.sent == size - kept
     assert "resuming at" in done.stdout
-    path = Path(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    path = downloaded(done)
     assert sha(path) == sha(files["big"]) and not list((tmp_path / "hf" / "hub").rglob("*.incomplete"))
+
+
+def test_a_redirected_download_is_named_by_the_linked_etag_and_the_token_stays_on_the_hub(cdn_hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
+    size, digest = files["big"].stat().st_size, sha(files["big"])
+    done = run_cli("download", "org/tiny-GGUF/sub/big-Q2_K.gguf", env=hub_env(cdn_hub, tmp_path, HF_TOKEN="hf_secret_for_the_test"))
+    assert done.returncode == 0, done.stderr
+    path = downloaded(done)
+    blobs = tmp_path / "hf" / "hub" / "models--org--tiny-GGUF" / "blobs"
+    assert sha(path) == digest and path.resolve() == blobs / digest  # X-Linked-Etag, not the 302's ETag
+    assert [p.name for p in blobs.iterdir()] == [digest]  # no .incomplete left
+    assert f"({size / 1e9:.2f} GB)" in done.stdout and size / 1e9 >= 0.01  # X-Linked-Size, not the 302's Content-Length
+    (get,) = cdn_hub.gets("big-Q2_K.gguf")  # the bytes come from the CDN, in one go
+    assert get.server == "cdn" and get.start == 0 and get.sent == size
+    resolves = [s.authorization for s in cdn_hub.seen if s.server == "hub" and "/resolve/" in s.path]
+    assert resolves and set(resolves) == {"Bearer hf_secret_for_the_test"}  # the hub gets the token...
+    assert cdn_hub.authorizations("cdn") == [None]  # ...the CDN never does
+
+
+def test_a_file_changed_on_the_hub_after_a_kill_is_fetched_anew_from_byte_0(cdn_hub: HubStandIn, files: dict[str, Path], tmp_path: Path) -> None:
+    old, new = files["big"], files["big2"]
+    assert old.stat().st_size == new.stat().st_size  # so only the ETag can tell the versions apart
+    kill_midway(cdn_hub, tmp_path, "org/tiny-GGUF/sub/big-Q2_K.gguf")
+    repo_dir = tmp_path / "hf" / "hub" / "models--org--tiny-GGUF"
+    (partial,) = (repo_dir / "blobs").iterdir()
+    assert partial.name == f"{sha(old)}.incomplete" and 0 < partial.stat().st_size < old.stat().st_size
+
+    commit = cdn_hub.replace("org/tiny-GGUF", "sub/big-Q2_K.gguf", new)  # a push: new bytes, new ETag, new commit
+    done = run_cli("download", "org/tiny-GGUF/sub/big-Q2_K.gguf", env=hub_env(cdn_hub, tmp_path))
+    assert done.returncode == 0, done.stderr
+    first, second = cdn_hub.gets("big-Q2_K.gguf")
+    assert first.start == second.start == 0 and second.sent == new.stat().st_size and "resuming at" not in done.stdout
+    path = downloaded(done)
+    assert path == repo_dir / "snapshots" / commit / "sub" / "big-Q2_K.gguf"
+    assert sha(path) == sha(new)  # all of the new version, none of the old
+    assert [p.name for p in (repo_dir / "blobs").iterdir()] == [sha(new)]  # the old version's partial is gone
 
 
 def test_offline_and_missing_models_are_one_clear_line(hub: HubStandIn, tmp_path: Path) -> None:
@@ -149,6 +207,10 @@ def test_search_lists_catalog_and_hub(hub: HubStandIn, tmp_path: Path) -> None:
 
 @pytest.fixture
 def in_process_hub(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    return point_at(hub, tmp_path, monkeypatch)
+
+
+def point_at(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """huggingface_hub in this process pointed at the stand-in (it reads HF_ENDPOINT at import)."""
     from huggingface_hub import constants
 
@@ -167,6 +229,20 @@ def test_not_enough_disk_space_stops_before_downloading(in_process_hub, hub: Hub
     with pytest.raises(UserError, match=r"not enough disk space for Qwen/Qwen2.5-3B-Instruct-GGUF/qwen2.5-3b-instruct-q4_k_m.gguf: .*set HF_HOME"):
         in_process_hub.download_model(*TARGET, say=lambda line: None)
     assert not hub.gets(TARGET[1])  # nothing was fetched
+
+
+def test_the_disk_check_counts_the_linked_size_not_the_redirects(cdn_hub: HubStandIn, files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh_llm.errors import UserError
+
+    hub_module = point_at(cdn_hub, tmp_path, monkeypatch)
+    size = files["big"].stat().st_size
+    free = size + hub_module.DISK_MARGIN - 1  # one byte short
+    monkeypatch.setattr(hub_module.shutil, "disk_usage", lambda p: type("U", (), {"free": free})())
+    with pytest.raises(UserError, match="not enough disk space"):
+        hub_module.download_file("org/tiny-GGUF", "sub/big-Q2_K.gguf", say=lambda line: None)
+    assert not cdn_hub.gets("big-Q2_K.gguf")
+    free += 1  # just enough
+    assert sha(hub_module.download_file("org/tiny-GGUF", "sub/big-Q2_K.gguf", say=lambda line: None)) == sha(files["big"])
 
 
 def test_a_write_error_mid_download_is_one_line_and_keeps_the_partial(in_process_hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

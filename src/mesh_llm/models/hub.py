@@ -5,13 +5,15 @@ so `huggingface-cli`, llama.cpp's `-hf` and other tools see them and vice versa.
 `huggingface_hub` supplies the cache layout, metadata, HTTP and progress bar;
 this module adds what it no longer does: a partial file with a stable name
 (`blobs/<etag>.incomplete`) that a later run resumes with an HTTP Range request
-after the process was killed, and a disk-space check that stops before starting.
+after the process was killed (and deleted once the hub serves a new version of
+that file), and a disk-space check that stops before starting.
 `HF_ENDPOINT` points all of it at a mirror or a local stand-in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -159,13 +161,42 @@ def download_file(repo: str, file: str, revision: str = "main", say: Callable[[s
         lock = hub_cache() / ".locks" / folder / f"{meta.etag}.lock"  # the lock huggingface_hub itself takes
         lock.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
+            _drop_stale_partials(lock.parent, blob.parent, revision, file, meta.etag)
             if not blob.is_file():
+                note = lock.with_name(f"{meta.etag}.partial")  # whose partial this is, for the line above in a later run
+                note.write_text(_owner(revision, file))
                 _fetch_blob(meta.location, blob, meta.size, what, say, headers)
+                note.unlink(missing_ok=True)
             if not pointer.exists():
                 pointer.unlink(missing_ok=True)  # a dangling link from a removed blob
                 pointer.symlink_to(os.path.relpath(blob, pointer.parent))
             _cache_commit_hash_for_specific_revision(str(storage), revision, meta.commit_hash)
     return pointer
+
+
+def _owner(revision: str, file: str) -> str:
+    return json.dumps([revision, file])
+
+
+def _drop_stale_partials(locks: Path, blobs: Path, revision: str, file: str, etag: str) -> None:
+    """Delete the partial of an older version of this file at this revision: the hub now serves another
+    ETag, so no later run for this revision resumes it and it would hold its disk forever. The HF layout
+    cannot tell whose partial is whose, hence the notes; other files' partials, and one that another
+    process is fetching (its lock held), stay."""
+    from filelock import Timeout
+    from huggingface_hub.utils import WeakFileLock
+
+    for note in locks.glob("*.partial"):
+        old = note.name.removesuffix(".partial")
+        with contextlib.suppress(OSError):
+            if old == etag or note.read_text() != _owner(revision, file):
+                continue
+            try:
+                with WeakFileLock(locks / f"{old}.lock", timeout=0.1):
+                    (blobs / f"{old}.incomplete").unlink(missing_ok=True)
+                    note.unlink()
+            except Timeout:
+                pass
 
 
 def _fetch_blob(url: str, blob: Path, size: int | None, what: str, say: Callable[[str], None], headers: dict[str, str]) -> None:

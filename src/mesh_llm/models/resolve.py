@@ -8,6 +8,7 @@ catalog's offline default, Gemma 3 270M, is assembled from its PyPI package.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def materialize(entry: CatalogEntry) -> Path:
     except ImportError:
         raise UserError(f"{entry.name} comes from the PyPI package {entry.package}: pip install 'mesh-llm[{entry.extra}]'") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
+    tmp = target.with_suffix(f".partial-{os.getpid()}")  # two nodes starting at once each write their own
     try:
         pkg.assemble(tmp, overwrite=True)
     except (OSError, ValueError) as exc:

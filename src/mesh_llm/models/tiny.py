@@ -12,6 +12,7 @@ produced by one method so an expert layout can replace them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class TinyModelSpec:
     name: str = "tiny-llama"
     n_experts: int = 0  # reserved for the MoE variant; 0 = dense
     merges: tuple[str, ...] = tuple(COMMON_PAIRS)  # another list gives another vocabulary (a draft that cannot pair)
+    bos_token: str = "<|endoftext|>"  # special tokens and whether the tokenizer adds them: drafts must match
+    eos_token: str = "<|im_end|>"
+    add_bos: bool = False
+    add_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -49,6 +54,8 @@ class TinyModelSpec:
             raise ValueError("dtype must be f32 or f16")
         if self.n_experts:
             raise NotImplementedError("MoE tiny models are not written yet")
+        if not {self.bos_token, self.eos_token} <= set(SPECIAL_TOKENS):
+            raise ValueError(f"bos_token and eos_token must be among {SPECIAL_TOKENS}")
 
 
 def gpt2_byte_alphabet() -> list[str]:
@@ -112,9 +119,11 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(False)
+    w.add_bos_token_id(tokens.index(spec.bos_token))
+    w.add_eos_token_id(tokens.index(spec.eos_token))
+    w.add_add_bos_token(spec.add_bos)
+    if spec.add_eos:
+        w.add_add_eos_token(True)
     w.add_chat_template(CHATML_TEMPLATE)
 
     w.add_tensor("token_embd.weight", mat(n_vocab, spec.n_embd, 1.0))
@@ -140,7 +149,7 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     return path
 
 
-def _dense_ffn(spec: TinyModelSpec, mat) -> list[tuple[str, np.ndarray]]:
+def _dense_ffn(spec: TinyModelSpec, mat: Callable[[int, int], np.ndarray]) -> list[tuple[str, np.ndarray]]:
     return [
         ("ffn_gate.weight", mat(spec.n_ff, spec.n_embd)),
         ("ffn_up.weight", mat(spec.n_ff, spec.n_embd)),

@@ -41,8 +41,8 @@ def vocab_of(info: GGUFInfo) -> Vocab:
         n_tokens=info.array_lengths.get(TOKENS_KEY, 0),
         add_bos=bool(m.get("tokenizer.ggml.add_bos_token", add_bos)),
         add_eos=bool(m.get("tokenizer.ggml.add_eos_token", add_eos)),
-        bos=int(bos) if isinstance(bos, int) else None,  # type: ignore[arg-type]
-        eos=int(eos) if isinstance(eos, int) else None,  # type: ignore[arg-type]
+        bos=int(bos) if isinstance(bos, int) else None,
+        eos=int(eos) if isinstance(eos, int) else None,
     )
 
 
@@ -54,15 +54,19 @@ def vocab_mismatch(target: GGUFInfo, draft: GGUFInfo) -> str | None:
     if t.kind != d.kind:
         return f"tokenizer types differ ({d.kind or 'none'} vs {t.kind or 'none'})"
     if t.add_bos != d.add_bos or (t.add_bos and t.bos != d.bos):
-        return f"BOS tokens differ ({d.bos} vs {t.bos})"
+        return f"BOS tokens differ (draft {_adds(d.add_bos, d.bos)}, target {_adds(t.add_bos, t.bos)})"
     if t.add_eos != d.add_eos or (t.add_eos and t.eos != d.eos):
-        return f"EOS tokens differ ({d.eos} vs {t.eos})"
+        return f"EOS tokens differ (draft {_adds(d.add_eos, d.eos)}, target {_adds(t.add_eos, t.eos)})"
     if abs(t.n_tokens - d.n_tokens) > MAX_SIZE_DIFFERENCE:
         return f"vocabulary sizes differ by more than {MAX_SIZE_DIFFERENCE} ({d.n_tokens} vs {t.n_tokens} tokens)"
     upto = min(t.n_tokens, d.n_tokens)
     if _token_bytes(target, FIRST_CHECKED_TOKEN, upto) != _token_bytes(draft, FIRST_CHECKED_TOKEN, upto):
         return "token texts differ"
     return None
+
+
+def _adds(added: bool, token: int | None) -> str:
+    return f"adds token {token}" if added else "adds none"
 
 
 def _token_bytes(info: GGUFInfo, start: int, stop: int) -> bytes:
