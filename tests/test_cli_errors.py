@@ -62,10 +62,22 @@ def test_console_port_in_use(tiny_model: Path) -> None:
         assert_one_line_error(result, f"console port {port}", "already in use", "--console N")
 
 
-@pytest.mark.parametrize(("value", "fragment"), [("0", "not a port"), ("70000", "not a port"), ("x", "invalid int")])
-def test_bad_console_port(tiny_model: Path, value: str, fragment: str) -> None:
-    result = run_cli("--model", str(tiny_model), "--console", value)
-    assert result.returncode != 0 and "Traceback" not in result.stderr and fragment in result.stderr, result.stderr
+@pytest.mark.parametrize(("value", "fragment", "code"), [("0", "--console 0 is not a port", 1), ("70000", "--console 70000 is not a port", 1), ("x", "argument --console: invalid int value: 'x'", 2)])
+def test_bad_console_port(tiny_model: Path, value: str, fragment: str, code: int) -> None:
+    assert_one_line_error(run_cli("--model", str(tiny_model), "--console", value), fragment, code=code)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (("--port", "x"), ("argument --port: invalid int value: 'x'", "(see: mesh-llm --help)")),
+        (("--no-such-flag",), ("unrecognized arguments: --no-such-flag",)),
+        (("models", "frobnicate"), ("argument action: invalid choice: 'frobnicate'", "(see: mesh-llm models --help)")),
+        (("engine", "--llama-flavor", "tpu"), ("argument --llama-flavor: invalid choice: 'tpu'",)),
+    ],
+)
+def test_usage_errors_are_one_line_too(args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
+    assert_one_line_error(run_cli(*args), *fragments, code=2)
 
 
 def test_console_on_the_api_port(tiny_model: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -35,8 +36,15 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error (not the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mesh-llm: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesh-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="mesh-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
     p.add_argument("--model", action="append", default=[], metavar="REF",
                    help="model to serve: catalog name (fuzzy), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], Hugging Face URL, or path")
