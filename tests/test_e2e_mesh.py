@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
-import time
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.token import InviteToken, decode_token
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
-from tests.conftest import LOCAL, run_cli, wait_for
+from tests.conftest import LOCAL, assert_one_line_error, free_port, leave_mid_stream, run_cli, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -69,13 +72,12 @@ def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, t
     assert err.value.code == 404
     assert sorted(json.loads(err.value.read())["error"]["available"]) == ["tiny-llama", "tiny-other"]
 
-    # kill -9 of B: everyone else drops it within the 10 s bound.
+    # kill -9 of B: everyone else notices its silence and drops it (how soon: bench/console.py).
     b_id = ids[b]
     b.stop(signal.SIGKILL)
-    killed = time.monotonic()
     for n in (a, c, client):
-        wait_for(lambda n=n: b_id not in n.peer_ids(), timeout=15, what=f"{n.state_dir.name} drops B")
-    assert time.monotonic() - killed <= 10.5
+        wait_for(lambda n=n: b_id not in n.peer_ids(), timeout=60, what=f"{n.state_dir.name} drops B")
+        assert re.search(rf"Peer left: \w+ {b_id[:8]} .*: (silent for|connection lost)", n.output()), n.output()
     with pytest.raises(urllib.error.HTTPError) as err:
         chat(client.port, "tiny-other")
     assert err.value.code == 404
@@ -88,13 +90,13 @@ def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, t
         wait_for(lambda n=n: b_id in n.peer_ids(), what=f"{n.state_dir.name} sees B again")
     wait_for(lambda: chat(client.port, "tiny-other")["choices"], what="tiny-other served again")
 
-    # Ctrl-C is a graceful leave: peers drop A at once, not after the silence bound.
+    # Ctrl-C is a graceful leave: A says goodbye, so peers drop it for that reason, not for silence.
     a_id = ids[a]
     a.stop(signal.SIGINT)
-    left = time.monotonic()
-    wait_for(lambda: a_id not in c.peer_ids(), timeout=5, what="C drops A")
-    assert time.monotonic() - left < 5
-    assert "left the mesh" in c.output()
+    for n in (c, client):
+        line = n.wait_output(f"Peer left: host {a_id[:8]} ", timeout=60)
+        assert line.endswith(": left the mesh"), line
+        wait_for(lambda n=n: a_id not in n.peer_ids(), what=f"{n.state_dir.name} drops A")
 
 
 def _forge(token: str, creds: MeshCredentials) -> str:
@@ -113,11 +115,7 @@ def test_bad_tokens_get_a_clear_error_and_no_membership(start_node, tiny_model, 
         "forged secret": (_forge(token, MeshCredentials(real.mesh_id, b"\x01" * 32)), "mesh secret in your token does not match"),
     }
     for name, (bad, expected) in cases.items():
-        r = run_cli("--client", "--join", bad, *LOCAL, "--state-dir", str(tmp_path / name), timeout=60)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0, name
-        assert len(lines) == 1 and expected in lines[0], (name, r.stderr)
-        assert "Traceback" not in r.stderr + r.stdout
+        assert_one_line_error(run_cli("--client", "--join", bad, *LOCAL, "--state-dir", str(tmp_path / name), timeout=60), expected)
     assert a.peer_ids() == set()
     a.wait_output("token of another mesh", timeout=5)
     a.wait_output("wrong mesh secret", timeout=5)
@@ -128,9 +126,6 @@ def test_bad_tokens_get_a_clear_error_and_no_membership(start_node, tiny_model, 
 @pytest.fixture
 def netns():  # type: ignore[no-untyped-def]
     """A network namespace joined to this one by a veth pair: a second host."""
-    import os
-    import subprocess
-
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("network namespaces need root and iproute2")
     tag = f"{os.getpid() % 100000}"
@@ -157,19 +152,101 @@ def netns():  # type: ignore[no-untyped-def]
     subprocess.run(["ip", "link", "del", host_if], capture_output=True)
 
 
+LOCAL_READ = """
+import json, sys, urllib.request
+api, console = sys.argv[1:]
+for url in (f"http://127.0.0.1:{api}/api/status", f"http://localhost:{console}/api/status"):
+    print(json.loads(urllib.request.urlopen(url, timeout=10).read())["token"])
+with urllib.request.urlopen(f"http://127.0.0.1:{console}/api/events", timeout=10) as events:
+    for line in events:
+        if line.startswith(b"data:"):
+            print(json.loads(line[5:])["token"])
+            break
+"""
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def first_event(url: str) -> dict:
+    """The first status document on a server-sent event stream."""
+    with urllib.request.urlopen(url, timeout=10) as events:
+        for line in events:
+            if line.startswith(b"data:"):
+                return json.loads(line[5:])
+    raise AssertionError(f"{url} ended without an event")
+
+
 def test_a_node_in_another_network_namespace_joins_over_the_veth(start_node, tiny_model, engine, netns):
     ns, host_ip, ns_ip = netns
     a = start_node("--model", str(tiny_model), "--no-relay", "--bind-host", host_ip)
     a.wait_ready()
     token = a.token()
     assert [addr.rsplit(":", 1)[0] for addr in decode_token(token).addrs] == [host_ip]
-    far = start_node("--join", token, "--no-relay", "--listen-all", prefix=("ip", "netns", "exec", ns), host=ns_ip)
+    console = free_port()
+    far = start_node("--join", token, "--no-relay", "--listen-all", "--console", str(console), prefix=("ip", "netns", "exec", ns), host=ns_ip)
     far.wait_ready()
     far_id = far.node_id()
     wait_for(lambda: far_id in a.peer_ids(), what="A sees the node in the namespace")
     assert all(addr.startswith(ns_ip + ":") for addr in far.status()["node"]["addrs"])  # it lives on the far side
+    # --listen-all: the API answers on the namespace's own address, for the mesh's models too.
     body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
     req = urllib.request.Request(f"{far.base_url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         reply = json.loads(r.read())
     assert reply["choices"][0]["message"]["content"]
+
+    # Callers from another machine see the mesh but never its token, on either port, JSON or SSE.
+    api, page = f"http://{ns_ip}:{far.port}", f"http://{ns_ip}:{console}"
+    for url in (api + "/api/status", page + "/api/status"):
+        doc = get_json(url)
+        assert doc["token"] is None and doc["node"]["id"] == far_id, url
+    assert first_event(page + "/api/events")["token"] is None
+    with pytest.raises(urllib.error.HTTPError) as err:  # the API port has no event stream to leak from
+        urllib.request.urlopen(api + "/api/events", timeout=10)
+    assert err.value.code == 404
+    far_token = far.token()
+    assert far_token not in urllib.request.urlopen(page + "/", timeout=10).read().decode()
+    # ... while a caller on the far machine itself gets it, from both.
+    local = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", LOCAL_READ, str(far.port), str(console)],
+                           capture_output=True, text=True, timeout=60)
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.split() == [far_token, far_token, far_token]
+
+
+def test_a_restarted_first_node_still_admits_its_old_token_and_rotate_key_gives_a_new_id(start_node, tiny_model, engine):
+    a = start_node("--model", str(tiny_model), *LOCAL)
+    a.wait_ready()
+    old_token, a_id, mesh_id = a.token(), a.node_id(), a.status()["mesh"]["id"]
+    a.stop()
+    # Same state dir: same key, same mesh, same QUIC port, so the token printed before still leads here.
+    again = start_node("--model", str(tiny_model), *LOCAL, port=a.port, state_dir=a.state_dir)
+    again.wait_ready()
+    assert again.node_id() == a_id and again.status()["mesh"]["id"] == mesh_id
+    joiner = start_node("--client", "--join", old_token, *LOCAL)
+    joiner.wait_ready()
+    assert joiner.peer_ids() == {a_id}
+    again.stop()
+
+    rotated = run_cli("rotate-key", "--state-dir", str(a.state_dir))
+    assert rotated.returncode == 0 and "New node key" in rotated.stdout, rotated.stderr
+    fresh = start_node("--model", str(tiny_model), *LOCAL, port=a.port, state_dir=a.state_dir)
+    fresh.wait_ready()
+    assert fresh.node_id() != a_id  # a new identity ...
+    assert fresh.status()["mesh"]["id"] == mesh_id  # ... in the same mesh
+
+
+def test_a_client_that_leaves_on_another_node_frees_the_slot_where_it_was_served(start_node, tiny_model, engine):
+    """B's proxy, and B's console (whose Stop button ends the request the same way), tunnel to A's
+    llama-server: hanging up on B must cancel the generation on A, not leave it running."""
+    a = start_node("--model", str(tiny_model), "--ctx-size", "16384", *LOCAL)
+    a.wait_ready()
+    console = free_port()
+    b = start_node("--client", "--join", a.token(), "--console", str(console), *LOCAL)
+    b.wait_ready()
+    upstream = a.llama_server_url()
+    for n, port in enumerate((b.port, console), start=1):
+        leave_mid_stream(port, while_streaming=lambda: a.busy_slots(upstream) == 1)
+        wait_for(lambda n=n: a.cancelled_tasks() == n and a.busy_slots(upstream) == 0, timeout=60, what=f"generation {n} on A cancelled")

@@ -12,19 +12,9 @@ import psutil
 import pytest
 from openai import OpenAI
 
+from tests.conftest import leave_mid_stream, llama_servers, wait_for
+
 pytestmark = pytest.mark.engine
-
-
-def llama_servers(pid: int) -> list[psutil.Process]:
-    """Live llama-server descendants of `pid` (zombies awaiting reaping are skipped)."""
-    found = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "llama-server" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
 
 
 def test_stream_models_and_clean_shutdown(engine, tiny_model: Path, start_node) -> None:
@@ -105,29 +95,9 @@ def test_kill_9_of_node_takes_llama_server_with_it(engine, tiny_model: Path, sta
 
 def test_disconnecting_client_cancels_generation(engine, tiny_model: Path, start_node) -> None:
     """A client that goes away mid-stream frees llama-server's slot instead of generating on."""
-    import http.client
-
     node = start_node("--model", str(tiny_model), "--ctx-size", "16384")
     node.wait_ready()
-    (server,) = llama_servers(node.proc.pid)
-    cmd = server.cmdline()
-    direct = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-
-    def busy_slots() -> int:
-        slots = json.loads(urllib.request.urlopen(direct + "/slots", timeout=5).read())
-        return sum(1 for s in slots if s["is_processing"])
-
-    conn = http.client.HTTPConnection("127.0.0.1", node.port)
-    body = {"model": "tiny-llama", "prompt": "go", "max_tokens": 15000, "ignore_eos": True, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    resp.fp.readline()  # first event arrived: generation is under way
-    assert busy_slots() == 1
-    conn.sock.shutdown(2)
-    conn.close()
-    deadline = time.monotonic() + 10
-    while busy_slots() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert busy_slots() == 0, "generation kept running after the client left"
+    leave_mid_stream(node.port, while_streaming=lambda: node.busy_slots() == 1)
+    # Stopped because the client left (llama-server logs the cancel), not because it finished.
+    wait_for(lambda: node.cancelled_tasks() == 1 and node.busy_slots() == 0, timeout=60, what="generation cancelled")
     node.stop()

@@ -8,6 +8,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,16 @@ def complete(port: int, prompt: str, max_tokens: int = 24) -> str:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())["choices"][0]["text"]
+
+
+def post_completion(port: int, body: dict) -> tuple[int, dict]:
+    """POST /v1/completions; the status and JSON body, errors included."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def serving(node) -> dict:  # type: ignore[no-untyped-def]
@@ -88,12 +99,12 @@ def test_forced_two_node_split_with_manual_shares_matches_solo(start_node, split
         assert complete(b.port, prompt) == text  # B reaches the split through the mesh
     assert_placement_as_predicted(serving(a), SPEC.n_layers)
 
-    # Several nodes at once: llama-server's parallel slots serve them side by side.
-    from concurrent.futures import ThreadPoolExecutor
-
+    # Several nodes at once: llama-server's parallel slots serve them side by side, each greedy
+    # text still the one the model gives alone.
+    asks = [(a.port, p) for p in PROMPTS] + [(b.port, p) for p in PROMPTS]
     with ThreadPoolExecutor(4) as pool:
-        texts = list(pool.map(lambda port_prompt: complete(*port_prompt, max_tokens=32), [(a.port, p) for p in PROMPTS] + [(b.port, p) for p in PROMPTS]))
-    assert all(len(t) > 0 for t in texts)
+        texts = list(pool.map(lambda port_prompt: complete(*port_prompt), asks))
+    assert texts == [solo_text[p] for _, p in asks]
 
     # The host leaves: B, forced to split with nobody left, takes the model over and waits.
     a.stop()
@@ -141,6 +152,7 @@ def test_three_nodes_hold_what_none_can_and_survive_losing_a_worker(start_node, 
     c = start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
     state = wait_for(lambda: serving(a)["state"] == "ready" and serving(a), timeout=60, what="3-node split ready")
     assert len(state["split"]["workers"]) == 2
+    server_pid = a.llama_server().pid
     for prompt, text in solo_text.items():
         assert complete(a.port, prompt) == text
         assert complete(c.port, prompt) == text
@@ -153,7 +165,9 @@ def test_three_nodes_hold_what_none_can_and_survive_losing_a_worker(start_node, 
     e = start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
     e.wait_output("hosts the split")
     e_id = e.node_id()
-    assert e_id not in serving(a)["split"]["workers"]  # the running split is not restarted for a spare
+    wait_for(lambda: serving(a)["split"]["spares"] == [e_id], what="A plans with E as a spare")
+    assert e_id not in serving(a)["split"]["workers"]
+    assert a.llama_server().pid == server_pid  # neither the odd copy nor the spare restarted the split
 
     # kill -9 a worker mid-stream: the stream ends with an error, then the split re-forms with the spare.
     victim = c if c.node_id() in serving(a)["split"]["workers"] else b
@@ -173,3 +187,16 @@ def test_three_nodes_hold_what_none_can_and_survive_losing_a_worker(start_node, 
     back = time.monotonic() - killed_at[0]
     print(f"worker loss → stream ended after {ended - killed_at[0]:.1f} s → serving again after {back:.1f} s")
     assert_placement_as_predicted(serving(a), SPEC.n_layers)
+
+    # A plain (non-streamed) request in flight when a worker dies gets the same JSON error.
+    # The worker is frozen first, so the request is surely stuck inside llama-server when it dies.
+    victim = next(n for n in (b, c, e) if n.proc.poll() is None and n.node_id() in serving(a)["split"]["workers"])
+    tasks_before = a.llama_log().count("processing task")
+    victim.proc.send_signal(signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(post_completion, a.port, {"prompt": "hello", "max_tokens": 200, "temperature": 0})
+        wait_for(lambda: a.llama_log().count("processing task") > tasks_before, what="the request reached llama-server")
+        victim.proc.send_signal(signal.SIGKILL)
+        status, doc = reply.result(timeout=120)
+    assert status == 503, doc
+    assert doc["error"]["type"] == "unavailable_error" and "retry shortly" in doc["error"]["message"], doc

@@ -101,6 +101,7 @@ def test_a_patch_that_does_not_apply_is_a_clear_error(tmp_path: Path) -> None:
         extract_tree(sdist, bad, tmp_path / "src")
 
 
+@pytest.mark.engine  # the engine build downloads the sdist first
 def test_the_shipped_patches_apply_to_the_pinned_source(tmp_path: Path) -> None:
     """Applies our patches to the files they touch, taken from the real sdist (CI fetches it first)."""
     from mesh_llm.engine.source import apply_patch

@@ -16,6 +16,7 @@ import pytest
 
 from mesh_llm.engine import supervisor as sup
 from mesh_llm.engine.supervisor import ProcessSpec, ProcState, StartFailed, Supervisor, backoff_delay, log_tail
+from tests.mesh_helpers import wait_until
 
 
 def py(code: str) -> list[str]:
@@ -86,11 +87,8 @@ async def test_crash_is_reported_and_restarted(tmp_path: Path, monkeypatch) -> N
     mp = await s.start(ProcessSpec("worker", py("import time; time.sleep(300)"), tmp_path / "w.log", health_interval=0.1))
     first_pid = mp.pid
     os.kill(first_pid, signal.SIGKILL)
-    for _ in range(100):
-        if mp.restarts == 1 and mp.state == ProcState.READY:
-            break
-        await asyncio.sleep(0.05)
-    assert mp.restarts == 1 and mp.pid != first_pid
+    await wait_until(lambda: mp.restarts == 1 and mp.state == ProcState.READY)
+    assert mp.pid != first_pid
     assert mp.last_exit == -signal.SIGKILL
     assert any("exited with code -9; restarting" in m for m in messages)
     assert ProcState.RESTARTING in states
@@ -106,14 +104,9 @@ async def test_unhealthy_process_is_restarted(tmp_path: Path, monkeypatch) -> No
     spec = ProcessSpec("hang", py("import time; time.sleep(300)"), tmp_path / "h.log", health=file_health(flag), health_interval=0.05, health_failures_to_restart=2)
     mp = await s.start(spec)
     flag.unlink()  # now it "hangs"
-    await asyncio.sleep(0.5)
-    assert any("stopped answering health checks" in m for m in messages)
+    await wait_until(lambda: any("stopped answering health checks" in m for m in messages))
     flag.touch()
-    for _ in range(100):
-        if mp.restarts >= 1 and mp.state == ProcState.READY:
-            break
-        await asyncio.sleep(0.05)
-    assert mp.restarts >= 1
+    await wait_until(lambda: mp.restarts >= 1 and mp.state == ProcState.READY)
     await s.stop_all()
 
 
