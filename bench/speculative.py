@@ -101,7 +101,7 @@ async def run(args: argparse.Namespace) -> None:
                 "speedup": round(m["draft"]["tps"] / m["plain"]["tps"], 3),
                 "acceptance": round(acceptance, 3),
                 "drafted": m["draft"]["drafted"],
-                **({"tunnel_rtt_ms": {k: round(v, 2) for k, v in rtt.items()}} if rtt else {}),
+                **({"tunnel_rtt_ms": {k: {"fastest": round(v[0], 2), "median": round(v[1], 2)} for k, v in rtt.items()}} if rtt else {}),
             }
             print(f"{name:>10}: {results[name]}", flush=True)
             procs.stop_all()
