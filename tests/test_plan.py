@@ -80,6 +80,9 @@ def test_running_workers_are_kept_while_eligible() -> None:
     far, near = node("f", 4, 30), node("n", 4, 1)
     p = plan(me, [far, near], 11, keep=["f" * 8])
     assert isinstance(p, Split) and p.workers == ("f" * 8,)
+    # two kept workers stay in their order though their RTTs swapped (a new order would restart the split)
+    kept = plan(me, [node("f", 3, 30), node("n", 3, 1)], 13, keep=["f" * 8, "n" * 8])
+    assert isinstance(kept, Split) and kept.workers == ("f" * 8, "n" * 8)
     # a kept worker that became ineligible is replaced
     p = plan(me, [node("f", 4, 30, fp="0" * 32), near], 11, keep=["f" * 8])
     assert isinstance(p, Split) and p.workers == ("n" * 8,)

@@ -142,7 +142,10 @@ def plan_model(
             excluded.append(reason)
         else:
             eligible.append(peer)
-    eligible.sort(key=lambda p: (p.id not in keep, p.rtt_ms is None, p.rtt_ms or 0.0, p.id))
+    # the running split's workers first and in their order (RTT jitter must not reorder them: that
+    # would restart llama-server), then the others nearest first
+    rank = {node: i for i, node in enumerate(keep)}
+    eligible.sort(key=lambda p: (rank.get(p.id, len(rank)), p.rtt_ms is None, p.rtt_ms or 0.0, p.id))
     chosen: list[Candidate] = []
     total = me.memory
     for peer in eligible:
