@@ -9,6 +9,15 @@ import time
 import aiohttp
 
 
+def served(status: dict) -> dict:
+    """The node's own view of the (first) model it serves, from /api/status; {} when none."""
+    return (status.get("serving") or [{}])[0]
+
+
+def serving_ready(status: dict) -> bool:
+    return served(status).get("state") == "ready"
+
+
 async def wait_http(url: str, proc: subprocess.Popen, timeout: float = 600, ok=lambda doc: True) -> dict:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
@@ -36,7 +45,7 @@ async def tunnel_rtt_ms(base: str, injected_ms: float) -> tuple[float, float]:
     without it would be quoted as if they had it."""
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/api/status") as r:
-            traffic = ((await r.json()).get("serving") or {}).get("rpc_traffic") or {}
+            traffic = served(await r.json()).get("rpc_traffic") or {}
     rtts = [t.get("rtt_ms") for t in traffic.values()]
     if not rtts or None in rtts:
         raise SystemExit(f"{base}: the host's RPC tunnels timed no round trips; not printing figures")

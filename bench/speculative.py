@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import tunnel_rtt_ms, wait_http
+from common import serving_ready, tunnel_rtt_ms, wait_http
 from split import LOCAL, Procs, start_mesh
 
 from mesh_llm.engine.probes import free_loopback_port
@@ -57,7 +57,7 @@ async def start_solo(procs: Procs, root: Path, tag: str, extra: tuple[str, ...])
     argv = [sys.executable, "-m", "mesh_llm", "--model", MODEL, "--ctx-size", "1024", *extra, *LOCAL, "--port", str(port), "--state-dir", str(root / tag)]
     p = procs.start(tag, argv)
     base = f"http://127.0.0.1:{port}"
-    await wait_http(base + "/api/status", p, ok=lambda d: (d.get("serving") or {}).get("state") == "ready")
+    await wait_http(base + "/api/status", p, ok=serving_ready)
     return base
 
 

@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import tunnel_rtt_ms, wait_http
+from common import served, serving_ready, tunnel_rtt_ms, wait_http
 
 from mesh_llm.engine.probes import free_loopback_port
 from mesh_llm.engine.provision import provide_engine
@@ -149,14 +149,14 @@ async def start_mesh(procs: Procs, root: Path, model: Path | str, delay_ms: int,
     if token is None:
         raise SystemExit(f"mesh host printed no token: {log}")
     b = procs.start(f"mesh-b-{tag}", [*common, "--max-vram", "1", "--join", token, "--port", str(pb), "--state-dir", str(root / f"b-{tag}")])
-    await wait_http(f"http://127.0.0.1:{pa}/api/status", a, ok=lambda d: (d.get("serving") or {}).get("state") == "ready")
+    await wait_http(f"http://127.0.0.1:{pa}/api/status", a, ok=serving_ready)
     return f"http://127.0.0.1:{pa}", a, b
 
 
 async def status(base: str) -> dict:
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/api/status") as r:
-            return (await r.json())["serving"]
+            return served(await r.json())
 
 
 async def bench_model(model: Path, args: argparse.Namespace, engine) -> dict:  # type: ignore[no-untyped-def]

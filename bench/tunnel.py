@@ -83,7 +83,7 @@ async def far(creds_hex: str) -> None:
     creds = MeshCredentials(bytes.fromhex(creds_hex[:32]), bytes.fromhex(creds_hex[32:]))
     mesh = Mesh(secret_key=new_secret_key(), creds=creds, me=PeerRecord(id="", role="worker", hostname="far"), transport=LOOPBACK, log=lambda s: None)
     await mesh.start()
-    serve_rpc_tunnels(mesh, lambda: port)
+    serve_rpc_tunnels(mesh, lambda peer, model: port)
     raw_addr = {"id": raw.id().to_bytes().hex(), "addrs": raw.addr().direct_addresses()}
     print(json.dumps({"token": mesh.token(), "port": port, "raw": raw_addr}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin

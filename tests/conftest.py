@@ -195,13 +195,14 @@ class NodeProcess:
     def peer_ids(self) -> set[str]:
         return {n["id"] for n in self.status()["nodes"] if not n["self"]}
 
-    def llama_server(self):  # type: ignore[no-untyped-def]
-        """This node's one live llama-server process."""
-        (server,) = llama_servers(self.proc.pid)
+    def llama_server(self, model: str | None = None):  # type: ignore[no-untyped-def]
+        """This node's one live llama-server process (or the one serving `model`)."""
+        servers = [s for s in llama_servers(self.proc.pid) if model is None or s.cmdline()[s.cmdline().index("--alias") + 1] == model]
+        (server,) = servers
         return server
 
-    def llama_server_url(self) -> str:
-        argv = self.llama_server().cmdline()
+    def llama_server_url(self, model: str | None = None) -> str:
+        argv = self.llama_server(model).cmdline()
         return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
 
     def busy_slots(self, url: str | None = None) -> int:
@@ -212,9 +213,10 @@ class NodeProcess:
         with urllib.request.urlopen((url or self.llama_server_url()) + "/slots", timeout=5) as r:
             return sum(1 for slot in json.loads(r.read()) if slot["is_processing"])
 
-    def llama_log(self) -> str:
-        log = self.state_dir / "logs" / "llama-server.log"
-        return log.read_text(errors="replace") if log.exists() else ""
+    def llama_log(self, model: str = "*") -> str:
+        """What the node's llama-servers (or the one of `model`) logged."""
+        logs = sorted((self.state_dir / "logs").glob(f"llama-server-{model}.log"))
+        return "".join(log.read_text(errors="replace") for log in logs)
 
     def cancelled_tasks(self) -> int:
         """Generations llama-server stopped because the client went away (from its log)."""

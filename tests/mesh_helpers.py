@@ -7,7 +7,7 @@ import time
 
 from mesh_llm.mesh.identity import MeshCredentials, new_secret_key
 from mesh_llm.mesh.mesh import Mesh
-from mesh_llm.mesh.peers import PeerRecord
+from mesh_llm.mesh.peers import HostedModel, PeerRecord
 from mesh_llm.mesh.transport import TransportConfig
 
 LOOPBACK = TransportConfig.loopback()
@@ -15,7 +15,8 @@ LOOPBACK = TransportConfig.loopback()
 
 def make_mesh(creds: MeshCredentials, role: str = "standby", name: str = "n", served: tuple[str, ...] = ()) -> Mesh:
     logs: list[str] = []
-    m = Mesh(secret_key=new_secret_key(), creds=creds, me=PeerRecord(id="", role=role, hostname=name, models_served=served), transport=LOOPBACK, log=logs.append)
+    hosting = tuple(HostedModel(model, "ready") for model in served)
+    m = Mesh(secret_key=new_secret_key(), creds=creds, me=PeerRecord(id="", role=role, hostname=name, hosting=hosting), transport=LOOPBACK, log=logs.append)
     m.logs = logs  # type: ignore[attr-defined]
     return m
 

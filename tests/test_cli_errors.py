@@ -104,8 +104,7 @@ def test_engine_that_fails_to_start(tmp_path: Path, tiny_model: Path) -> None:
         (bins / name).write_text("#!/bin/sh\necho 'error: this engine is broken' >&2\nexit 1\n")
         (bins / name).chmod(0o755)
     r = run_cli("--model", str(tiny_model), "--bin-dir", str(bins), "--port", str(free_port()), "--state-dir", str(tmp_path / "state"))
-    # the RPC worker starts first (every node with a model runs one)
-    assert_one_line_error(r, "the RPC worker failed to start", "exited with code 1", "this engine is broken", "rpc-worker.log")
+    assert_one_line_error(r, "tiny-llama: llama-server failed to start", "exited with code 1", "this engine is broken", "llama-server-tiny-llama.log")
 
 
 def test_build_without_cmake(tmp_path: Path, tiny_model: Path) -> None:

@@ -189,3 +189,43 @@ def test_gemma_split_over_two_nodes_chat_streams_and_stops(browser, start_node) 
         phone.shot("two-node-split-gemma-phone.png")
     finally:
         phone.close()
+
+
+def test_models_are_loaded_and_unloaded_from_the_page(browser, start_node, tiny_model, tmp_path) -> None:
+    from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+
+    extra = write_tiny_model(tmp_path / "page-tiny.gguf", TinyModelSpec(seed=21, name="page-tiny"))
+    console = free_port()
+    node = start_node("--model", str(tiny_model), "--ctx-size", "512", *console_args(console))
+    node.wait_ready()
+    view = Watched(browser, f"http://localhost:{console}/")
+    page = view.page
+    try:
+        page.wait_for_selector('.model[data-model="tiny-llama"][data-state="ready"]')
+        # a name nobody knows: the node's one-line reason, in place
+        page.fill("#load-ref", "no-such-model-anywhere")
+        page.click("#load-btn")
+        page.wait_for_selector("#load-note.bad")
+        assert "unknown model 'no-such-model-anywhere'" in page.inner_text("#load-note")
+        view.errors.clear()  # Chromium logs the 404 itself
+        # a real file: it appears, loads and serves, then goes again
+        page.fill("#load-ref", str(extra))
+        page.click("#load-btn")
+        page.wait_for_selector('.model[data-model="page-tiny"][data-state="ready"]', timeout=60_000)
+        assert [m["id"] for m in json_get(f"{node.base_url}/v1/models")["data"]] == ["tiny-llama", "page-tiny"]
+        page.click('.model[data-model="page-tiny"] [data-testid=unload]')
+        page.wait_for_selector('.model[data-model="page-tiny"]', state="detached", timeout=60_000)
+        assert "Unloaded page-tiny" in page.inner_text("#load-note")
+        assert [m["id"] for m in json_get(f"{node.base_url}/v1/models")["data"]] == ["tiny-llama"]
+        assert view.errors == []
+        view.shot("load-unload.png")
+    finally:
+        view.close()
+
+
+def json_get(url: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())

@@ -155,7 +155,7 @@ def test_catalog_draft_is_found_on_disk_and_used(start_node, tiny_model: Path, d
 @pytest.mark.engine
 def test_split_host_runs_the_draft_itself(start_node, split_model: Path, tmp_path: Path) -> None:
     """In a two-node split the draft stays on the host: workers still receive exactly their layers."""
-    from tests.test_e2e_split import CTX, assert_placement_as_predicted
+    from tests.test_e2e_split import CTX, assert_placement_as_predicted, serving
 
     draft = write_tiny_model(tmp_path / "split-draft.gguf", TinyModelSpec(n_layers=1, n_embd=64, seed=9, name="split-draft"))
     a = start_node("--model", str(split_model), *CTX, "--split", "--draft", str(draft), "--draft-max", "4", *LOCAL)
@@ -164,7 +164,7 @@ def test_split_host_runs_the_draft_itself(start_node, split_model: Path, tmp_pat
     a.wait_output("Now serving")
     timings = chat(a.port)["timings"]
     assert timings["draft_n"] > 0, timings
-    assert_placement_as_predicted(a.status()["serving"], 8)
+    assert_placement_as_predicted(serving(a), 8)
     argv = llama_server_argv(a)
     assert argv[argv.index("--spec-draft-n-max") + 1] == "4" and argv[argv.index("--spec-draft-device") + 1] == "none"
     assert a.status()["models"][0]["draft"] == "split-draft"

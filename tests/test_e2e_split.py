@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from mesh_llm.model_runner import RunnerConfig
 from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 from mesh_llm.plan.split import LayerRange, predict_layers
@@ -32,9 +31,10 @@ def other_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("other") / "split-tiny.gguf", TinyModelSpec(**{**SPEC.__dict__, "seed": 4}))
 
 
-def need_gb(model: Path) -> float:
-    cfg = RunnerConfig(model_id=model.stem, path=model, info=inspect_model(model), fingerprint="", engine=None, engine_version="", memory=0, gpu=False, ctx_size=1024)  # type: ignore[arg-type]
-    return cfg.need / 1e9
+def need_gb(model: Path, ctx: int = 1024) -> float:
+    from mesh_llm.serving.prepare import memory_need
+
+    return memory_need(inspect_model(model), ctx) / 1e9
 
 
 def complete(port: int, prompt: str, max_tokens: int = 24) -> str:
@@ -54,8 +54,9 @@ def post_completion(port: int, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def serving(node) -> dict:  # type: ignore[no-untyped-def]
-    return node.status()["serving"]
+def serving(node, model: str = SPEC.name) -> dict:  # type: ignore[no-untyped-def]
+    """The node's own view of one of its models (plan, split, RPC traffic)."""
+    return next(m for m in node.status()["serving"] if m["model"] == model)
 
 
 def assert_placement_as_predicted(state: dict, n_layers: int) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mesh_llm.mesh import auth
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import MAX_HOSTED, DialHint, MAX_SLICES, MODEL_STATES, HostedModel, PeerRecord, Slice, decode_gossip, encode_gossip
+from mesh_llm.mesh.peers import MAX_ALIASES, MAX_HOSTED, MAX_SLICES, MODEL_STATES, DialHint, HostedModel, PeerRecord, Slice, decode_gossip, encode_gossip
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.wire import MAX_FRAME, FrameDecoder, ProtocolError, encode_frame
 
@@ -119,6 +119,7 @@ hosted = st.builds(
     need_bytes=st.integers(min_value=0, max_value=2**45),
     ctx=st.integers(min_value=0, max_value=1 << 20),
     split=st.lists(slices, max_size=4, unique_by=lambda s: s.node).map(tuple),
+    aliases=st.lists(st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=20), max_size=3).map(tuple),
 )
 records = st.builds(
     PeerRecord,
@@ -127,8 +128,10 @@ records = st.builds(
     hostname=st.text(max_size=30),
     devices=st.lists(st.text(max_size=10), max_size=3).map(tuple),
     vram_bytes=st.integers(min_value=0, max_value=2**50),
-    models_served=st.lists(st.text(max_size=20), max_size=3).map(tuple),
-    hosting=st.lists(hosted, max_size=2).map(tuple),
+    free_bytes=st.integers(min_value=0, max_value=2**50),
+    models_on_disk=st.lists(st.text(max_size=20), max_size=3).map(tuple),
+    hosting=st.lists(hosted, max_size=2, unique_by=lambda h: h.name).map(tuple),
+    lending=st.lists(st.text(max_size=20), max_size=3).map(tuple),
     api_port=st.integers(min_value=0, max_value=65535),
     api_public=st.booleans(),
     addrs=st.lists(addr, max_size=3).map(tuple),
@@ -202,6 +205,16 @@ def test_hosted_model_limits_hold_at_the_edge() -> None:
     record["hosting"] = [{"name": f"m{i}", "state": "ready"} for i in range(MAX_HOSTED + 1)]
     with pytest.raises(ProtocolError):
         PeerRecord.from_wire(record)
+    record["hosting"] = [{"name": "m", "state": "ready"}, {"name": "m", "state": "loading"}]
+    with pytest.raises(ProtocolError, match="twice"):  # one model, one entry: routing and budgets count on it
+        PeerRecord.from_wire(record)
+    record["hosting"] = [{"name": "m", "state": "ready", "aliases": ["a"] * (MAX_ALIASES + 1)}]
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(record)
+    record["hosting"] = [{"name": "m", "state": "ready", "aliases": ["gemma-3-270m", "evil\x1b[2J"]}]
+    assert PeerRecord.from_wire(record).hosting[0].aliases == ("gemma-3-270m",)  # names that are no text are dropped
+    served = PeerRecord(id="11" * 32, hosting=(HostedModel("a", "ready"), HostedModel("b", "loading"), HostedModel("c", "unloading")))
+    assert served.models_served == ("a",)  # derived from hosting: only what answers now
 
 
 @given(st.dictionaries(st.sampled_from(["name", "state", "detail", "size_bytes", "need_bytes", "ctx", "draft", "split"]), frames, max_size=4),

@@ -15,6 +15,7 @@ from mesh_llm.errors import UserError
 from mesh_llm.mesh import iroh_fastpath
 from mesh_llm.mesh.handshake import Refused
 from mesh_llm.mesh.identity import MeshCredentials, load_or_create_key, rotate_key
+from mesh_llm.mesh.peers import HostedModel
 from mesh_llm.mesh.token import decode_token
 from mesh_llm.mesh.transport import bind_endpoint, endpoint_addr, iroh
 from mesh_llm.mesh.tunnels import TunnelListener, serve_rpc_tunnels
@@ -91,7 +92,7 @@ async def test_a_malformed_stream_closes_that_stream_only(garbage: bytes) -> Non
         raise AssertionError(f"got an answer to garbage: {data[:80]!r}")
     await wait_until(lambda: any("malformed stream" in line for line in a.logs))
     # Same connection, same members: gossip still flows.
-    b.update_self(models_served=("new",))
+    b.update_self(hosting=(HostedModel("new", "ready"),))
     await wait_until(lambda: a.members()[0].record.models_served == ("new",))
     assert len(a.members()) == 1
     await b.close()
@@ -130,7 +131,7 @@ async def test_tunnel_carries_a_tcp_byte_stream_both_ways() -> None:
         writer.close()
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    serve_rpc_tunnels(a, lambda: server.sockets[0].getsockname()[1])
+    serve_rpc_tunnels(a, lambda peer, model: server.sockets[0].getsockname()[1])
     tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {})
     port = await tunnel.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -171,7 +172,7 @@ async def test_delayed_and_counted_rpc_tunnel_keeps_order_and_counts_commands() 
         writer.close()
 
     server = await asyncio.start_server(sink, "127.0.0.1", 0)
-    serve_rpc_tunnels(a, lambda: server.sockets[0].getsockname()[1])
+    serve_rpc_tunnels(a, lambda peer, model: server.sockets[0].getsockname()[1])
     traffic = RpcTraffic()
     tunnel = TunnelListener(b, a.me.id, StreamKind.RPC, {}, traffic=traffic, delay_s=delay)
     port = await tunnel.start()

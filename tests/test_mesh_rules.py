@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from mesh_llm.api.routing import choose_servers
-from mesh_llm.mesh.peers import DEAD_AFTER_SECS, REDIAL_BACKOFF_SECS, EventKind, Membership, PeerRecord, keep_new_connection
+from mesh_llm.mesh.peers import DEAD_AFTER_SECS, REDIAL_BACKOFF_SECS, EventKind, HostedModel, Membership, PeerRecord, keep_new_connection
 
 
 def rec(n: int, **kw) -> PeerRecord:  # type: ignore[no-untyped-def]
@@ -14,7 +13,7 @@ def test_admit_update_and_remove_produce_events() -> None:
     m = Membership(self_id=rec(0).id)
     assert m.admit(rec(1), 0.0).kind == EventKind.JOINED
     assert m.heard_from(rec(1), 1.0) is None  # nothing changed
-    ev = m.heard_from(rec(1, models_served=("x",)), 2.0, rtt_ms=3.0)
+    ev = m.heard_from(rec(1, hosting=(HostedModel("x", "ready"),)), 2.0, rtt_ms=3.0)
     assert ev is not None and ev.kind == EventKind.UPDATED
     assert m.members[rec(1).id].rtt_ms == 3.0
     assert m.heard_from(rec(9), 2.0) is None  # not a member: gossip alone does not admit
@@ -48,11 +47,3 @@ def test_duplicate_connections_resolve_the_same_way_on_both_sides() -> None:
     assert not keep_new_connection("i", "i", existing_dialer=lo, new_dialer=hi, lower_id=lo)
     # A restarted peer (new incarnation) always replaces the stale connection.
     assert keep_new_connection("old", "new", existing_dialer=lo, new_dialer=hi, lower_id=lo)
-
-
-def test_choose_servers_prefers_local_then_sticky_then_lowest_rtt() -> None:
-    served = {"a": [("p2", 5.0), ("p1", 1.0)], "b": [("p3", None), ("p2", 9.0)], "c": [("p1", 1.0)]}
-    assert choose_servers({"c"}, served) == {"a": "p1", "b": "p2"}
-    assert choose_servers(set(), served, current={"a": "p2"})["a"] == "p2"  # jitter doesn't move traffic
-    assert choose_servers(set(), served, current={"a": "gone"})["a"] == "p1"
-    assert choose_servers(set(), {"x": []}) == {}

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh_llm.api.proxy import ApiProxy, Upstream, UpstreamTable
+from mesh_llm.api.proxy import ApiProxy, Route, Server, UpstreamTable
 from mesh_llm.errors import UserError
 from tests.conftest import free_port
 
@@ -60,7 +60,8 @@ async def proxied():
     async with FakeUpstream() as up:
         table = UpstreamTable()
         state = {"ready": True}
-        table.add(Upstream("tiny", f"http://127.0.0.1:{up.port}", is_ready=lambda: state["ready"], status=lambda: "ready" if state["ready"] else "restarting"))
+        local = Server("local", f"http://127.0.0.1:{up.port}", is_ready=lambda: state["ready"], status=lambda: "ready" if state["ready"] else "restarting")
+        table.set_routes([Route("tiny", [local], ("tiny-alias",))])
         proxy = ApiProxy(table)
         port = free_port()
         await proxy.start("127.0.0.1", port)
@@ -127,7 +128,7 @@ async def test_not_ready_is_503_json(proxied) -> None:
 
 async def test_upstream_down_is_502_json(proxied) -> None:
     _, client, _, table = proxied
-    table.add(Upstream("dead", f"http://127.0.0.1:{free_port()}", is_ready=lambda: True))
+    table.set_routes([*(table.get(m) for m in table.models()), Route("dead", [Server("local", f"http://127.0.0.1:{free_port()}", is_ready=lambda: True)])])
     async with client.post("/v1/chat/completions", json={"model": "dead"}) as r:
         assert r.status == 502 and "upstream for dead failed" in (await r.json())["error"]["message"]
 
@@ -146,3 +147,59 @@ async def test_port_in_use_is_a_user_error() -> None:
             await ApiProxy(UpstreamTable()).start("127.0.0.1", port)
     finally:
         blocker.close()
+
+
+async def test_a_model_answers_to_its_other_names_and_ambiguity_lists_candidates(proxied) -> None:
+    up, client, _, table = proxied
+    async with client.post("/v1/chat/completions", json={"model": "tiny-alias"}) as r:
+        assert r.status == 200  # the name it was loaded by
+    assert up.requests[-1]["body"]["model"] == "tiny-alias"  # passed on as sent: llama-server answers to any name
+    dead = Server("local", "http://127.0.0.1:9", lambda: True)
+    table.set_routes([Route("tiny-q4", [dead]), Route("tiny-q8", [dead])])
+    async with client.post("/v1/chat/completions", json={"model": "TINY"}) as r:
+        body = await r.json()
+    assert r.status == 404 and body["error"]["candidates"] == ["tiny-q4", "tiny-q8"], body
+    assert "could be any of tiny-q4, tiny-q8" in body["error"]["message"]
+
+
+async def test_requests_spread_over_servers_and_conversations_stick() -> None:
+    async with FakeUpstream() as a, FakeUpstream() as c:
+        table = UpstreamTable()
+        servers = [Server("peer-a", f"http://127.0.0.1:{a.port}", lambda: True, rtt_ms=lambda: 2.0),
+                   Server("peer-c", f"http://127.0.0.1:{c.port}", lambda: True, rtt_ms=lambda: 3.0)]
+        table.set_routes([Route("m", servers)])
+        proxy = ApiProxy(table)
+        port = free_port()
+        await proxy.start("127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+                # two streams open at once: the second goes where nothing is in flight
+                first = await client.post("/v1/chat/completions", json={"model": "m", "stream": True})
+                await first.content.readline()
+                second = await client.post("/v1/chat/completions", json={"model": "m", "stream": True})
+                await second.content.readline()
+                assert (len(a.requests), len(c.requests)) == (1, 1)
+                assert servers[0].gate.in_flight == 1 and servers[1].gate.in_flight == 1
+                first.close()
+                second.close()
+                for _ in range(3):
+                    a.seen.set()
+                    c.seen.set()
+                    await asyncio.sleep(0.05)
+                # one after another, nothing in flight: the nearer server, unless a conversation started elsewhere
+                for user in ("alice", "bob", "alice"):
+                    async with client.post("/v1/chat/completions", json={"model": "m", "user": user}) as r:
+                        assert r.status == 200
+                assert [r["body"].get("user") for r in a.requests[1:]] == ["alice", "bob", "alice"]
+                busy = await client.post("/v1/chat/completions", json={"model": "m", "stream": True, "user": "carol"})
+                await busy.content.readline()  # carol's conversation opens on A (the nearer, idle)
+                async with client.post("/v1/chat/completions", json={"model": "m", "user": "dave"}) as r:
+                    assert r.status == 200  # dave starts where nothing is in flight: C
+                async with client.post("/v1/chat/completions", json={"model": "m", "user": "carol"}, headers={}) as r:
+                    assert r.status == 200  # carol stays on A although a stream runs there
+                assert [r["body"].get("user") for r in c.requests[1:]] == ["dave"]
+                assert a.requests[-1]["body"]["user"] == "carol"
+                busy.close()
+                a.seen.set()
+        finally:
+            await proxy.close()

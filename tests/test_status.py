@@ -32,7 +32,7 @@ def split_mesh() -> tuple[PeerRecord, list[PeerView]]:
     a = PeerRecord(id=A, role="host", hostname="alpha", vram_bytes=12 * GB, models_on_disk=("big",),
                    hosting=(HostedModel("big", "ready", size_bytes=7 * GB, need_bytes=8 * GB, ctx=8192, split=split),))
     b = PeerRecord(id=B, role="worker", hostname="beta", vram_bytes=4 * GB, models_on_disk=("big",))
-    c = PeerRecord(id=C, role="host", hostname="gamma", vram_bytes=8 * GB, models_on_disk=("small",), models_served=("small",),
+    c = PeerRecord(id=C, role="host", hostname="gamma", vram_bytes=8 * GB, models_on_disk=("small",),
                    hosting=(HostedModel("small", "ready", size_bytes=1 * GB, need_bytes=2 * GB, ctx=4096),))
     d = PeerRecord(id=D, role="client", hostname="laptop")
     return a, [PeerView(d, 3.0, 0.5), PeerView(c, 2.0, 0.4), PeerView(b, 1.5, 1.2)]
@@ -74,7 +74,7 @@ def test_status_document_lists_nodes_models_split_and_commands() -> None:
     assert small["split"] == [] and small["host_name"] == "gamma"
     assert "GOOSE_MODEL=big" in big["commands"]["goose"] and "localhost:9337" in big["commands"]["goose"]
     assert json.loads(big["commands"]["pi models.json"])["providers"]["mesh"]["models"][0]["contextWindow"] == 8192
-    assert doc["api"] == {"port": 9337, "url": "http://localhost:9337/v1", "listen_all": False, "models": ["big", "small"]}
+    assert doc["api"] == {"port": 9337, "url": "http://localhost:9337/v1", "listen_all": False, "models": ["big", "small"], "servers": {}}
     json.dumps(doc)  # JSON all the way down
 
 
@@ -281,33 +281,40 @@ class FakeMesh:
     def update_self(self, **changes) -> None:  # type: ignore[no-untyped-def]
         self.me = replace(self.me, **changes)
 
+    def members(self) -> list:  # type: ignore[type-arg]
+        return []
 
-async def test_the_runner_advertises_what_its_server_does(tiny_model) -> None:
-    """Ready, crashed and restarting, failed: gossip (and so every console) follows the server."""
-    from mesh_llm.engine.supervisor import ProcState
-    from mesh_llm.model_runner import ModelRunner, RunnerConfig
+
+async def test_the_fleet_advertises_what_each_model_does(tiny_model) -> None:
+    """Every lifecycle phase maps to what gossip (and so every console) says; standby and gone say nothing."""
     from mesh_llm.models.gguf_file import inspect_model
-    from mesh_llm.plan.split import Solo, Standby
+    from mesh_llm.plan.split import LayerRange, Solo, Split, Standby, Waiting
+    from mesh_llm.serving.fleet import Fleet, Loaded, SplitOptions
+    from mesh_llm.serving.lifecycle import Life, Phase
+    from mesh_llm.serving.runner import ModelSpec
 
     info = inspect_model(tiny_model)
-    cfg = RunnerConfig(model_id="tiny", path=tiny_model, info=info, fingerprint="f", engine=None, engine_version="e", memory=GB, gpu=False, ctx_size=512)  # type: ignore[arg-type]
-    mesh, pokes = FakeMesh(), []
-    runner = ModelRunner(cfg, mesh, None, UpstreamTable(), None, lambda: None, lambda line: None, lambda line: None)  # type: ignore[arg-type]
-    runner.on_change = lambda: pokes.append(1)
-    server = SimpleNamespace(state=ProcState.STARTING)
-    runner.plan, runner.server = Solo(), server
-
-    def advertised() -> tuple[str, str]:
+    mesh = FakeMesh()
+    fleet = Fleet(mesh, None, UpstreamTable(), offer=GB, engine_version="e", settings=None, say=lambda line: None, warn=lambda line: None)  # type: ignore[arg-type]
+    spec = ModelSpec("tiny", tiny_model, info, "f", need=GB // 4, ctx=512, aliases=("tiny-alias",))
+    fleet.loaded["tiny"] = Loaded(spec, SimpleNamespace(server_port=1, gate=None, is_ready=lambda: True), SplitOptions(), 0.0)  # type: ignore[arg-type]
+    split = Split(A, (B,), (1.0, 3.0), (LayerRange(B, 0, 0, False), LayerRange(A, 1, 3, True)))
+    for life, expected in [
+        (Life(Phase.STARTING, Solo(), ("solo",), "loading"), ("loading", "loading", 0)),
+        (Life(Phase.READY, Solo(), ("solo",), "ready"), ("ready", "", 0)),
+        (Life(Phase.WAITING, Waiting(GB, GB // 2), None, "Waiting for more peers"), ("waiting", "Waiting for more peers", 0)),
+        (Life(Phase.STARTING, split, None, "starting the 1 worker(s) of the split"), ("loading", "starting the 1 worker(s) of the split", 2)),
+        (Life(Phase.FAILED, Solo(), None, "llama-server exited with code 1"), ("error", "llama-server exited with code 1", 0)),
+        (Life(Phase.UNLOADING, Solo(), ("solo",), "unloading"), ("unloading", "unloading", 0)),
+    ]:
+        fleet.loaded["tiny"].life = life
+        fleet.publish()
         [hosted] = mesh.me.hosting
-        return hosted.state, hosted.detail
-
-    for state, expected in [(ProcState.READY, ("ready", "")), (ProcState.RESTARTING, ("loading", "llama-server restarting")),
-                            (ProcState.READY, ("ready", "")), (ProcState.FAILED, ("planning", "re-planning: llama-server stopped"))]:
-        server.state = state
-        runner.on_process_change(server)  # type: ignore[arg-type]
-        assert advertised() == expected, state
-    assert mesh.me.hosting[0].size_bytes == info.file_size and mesh.me.hosting[0].need_bytes == cfg.need
-    assert len(pokes) == 4  # the console hears of every change
-    runner.plan = Standby("b" * 64)
-    runner._set_phase("standby", "hosted by bbbbbbbb")
-    assert mesh.me.hosting == ()  # the host of the split speaks for the model
+        assert (hosted.state, hosted.detail, len(hosted.split)) == expected, life
+        assert hosted.aliases == ("tiny-alias",) and hosted.need_bytes == GB // 4 and hosted.size_bytes == info.file_size
+    assert mesh.me.role == "host" and mesh.me.models_on_disk == ("tiny",) and mesh.me.fingerprints == ("f",)
+    for life in (Life(Phase.STANDBY, Standby(B)), Life(Phase.GONE)):
+        fleet.loaded["tiny"].life = life
+        fleet.publish()
+        assert mesh.me.hosting == () and mesh.me.role == "standby"  # the split's host speaks for the model
+    assert mesh.me.models_served == ()

@@ -28,7 +28,10 @@ examples:
   mesh-llm --model ORG/REPO/FILE.gguf    serve a GGUF from Hugging Face (or a URL to it)
   mesh-llm --join TOKEN --model M        join a mesh (token from any member's output)
   mesh-llm --client --join TOKEN         use a mesh's models on :9337 without serving any
+  mesh-llm --model A --model B           serve several models within one memory budget
   mesh-llm --model M --console           also serve the web console on http://localhost:3131
+  mesh-llm load NAME / unload NAME       change what the running node serves, without a restart
+  mesh-llm status                        the models this node runs, its memory, the other nodes
   mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
   mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show)
   mesh-llm engine                        show which llama.cpp binaries are used
@@ -47,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mesh-llm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
     p.add_argument("--model", action="append", default=[], metavar="REF",
-                   help="model to serve: catalog name (fuzzy), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], Hugging Face URL, or path")
+                   help="model to serve (repeatable): catalog name (fuzzy), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], Hugging Face URL, or path")
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--allow-remote-runtime", action="store_true", help="let other machines use /api/runtime (load, unload) too, not only this one")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
     p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
                    help=f"serve the web console (default port {DEFAULT_CONSOLE_PORT}; 127.0.0.1 unless --listen-all)")
@@ -80,11 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["recommended", "installed", "search", "show", "download"])
     models.add_argument("ref", nargs="?", metavar="QUERY|REF")
     models.add_argument("--draft", action="store_true", help="with download: also fetch the paired draft")
+    load = sub.add_parser("load", help="serve one more model on the running node (downloads it first if needed)")
+    load.add_argument("ref", metavar="REF", help="catalog name, ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], URL or path")
+    load.add_argument("--no-wait", action="store_true", help="return once loading started instead of when it is ready")
+    _port_option(load)
+    for verb in ("unload", "drop"):
+        drop = sub.add_parser(verb, help="stop serving a model on the running node (requests in flight finish)")
+        drop.add_argument("name", metavar="NAME", help="the model's id, or the name it was loaded by")
+        _port_option(drop)
+    _port_option(sub.add_parser("status", help="the running node's models, processes and memory, and the mesh's other nodes"))
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
     _engine_options(eng)
     return p
+
+
+def _port_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=argparse.SUPPRESS, metavar="N", help="the node's API port (default 9337)")
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -119,6 +136,14 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         from mesh_llm.engine.commands import engine_command
 
         return engine_command(args.action, bin_dir, flavor, args.force, out)
+    if args.command in ("load", "unload", "drop", "status"):
+        from mesh_llm.control import load_command, status_command, unload_command
+
+        if args.command == "load":
+            return load_command(args.ref, args.port, not args.no_wait, out)
+        if args.command == "status":
+            return status_command(args.port, out)
+        return unload_command(args.name, args.port, out)
     if args.command in ("download", "models"):
         from mesh_llm.models.commands import download_command, models_command
 
@@ -154,6 +179,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         models=args.model,
         port=args.port,
         listen_all=args.listen_all,
+        allow_remote_runtime=args.allow_remote_runtime,
         bin_dir=bin_dir,
         device=getattr(args, "device", None),
         flavor=flavor,

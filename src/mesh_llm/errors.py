@@ -10,3 +10,7 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class NotFound(UserError):
+    """What was named does not exist: no such model name, file, repository (HTTP 404)."""

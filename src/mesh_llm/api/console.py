@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, for_caller, host_allowed, listen
+from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
 
@@ -28,10 +29,11 @@ def console_port_in_use(host: str, port: int) -> UserError:
 
 
 class WebConsole:
-    def __init__(self, feed: StatusFeed, proxy: ApiProxy, listen_all: bool) -> None:
+    def __init__(self, feed: StatusFeed, proxy: ApiProxy, listen_all: bool, runtime: RuntimeApi | None = None) -> None:
         self.feed = feed
         self.proxy = proxy
         self.listen_all = listen_all
+        self.runtime = runtime  # load and unload from the page (same rules as on the API port)
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -42,6 +44,8 @@ class WebConsole:
         app.router.add_get("/api/events", self.feed.stream)  # the token only to local callers, as /api/status
         app.router.add_get("/v1/models", self.proxy.list_models)
         app.router.add_post("/v1/{tail:.*}", self.proxy.forward)
+        if self.runtime is not None:
+            self.runtime.install(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app
 

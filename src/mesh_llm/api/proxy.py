@@ -1,10 +1,12 @@
 """The mesh API proxy: OpenAI/Anthropic-compatible HTTP on :9337.
 
-Requests are routed by their `model` field to an upstream llama-server and
-relayed byte for byte: streamed responses (SSE) are written chunk by chunk as
-they arrive, never buffered, and a client that disconnects cancels the
-upstream request (handler cancellation closes the upstream connection, which
-llama-server treats as a cancelled task).
+Requests are routed by their `model` field (its id, or a looser name) to one
+of the model's servers, this node's llama-server or a peer's through the mesh:
+a conversation stays where it started, other requests go where fewest are in
+flight. They are relayed byte for byte: streamed responses (SSE) are written
+chunk by chunk as they arrive, never buffered, and a client that disconnects
+cancels the upstream request (handler cancellation closes the upstream
+connection, which llama-server treats as a cancelled task).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import contextlib
 import errno
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from mesh_llm.api.routing import pick_model, requested_model
+from mesh_llm.api.routing import Match, ServerView, choose_server, match_model, request_doc, requested_model, session_of
 from mesh_llm.errors import UserError
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus ones aiohttp sets itself.
@@ -33,35 +36,88 @@ LOOPBACK_ADDRS = {"127.0.0.1", "::1"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
+MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
+
+
+class Gate:
+    """Requests at one server: how many are in flight now, how many were served, and a way
+    to wait until none is in flight (an unload lets them finish)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.served = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.served += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self._idle.set()
+
+    async def idle(self, timeout: float) -> bool:
+        """True once nothing is in flight; False when `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass
-class Upstream:
-    model_id: str
+class Server:
+    """One place a model is served: this node's llama-server, or a tunnel to a peer's."""
+
+    id: str  # "local", or the peer's id
     base_url: str  # e.g. http://127.0.0.1:41234
     is_ready: Callable[[], bool]
     status: Callable[[], str] = lambda: "ready"
+    rtt_ms: Callable[[], float | None] = lambda: 0.0
+    gate: Gate = field(default_factory=Gate)
+
+
+@dataclass
+class Route:
+    """A model this node answers for: the names it answers to and where it is served."""
+
+    model: str
+    servers: list[Server]
+    aliases: tuple[str, ...] = ()
+
+    def status(self) -> str:
+        """ready when a server is; else what the first one (this node's, if any) is doing."""
+        if any(s.is_ready() for s in self.servers):
+            return "ready"
+        return self.servers[0].status() if self.servers else "not served"
 
 
 class UpstreamTable:
-    """The models this node can answer for, and where each one is served."""
+    """The models this node can answer for, and where each one is served. One writer
+    (`set_routes`) replaces the whole table; the proxy only reads it."""
 
     def __init__(self) -> None:
-        self._by_model: dict[str, Upstream] = {}
+        self._by_model: dict[str, Route] = {}
 
-    def add(self, upstream: Upstream) -> None:
-        self._by_model[upstream.model_id] = upstream
-
-    def remove(self, model_id: str, only: Upstream | None = None) -> None:
-        """Drop the entry for `model_id` (with `only`: just if it is still that entry)."""
-        if only is None or self._by_model.get(model_id) is only:
-            self._by_model.pop(model_id, None)
+    def set_routes(self, routes: list[Route]) -> None:
+        self._by_model = {r.model: r for r in routes}
 
     def models(self) -> list[str]:
         return list(self._by_model)
 
-    def get(self, model_id: str) -> Upstream:
+    def names(self) -> dict[str, tuple[str, ...]]:
+        return {m: r.aliases for m, r in self._by_model.items()}
+
+    def get(self, model_id: str) -> Route:
         return self._by_model[model_id]
+
+    def ready_servers(self) -> dict[str, list[str]]:
+        """For each model, the servers ready to answer it now ("local", or a peer's id)."""
+        return {m: [s.id for s in r.servers if s.is_ready()] for m, r in self._by_model.items()}
 
 
 def port_in_use(host: str, port: int) -> UserError:
@@ -108,7 +164,7 @@ def error_response(status: int, message: str, kind: str, **extra: object) -> web
     return web.json_response(body, status=status, headers=headers)
 
 
-async def _still_ready(upstream: Upstream, grace: float = 1.0) -> bool:
+async def _still_ready(upstream: Server, grace: float = 1.0) -> bool:
     """After a failed relay: is the upstream still up? A server that just died takes a
     moment to be noticed (process reaped, plan recomputed), so watch for up to `grace`."""
     deadline = time.monotonic() + grace
@@ -117,11 +173,16 @@ async def _still_ready(upstream: Upstream, grace: float = 1.0) -> bool:
     return upstream.is_ready()
 
 
+ExtraRoutes = Callable[[web.Application], None]
+
+
 class ApiProxy:
     def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
         self.table = table
         self.status_source: Callable[[], dict[str, Any]] | None = None  # the node's status document
+        self.extra_routes: list[ExtraRoutes] = []  # e.g. the runtime API, added before start
         self.created = created or int(time.time())
+        self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -133,6 +194,8 @@ class ApiProxy:
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/api/status", self.status)
         app.router.add_post("/v1/{tail:.*}", self.forward)
+        for add in self.extra_routes:
+            add(app)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
@@ -164,7 +227,7 @@ class ApiProxy:
 
     async def health(self, request: web.Request) -> web.Response:
         models = {m: self.table.get(m).status() for m in self.table.models()}
-        ok = any(self.table.get(m).is_ready() for m in models)
+        ok = "ready" in models.values()
         return web.json_response({"status": "ok" if ok else "loading", "models": models}, status=200 if ok else 503)
 
     async def status(self, request: web.Request) -> web.Response:
@@ -179,34 +242,57 @@ class ApiProxy:
         return web.json_response({"object": "list", "data": [self._model_entry(m) for m in self.table.models()]})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        name = pick_model(request.match_info["model"], self.table.models())
-        if name is None:
-            return self._unknown_model(request.match_info["model"])
-        return web.json_response(self._model_entry(name))
+        found = match_model(request.match_info["model"], self.table.names())
+        if found.model is None:
+            return self._unknown_model(request.match_info["model"], found)
+        return web.json_response(self._model_entry(found.model))
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(404, f"no route for {request.method} {request.path}", "not_found_error")
 
-    def _unknown_model(self, requested: str | None) -> web.Response:
+    def _unknown_model(self, requested: str | None, found: Match) -> web.Response:
         served = self.table.models()
+        if found.candidates:
+            return error_response(404, f"model {requested!r} could be any of {', '.join(found.candidates)}: name one", "model_not_found",
+                                  available=served, candidates=list(found.candidates))
         listing = ", ".join(served) if served else "none yet"
         return error_response(404, f"model {requested!r} is not served here; available: {listing}", "model_not_found", available=served)
+
+    def _choose(self, route: Route, session: str | None) -> Server | None:
+        """The server for this request; a conversation is remembered where it started."""
+        views = [ServerView(s.id, s.is_ready(), s.gate.in_flight, s.rtt_ms()) for s in route.servers]
+        key = (route.model, session) if session else None
+        chosen = choose_server(views, self.sessions.get(key) if key else None)
+        if chosen is None:
+            return None
+        if key is not None:
+            self.sessions[key] = chosen.id
+            self.sessions.move_to_end(key)
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        return next(s for s in route.servers if s.id == chosen.id)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"request body exceeds {MAX_BODY // (1024 * 1024)} MiB", "invalid_request_error")
-        wanted = requested_model(body)
-        model = pick_model(wanted, self.table.models())
-        if model is None:
-            return self._unknown_model(wanted)
-        upstream = self.table.get(model)
-        if not upstream.is_ready():
-            return error_response(503, f"model {model} is {upstream.status()}; retry shortly", "unavailable_error")
-        return await self._relay(request, upstream, body)
+        doc = request_doc(body)
+        wanted = requested_model(doc)
+        found = match_model(wanted, self.table.names())
+        if found.model is None:
+            return self._unknown_model(wanted, found)
+        route = self.table.get(found.model)
+        server = self._choose(route, session_of(doc, request.headers))
+        if server is None:
+            return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error")
+        server.gate.enter()
+        try:
+            return await self._relay(request, route.model, server, body)
+        finally:
+            server.gate.leave()
 
-    async def _relay(self, request: web.Request, upstream: Upstream, body: bytes) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, model: str, upstream: Server, body: bytes) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         url = upstream.base_url + request.path_qs
@@ -222,12 +308,12 @@ class ApiProxy:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            message = f"upstream for {upstream.model_id} failed: {exc.__class__.__name__}: {exc}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            message = f"upstream for {model} failed: {exc.__class__.__name__}: {exc}"
             code, kind = 502, "upstream_error"
             if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
                 code, kind = 503, "unavailable_error"
-                message = f"model {upstream.model_id} is {upstream.status()}; retry shortly ({message})"
+                message = f"model {model} is {upstream.status()}; retry shortly ({message})"
             if response is None:
                 return error_response(code, message, kind)
             # Mid-stream: tell an SSE client in-band, then end the stream.

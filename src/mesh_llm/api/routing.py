@@ -1,57 +1,91 @@
-"""Which upstream answers a request (pure)."""
+"""Which model a request names, and which of its servers answers it (pure)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mesh_llm.models.catalog import match, match_names, model_id
+
+SESSION_HEADERS = ("x-session-id", "x-mesh-session")  # what agents that keep a conversation may send
 
 
-def requested_model(body: bytes) -> str | None:
-    """The `model` field of a JSON request body, if any."""
+def request_doc(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body ({} when it is none)."""
     if not body:
-        return None
+        return {}
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None
-    model = doc.get("model") if isinstance(doc, dict) else None
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def requested_model(doc: dict[str, Any]) -> str | None:
+    """The `model` field of a request, if any."""
+    model = doc.get("model")
     return model if isinstance(model, str) and model else None
 
 
-def pick_model(requested: str | None, available: list[str]) -> str | None:
-    """The served model a request goes to, or None when it names one nobody serves.
-
-    No `model` field: the first served model (solo nodes serve one).
-    Matching forgives case and a trailing `.gguf`.
-    """
-    if not available:
-        return None
-    if requested is None:
-        return available[0]
-    if requested in available:
-        return requested
-    want = requested.lower().removesuffix(".gguf")
-    for name in available:
-        if name.lower() == want:
-            return name
+def session_of(doc: dict[str, Any], headers: Mapping[str, str]) -> str | None:
+    """What ties a request to a conversation: a session header, OpenAI's `user`, or
+    Anthropic's `metadata.user_id`. None: a request of its own."""
+    for name in SESSION_HEADERS:
+        if headers.get(name):
+            return f"h:{headers[name][:256]}"
+    user = doc.get("user")
+    if isinstance(user, str) and user:
+        return f"u:{user[:256]}"
+    meta = doc.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) and meta["user_id"]:
+        return f"u:{meta['user_id'][:256]}"
     return None
 
 
-def choose_servers(local_models: set[str], served_by: dict[str, list[tuple[str, float | None]]], current: dict[str, str] | None = None) -> dict[str, str]:
-    """For each model served elsewhere in the mesh (and not here), the peer to send it to.
+@dataclass(frozen=True)
+class Match:
+    model: str | None  # the served model meant, or None
+    candidates: tuple[str, ...] = ()  # when the name fits several
 
-    `served_by` maps a model to (peer id, measured RTT in ms or None) pairs.
-    A current route is kept while its peer still serves the model (RTT jitter
-    must not move traffic). Otherwise the lowest known RTT wins; ties and
-    unknown RTTs fall back to the peer id.
-    """
-    current = current or {}
-    out: dict[str, str] = {}
-    for model, servers in served_by.items():
-        if model in local_models or not servers:
-            continue
-        if current.get(model) in {peer for peer, _ in servers}:
-            out[model] = current[model]
-            continue
-        best = min(servers, key=lambda s: (s[1] is None, s[1] if s[1] is not None else 0.0, s[0]))
-        out[model] = best[0]
-    return out
+
+def match_model(requested: str | None, served: Mapping[str, Sequence[str]]) -> Match:
+    """The served model a request's `model` names. `served`: id -> other names it answers to
+    (the names it was started with). No name: the first model. A name matches its id exactly,
+    then loosely as catalog names do (`gemma-3-270m` → `gemma-3-270m-q4_k_m`), then through the
+    catalog (a catalog name whose file is served). Several loose matches: ambiguous."""
+    if not served:
+        return Match(None)
+    if requested is None:
+        return Match(next(iter(served)))
+    if requested in served:
+        return Match(requested)
+    hits = match_names(requested, [(m, (m, *aliases)) for m, aliases in served.items()])
+    if not hits:
+        hits = [m for m in dict.fromkeys(model_id(e.file) for e in match(requested)) if m in served]
+    if len(hits) == 1:
+        return Match(hits[0])
+    return Match(None, tuple(hits))
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One server of a model, as the chooser sees it."""
+
+    id: str  # "local" for this node's own llama-server, else the peer's id
+    ready: bool
+    in_flight: int = 0  # requests this node has running there now
+    rtt_ms: float | None = None  # None: not measured yet; 0 for this node
+
+
+def choose_server(servers: Sequence[ServerView], sticky: str | None = None) -> ServerView | None:
+    """The server for a new request: the one its conversation started on while it is ready
+    (its prompt cache is there), else fewest requests in flight, then lowest RTT."""
+    ready = [s for s in servers if s.ready]
+    for s in ready:
+        if s.id == sticky:
+            return s
+    if not ready:
+        return None
+    return min(ready, key=lambda s: (s.in_flight, s.rtt_ms is None, s.rtt_ms or 0.0, s.id))

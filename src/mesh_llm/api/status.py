@@ -13,9 +13,9 @@ from typing import Any
 
 from mesh_llm.api.agents import agent_commands
 from mesh_llm.mesh.peers import HostedModel, PeerRecord
+from mesh_llm.plan.budget import ledger, used_bytes
 
 ROLE_ORDER = {"host": 0, "worker": 1, "standby": 2, "client": 3}
-LOADED_STATES = ("ready", "loading")  # states in which a model holds memory
 VOLATILE = ("rtt_ms", "last_seen_secs")  # change every heartbeat: not a change worth an event
 
 
@@ -35,22 +35,8 @@ class Ports:
 
 def memory_used(records: list[PeerRecord]) -> dict[str, int]:
     """Bytes each node holds for models, from the hosts' plans: a split's need shared by weight."""
-    holders = {r.id for r in records if r.role != "client"}  # a host may name anyone: credit members only
-    used: dict[str, int] = {}
-    for r in records:
-        if r.id not in holders:
-            continue
-        for h in r.hosting:
-            if h.state not in LOADED_STATES:
-                continue
-            total = sum(s.share for s in h.split)
-            if not h.split or total <= 0:
-                used[r.id] = used.get(r.id, 0) + h.need_bytes
-                continue
-            for s in h.split:
-                if s.node in holders:
-                    used[s.node] = used.get(s.node, 0) + round(h.need_bytes * s.share / total)
-    return used
+    held = ledger(records)
+    return {node: used_bytes(held, node) for node in held}
 
 
 def _model_entry(host: PeerRecord, h: HostedModel, names: dict[str, str], ports: Ports) -> dict[str, Any]:
@@ -66,6 +52,7 @@ def _model_entry(host: PeerRecord, h: HostedModel, names: dict[str, str], ports:
         "need_bytes": h.need_bytes,
         "ctx": h.ctx,
         "draft": h.draft or None,
+        "aliases": list(h.aliases),
         "split": [
             {"node": s.node, "node_name": names.get(s.node, s.node[:8]), "weight": s.share, "share": s.share / total,
              "first": s.first, "last": s.last, "output": s.output}
@@ -87,6 +74,8 @@ def _node_entry(view: PeerView, is_self: bool, used: dict[str, int]) -> dict[str
         "device": ", ".join(r.devices),
         "memory_bytes": r.vram_bytes,
         "used_bytes": used.get(r.id, 0),
+        "free_bytes": r.free_bytes,
+        "lending": list(r.lending),
         "rtt_ms": None if view.rtt_ms is None else round(view.rtt_ms, 2),
         "last_seen_secs": round(view.last_seen_secs, 1),
         "models_on_disk": list(r.models_on_disk),
@@ -97,11 +86,12 @@ def _node_entry(view: PeerView, is_self: bool, used: dict[str, int]) -> dict[str
 
 
 def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, token: str | None, ports: Ports,
-                    routes: list[str], local: dict[str, Any] | None = None) -> dict[str, Any]:
+                    routes: list[str], local: list[dict[str, Any]] | None = None, servers: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """This node, its token, every node with its memory and share, every model the mesh runs.
 
-    `routes` are the models this node's API answers for now; `local` is this
-    node's runner snapshot (its own view of its split, with RPC traffic).
+    `routes` are the models this node's API answers for now (`servers`: for each, the nodes
+    ready to answer it, "local" for this one); `local` is one entry per
+    model this node serves (its own view: plan, split with RPC traffic, port, requests).
     """
     records = [me] + [p.record for p in peers]
     used = memory_used(records)
@@ -118,11 +108,12 @@ def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, toke
             "node_count": len(nodes),
             "total_memory_bytes": sum(r.vram_bytes for r in records if r.role != "client"),
         },
-        "api": {"port": ports.api, "url": f"http://localhost:{ports.api}/v1", "listen_all": ports.listen_all, "models": routes},
+        "api": {"port": ports.api, "url": f"http://localhost:{ports.api}/v1", "listen_all": ports.listen_all, "models": routes,
+                "servers": servers or {}},
         "console": {"port": ports.console},
         "nodes": nodes,
         "models": models,
-        "serving": local,
+        "serving": local or [],
     }
 
 
@@ -131,6 +122,6 @@ def stable_view(doc: dict[str, Any]) -> dict[str, Any]:
     out = dict(doc)
     out["nodes"] = [{k: v for k, v in n.items() if k not in VOLATILE} for n in doc.get("nodes", [])]
     out["node"] = {k: v for k, v in doc.get("node", {}).items() if k not in VOLATILE}
-    if isinstance(doc.get("serving"), dict):  # RPC counters tick with every token
-        out["serving"] = {k: v for k, v in doc["serving"].items() if k != "rpc_traffic"}
+    if isinstance(doc.get("serving"), list):  # RPC counters and request counts tick with every token
+        out["serving"] = [{k: v for k, v in m.items() if k not in ("rpc_traffic", "requests", "in_flight")} for m in doc["serving"]]
     return out

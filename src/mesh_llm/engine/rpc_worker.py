@@ -39,7 +39,7 @@ async def rpc_hello(port: int, timeout: float = 2.0) -> tuple[int, int, int] | N
             return None
         reply = await asyncio.wait_for(reader.readexactly(size), timeout)
         return reply[0], reply[1], reply[2]
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, struct.error):
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, struct.error):
         return None
     finally:
         if writer is not None:

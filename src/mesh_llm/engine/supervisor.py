@@ -24,6 +24,7 @@ HealthCheck = Callable[[], Awaitable[bool]]
 
 _PR_SET_PDEATHSIG = 1
 FORGIVE_AFTER_S = 60.0
+READY_POLL_SECS = 0.05  # how often a starting process is asked whether it is healthy (a model load waits on it)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
@@ -190,7 +191,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise StartFailed(mp.spec.name, f"did not become healthy within {mp.spec.ready_timeout:.0f}s", mp.spec.log_path)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(mp.proc.wait(), 0.2)
+                await asyncio.wait_for(mp.proc.wait(), READY_POLL_SECS)
 
     async def _watch(self, mp: ManagedProcess) -> None:
         """Restart on exit (with backoff) and on repeated failed health checks."""
@@ -229,7 +230,7 @@ class Supervisor:
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(mp.proc.wait()), mp.spec.health_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if mp.spec.health is None or not mp.spec.probe_when_running:
                 continue
@@ -251,7 +252,7 @@ class Supervisor:
             try:
                 await asyncio.wait_for(proc.wait(), wait)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
 

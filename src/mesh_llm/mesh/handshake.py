@@ -123,5 +123,5 @@ async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials
 async def with_timeout(coro: Awaitable[_T], secs: float = HANDSHAKE_SECS) -> _T:
     try:
         return await asyncio.wait_for(coro, secs)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise Refused(f"no answer to the mesh handshake within {secs:.0f} s") from None

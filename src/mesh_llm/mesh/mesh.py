@@ -16,7 +16,7 @@ from typing import Any
 
 from mesh_llm.mesh import handshake
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import HEARTBEAT_SECS, DialHint, EventKind, Member, MeshEvent, Membership, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
+from mesh_llm.mesh.peers import HEARTBEAT_SECS, DialHint, EventKind, Member, Membership, MeshEvent, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
 from mesh_llm.mesh.token import InviteToken
 from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, describe, endpoint_addr, iroh
 from mesh_llm.mesh.wire import ALPN, FramedReader, ProtocolError, StreamKind, encode_frame, stream_prefix
@@ -103,6 +103,10 @@ class Mesh:
         self._subscribers.append(q)
         return q
 
+    def unsubscribe(self, q: asyncio.Queue[MeshEvent]) -> None:
+        if q in self._subscribers:
+            self._subscribers.remove(q)
+
     def on_stream(self, kind: StreamKind, handler: StreamHandler) -> None:
         self.handlers[kind] = handler
 
@@ -166,7 +170,7 @@ class Mesh:
             addr = endpoint_addr(peer_id, addrs, relay)
             try:
                 conn = await asyncio.wait_for(self.endpoint.connect(addr, ALPN), DIAL_SECS)
-            except (asyncio.TimeoutError, iroh.IrohError) as exc:
+            except (TimeoutError, iroh.IrohError) as exc:
                 where = ", ".join(addrs) or relay or "?"
                 raise handshake.Refused(f"could not reach mesh member {peer_id[:8]} at {where} ({describe(exc)}): is it running, and is the token current?") from None
             try:
@@ -204,7 +208,7 @@ class Mesh:
             if conn is not None:
                 await self._hang_up(conn, exc.told_peer)
             return
-        except (ProtocolError, iroh.IrohError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ProtocolError, iroh.IrohError) as exc:
             self.log(f"Dropped a connection that failed the handshake: {describe(exc)}")
             if conn is not None:
                 conn.close(1, b"bad handshake")
@@ -278,7 +282,7 @@ class Mesh:
                 raise ProtocolError(f"this node does not serve {kind.name} streams")
             header = await asyncio.wait_for(reader.read_frame(), FIRST_BYTE_SECS)
             await handler(link.peer_id, header, send, reader)
-        except (ProtocolError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ProtocolError) as exc:
             self.log(f"Closed a malformed stream from {link.peer_id[:8]}: {describe(exc)}")
             with contextlib.suppress(Exception):
                 await send.reset(1)
@@ -325,7 +329,7 @@ class Mesh:
             await send.finish()
             record, known = decode_gossip(await asyncio.wait_for(reader.read_frame(), EXCHANGE_SECS))
             self._heard(link, record, known, (time.perf_counter() - start) * 1000)
-        except (ProtocolError, iroh.IrohError, asyncio.TimeoutError):
+        except (TimeoutError, ProtocolError, iroh.IrohError):
             pass  # silence is judged by the heartbeat loop
         finally:
             link.exchanging = False

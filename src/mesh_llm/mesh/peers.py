@@ -19,10 +19,13 @@ REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often th
 MAX_PEERS_PER_FRAME = 256
 
 ROLES = ("host", "worker", "client", "standby")
-MODEL_STATES = ("ready", "loading", "planning", "waiting", "error")  # what we send; newer peers may add more
+MODEL_STATES = ("ready", "loading", "planning", "waiting", "error", "unloading")  # what we send; newer peers may add more
+HOLDING_STATES = ("ready", "loading", "unloading")  # a model in these holds its memory
 MAX_HOSTED = 8  # models one node runs llama-server for
 MAX_SLICES = 32  # nodes in one split
+MAX_ALIASES = 4  # names a model answers to besides its id
 MAX_DETAIL = 512
+MAX_MODELS_ON_DISK = 64
 
 
 def get_role(doc: dict[str, Any]) -> str:
@@ -67,9 +70,14 @@ class HostedModel:
     ctx: int = 0
     draft: str = ""
     split: tuple[Slice, ...] = ()  # empty: the whole model on the host
+    aliases: tuple[str, ...] = ()  # the names it was asked for by (e.g. `gemma-3-270m`): requests may use them
 
     def to_wire(self) -> dict[str, Any]:
-        return {**asdict(self), "split": [asdict(s) for s in self.split]}
+        return {**asdict(self), "split": [asdict(s) for s in self.split], "aliases": list(self.aliases)}
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state in HOLDING_STATES
 
     @staticmethod
     def from_wire(doc: Any) -> HostedModel:
@@ -90,6 +98,7 @@ class HostedModel:
             ctx=get_int(doc, "ctx", 0, 1 << 24, 0),
             draft=get_str(doc, "draft", 256, ""),
             split=split,
+            aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, 256) if a.isprintable()),
         )
 
 
@@ -104,15 +113,21 @@ class PeerRecord:
     version: str = ""
     engine_version: str = ""
     devices: tuple[str, ...] = ()
-    vram_bytes: int = 0
-    models_on_disk: tuple[str, ...] = ()
+    vram_bytes: int = 0  # the memory it offers to models, all of them together
+    free_bytes: int = 0  # of that, what nothing here or lent to a host holds now
+    models_on_disk: tuple[str, ...] = ()  # the models it was asked to serve (and so can lend a worker for)
     fingerprints: tuple[str, ...] = ()  # of each model on disk, same order: splits need the same file
-    models_served: tuple[str, ...] = ()  # ready to answer requests now
     hosting: tuple[HostedModel, ...] = ()  # models it runs llama-server for, with their state and split
+    lending: tuple[str, ...] = ()  # models whose RPC worker runs here for a host's split, ready to attach
     api_port: int = 0  # 0: no local API
     api_public: bool = False  # API bound beyond loopback (--listen-all)
     addrs: tuple[str, ...] = ()  # direct ip:port to dial
     relay: str = ""
+
+    @property
+    def models_served(self) -> tuple[str, ...]:
+        """Ready to answer requests now (derived from `hosting`: one source of truth)."""
+        return tuple(h.name for h in self.hosting if h.state == "ready")
 
     def to_wire(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -135,15 +150,23 @@ class PeerRecord:
             engine_version=get_str(doc, "engine_version", 64, ""),
             devices=tuple(get_str_list(doc, "devices", 64, 128)),
             vram_bytes=get_int(doc, "vram_bytes", 0, 2**62, 0),
-            models_on_disk=tuple(get_str_list(doc, "models_on_disk", 256, 256)),
-            fingerprints=tuple(get_str_list(doc, "fingerprints", 256, 64)),
-            models_served=tuple(get_str_list(doc, "models_served", 64, 256)),
-            hosting=tuple(HostedModel.from_wire(h) for h in get_list(doc, "hosting", MAX_HOSTED)),
+            free_bytes=get_int(doc, "free_bytes", 0, 2**62, 0),
+            models_on_disk=tuple(get_str_list(doc, "models_on_disk", MAX_MODELS_ON_DISK, 256)),
+            fingerprints=tuple(get_str_list(doc, "fingerprints", MAX_MODELS_ON_DISK, 64)),
+            hosting=_hosting(get_list(doc, "hosting", MAX_HOSTED)),
+            lending=tuple(get_str_list(doc, "lending", MAX_MODELS_ON_DISK, 256)),
             api_port=get_int(doc, "api_port", 0, 65535, 0),
             api_public=get_bool(doc, "api_public", False),
             addrs=tuple(get_str_list(doc, "addrs", 32, 64)),
             relay=get_str(doc, "relay", 256, ""),
         )
+
+
+def _hosting(docs: list[Any]) -> tuple[HostedModel, ...]:
+    hosted = tuple(HostedModel.from_wire(h) for h in docs)
+    if len({h.name for h in hosted}) != len(hosted):
+        raise ProtocolError("a node hosts one model twice")
+    return hosted
 
 
 @dataclass(frozen=True)

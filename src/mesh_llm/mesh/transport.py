@@ -60,7 +60,7 @@ async def bind_endpoint(cfg: TransportConfig, secret_key: bytes) -> iroh.Endpoin
     if not cfg.no_relay:
         try:
             await asyncio.wait_for(endpoint.online(), RELAY_WAIT_SECS)
-        except (asyncio.TimeoutError, iroh.IrohError):
+        except (TimeoutError, iroh.IrohError):
             pass  # offline or relays blocked: the token carries direct addresses only
     return endpoint
 

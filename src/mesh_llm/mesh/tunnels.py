@@ -15,7 +15,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from mesh_llm.mesh.mesh import Mesh, PeerGone
 from mesh_llm.mesh.rpc_traffic import RpcTraffic
@@ -172,26 +172,39 @@ def _unavailable(model: str) -> bytes:
     return UNAVAILABLE % (len(body), body)
 
 
-def serve_http_tunnels(mesh: Mesh, local_port: Callable[[str], int | None]) -> None:
-    """Answer HTTP streams with the named model's local llama-server."""
+class Counter(Protocol):
+    """Counts the requests at a server (see api.proxy.Gate)."""
+
+    def enter(self) -> None: ...
+    def leave(self) -> None: ...
+
+
+def serve_http_tunnels(mesh: Mesh, local_server: Callable[[str], tuple[int, Counter] | None]) -> None:
+    """Answer HTTP streams with the named model's local llama-server (counted at its gate)."""
 
     async def handler(peer_id: str, header: dict[str, Any], send: Any, reader: FramedReader) -> None:
         model = get_str(header, "model", 256)
-        port = local_port(model)
-        if port is None:
+        server = local_server(model)
+        if server is None:
             await send.write_all(_unavailable(model))
             await send.finish()
             return
-        await _connect_and_relay(port, send, reader)
+        port, gate = server
+        gate.enter()
+        try:
+            await _connect_and_relay(port, send, reader)
+        finally:
+            gate.leave()
 
     mesh.on_stream(StreamKind.HTTP, handler)
 
 
-def serve_rpc_tunnels(mesh: Mesh, local_port: Callable[[], int | None]) -> None:
-    """Answer RPC streams with this node's loopback rpc-server: a split's host uses it as a worker."""
+def serve_rpc_tunnels(mesh: Mesh, lent_port: Callable[[str, str], int | None]) -> None:
+    """Answer RPC streams with the RPC worker this node lends for the named model, to the
+    host whose split uses it (anyone else gets the stream reset)."""
 
     async def handler(peer_id: str, header: dict[str, Any], send: Any, reader: FramedReader) -> None:
-        port = local_port()
+        port = lent_port(peer_id, get_str(header, "model", 256, ""))
         if port is None:
             await send.reset(2)
             return

@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 CATALOG_FILE = Path(__file__).with_name("catalog.json")
 SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -98,30 +101,34 @@ def by_file(file_name: str, entries: tuple[CatalogEntry, ...] | None = None) -> 
     return None
 
 
-def _tokens(text: str) -> list[str]:
+def name_tokens(text: str) -> list[str]:
+    """The words of a model name: lower case, without `.gguf`, split at - _ / and spaces."""
     text = text.lower().strip()
     text = text[:-5] if text.endswith(".gguf") else text
     return [t for t in re.split(r"[-_\s/]+", text) if t]
 
 
-def match(query: str, entries: tuple[CatalogEntry, ...] | None = None) -> list[CatalogEntry]:
-    """Catalog entries a user's words name, best rule first; one entry means a unique match.
+def match_names(query: str, named: Sequence[tuple[K, Sequence[str]]]) -> list[K]:
+    """The keys whose names a user's words name, best rule first; one key means a unique match.
 
-    1. the whole name (or file name), ignoring case and separators;
+    1. a whole name, ignoring case and separators;
     2. names that start with the query's words: `Qwen3-8B` → `Qwen3-8B-Q4_K_M`;
     3. names holding every word of the query: `3b` → `Qwen2.5-3B-Instruct-Q4_K_M`.
     """
-    entries = entries or load_catalog()
-    want = _tokens(query)
+    want = name_tokens(query)
     if not want:
         return []
-    exact = [e for e in entries if want in (_tokens(e.name), _tokens(Path(e.file).name))]
-    if exact:
-        return exact
-    prefix = [e for e in entries if _tokens(e.name)[: len(want)] == want]
-    if prefix:
-        return prefix
-    return [e for e in entries if set(want) <= set(_tokens(e.name))]
+    words = [(key, [name_tokens(n) for n in names]) for key, names in named]
+    for rule in (lambda t: t == want, lambda t: t[: len(want)] == want, lambda t: set(want) <= set(t)):
+        hits = [key for key, tokens in words if any(rule(t) for t in tokens)]
+        if hits:
+            return hits
+    return []
+
+
+def match(query: str, entries: tuple[CatalogEntry, ...] | None = None) -> list[CatalogEntry]:
+    """Catalog entries a user's words name (by entry name or file name), best rule first."""
+    return match_names(query, [(e, (e.name, Path(e.file).name)) for e in entries or load_catalog()])
 
 
 def suggestions(query: str, entries: tuple[CatalogEntry, ...] | None = None, n: int = 3) -> list[str]:
@@ -132,7 +139,7 @@ def suggestions(query: str, entries: tuple[CatalogEntry, ...] | None = None, n: 
 
 def search(query: str, entries: tuple[CatalogEntry, ...] | None = None) -> list[CatalogEntry]:
     """Entries whose name, family or description contain every word of the query."""
-    words = _tokens(query)
+    words = name_tokens(query)
     hits = []
     for e in entries or load_catalog():
         hay = " ".join([e.name, e.family, e.description, e.repo]).lower()

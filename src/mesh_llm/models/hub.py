@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mesh_llm.errors import UserError
+from mesh_llm.errors import NotFound, UserError
 from mesh_llm.models.catalog import shard_files
 
 DISK_MARGIN = 512 * 1024 * 1024  # keep this much free after a download
@@ -101,11 +101,11 @@ def hub_errors(what: str) -> Iterator[None]:
     except GatedRepoError:
         raise UserError(f"{what} is gated: accept its licence on the hub and log in (`hf auth login`), then retry") from None
     except RepositoryNotFoundError:
-        raise UserError(f"{what}: no such repository on {endpoint()} (or it is private: log in with `hf auth login`)") from None
+        raise NotFound(f"{what}: no such repository on {endpoint()} (or it is private: log in with `hf auth login`)") from None
     except RevisionNotFoundError:
         raise UserError(f"{what}: no such revision on {endpoint()}") from None
     except RemoteEntryNotFoundError:
-        raise UserError(f"{what}: no such file in the repository; `mesh-llm models show ORG/REPO` lists its GGUF files") from None
+        raise NotFound(f"{what}: no such file in the repository; `mesh-llm models show ORG/REPO` lists its GGUF files") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise UserError(f"the hub answered HTTP {status} for {what}: try again later") from None

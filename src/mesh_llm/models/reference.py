@@ -30,6 +30,10 @@ class ReferenceError(ValueError):
     """A reference that names nothing usable; the message says what to type instead."""
 
 
+class UnknownReference(ReferenceError):
+    """A name that is no catalog model, file, repository or URL."""
+
+
 @dataclass(frozen=True)
 class LocalFile:
     path: Path
@@ -85,7 +89,7 @@ def parse_reference(text: str, *, exists: Callable[[Path], bool] = Path.is_file,
         raise ReferenceError(f"{text!r} matches several catalog models: {names}; pass one of these names")
     near = suggestions(text)
     hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-    raise ReferenceError(
+    raise UnknownReference(
         f"unknown model {text!r}{hint}: pass a catalog name such as gemma-3-270m (`mesh-llm download` lists them), "
         "ORG/REPO/FILE.gguf, a Hugging Face URL, or a path to a .gguf file"
     )

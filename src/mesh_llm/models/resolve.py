@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh_llm.errors import UserError
+from mesh_llm.errors import NotFound, UserError
 from mesh_llm.models import hub
 from mesh_llm.models.catalog import CatalogEntry, by_file, draft_of, model_id, shard_files
 from mesh_llm.models.reference import (
@@ -24,6 +24,7 @@ from mesh_llm.models.reference import (
     LocalFile,
     ModelRef,
     ReferenceError,
+    UnknownReference,
     has_quant,
     parse_reference,
     pick_repo_file,
@@ -44,6 +45,8 @@ class ResolvedModel:
 def parse(text: str) -> ModelRef:
     try:
         return parse_reference(text)
+    except UnknownReference as exc:
+        raise NotFound(str(exc)) from None
     except ReferenceError as exc:
         raise UserError(str(exc)) from None
 
@@ -74,7 +77,7 @@ def locate(ref: ModelRef) -> Path | None:
     """Where the reference already is on disk, without the network; None if it is not there."""
     if isinstance(ref, LocalFile):
         if not ref.path.exists():
-            raise UserError(f"model file not found: {ref.path}")
+            raise NotFound(f"model file not found: {ref.path}")
         return ref.path.absolute()  # not resolve(): a hub snapshot link must keep its file name
     if isinstance(ref, CatalogModel):
         entry = ref.entry
@@ -102,7 +105,7 @@ def fetch_ref(ref: ModelRef, say: Callable[[str], None]) -> Path:
         except ReferenceError as exc:
             raise UserError(str(exc)) from None
         return hub.download_model(ref.repo, file, say=say)
-    raise UserError(f"model file not found: {ref.path}")
+    raise NotFound(f"model file not found: {ref.path}")
 
 
 def cached_repo_files(repo: str) -> list[str]:

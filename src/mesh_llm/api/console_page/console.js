@@ -81,7 +81,8 @@ function render(st) {
     $("foot").textContent = `mesh ${short(st.mesh.id)} · API ${st.api.url}` + (st.api.listen_all ? " (also on this machine's network addresses)" : "");
   });
   redraw("cluster", [steady, st.models], () => renderCluster(st));
-  redraw("models", [st.models, st.mesh, st.api.url], () => renderModels(st));
+  redraw("models", [st.models, st.mesh, st.api.url, me.id], () => renderModels(st));
+  $("load-form").hidden = me.role === "client"; // a client runs no models
   redraw("invite", [st.token, me.role], () => renderInvite(st));
   redraw("agents", [st.models, st.api.port], () => renderAgents(st));
   redraw("nodes", st.nodes, () => renderNodes(st));
@@ -119,7 +120,7 @@ function renderCluster(st) {
 function renderModels(st) {
   const box = $("models");
   if (!st.models.length) {
-    box.replaceChildren(h("div", { class: "empty", text: "No model is served in this mesh yet. Start a node with --model." }));
+    box.replaceChildren(h("div", { class: "empty", text: "No model is served in this mesh yet. Load one above, or start a node with --model." }));
     return;
   }
   box.replaceChildren(...st.models.map((m) => {
@@ -139,7 +140,9 @@ function renderModels(st) {
     return h("div", { class: "model", "data-model": m.name, "data-state": m.state },
       h("div", { class: "model-head" },
         h("span", { class: "model-name", text: m.name }),
-        h("span", { class: `pill ${m.state}`, "data-testid": "model-state", text: m.state === "waiting" ? "waiting for peers" : m.state })),
+        h("span", { class: `pill ${m.state}`, "data-testid": "model-state", text: m.state === "waiting" ? "waiting for peers" : m.state }),
+        m.host === st.node.id && m.state !== "unloading"
+          ? h("button", { class: "btn", type: "button", "data-testid": "unload", onclick: (e) => unloadModel(m.name, e.currentTarget), text: "Unload" }) : null),
       m.detail && m.state !== "ready" ? h("p", { class: "model-detail", text: m.detail }) : null,
       h("dl", { class: "facts" }, facts.map(([k, v, wide]) => h("div", { class: wide }, h("dt", { text: k }), h("dd", { text: v })))),
       split,
@@ -384,8 +387,58 @@ function setupChat() {
 
 // ---------------------------------------------------------------- start
 
+// ---------------------------------------------------------------- load and unload (this node's runtime API)
+
+function loadNote(text, bad) {
+  const note = $("load-note");
+  note.textContent = text;
+  note.hidden = !text;
+  note.classList.toggle("bad", Boolean(bad));
+}
+
+async function runtimeCall(method, path, body) {
+  const res = await fetch(path, { method, headers: body ? { "Content-Type": "application/json" } : {}, body: body ? JSON.stringify(body) : undefined });
+  let doc = {};
+  try { doc = await res.json(); } catch (e) { /* an empty or non-JSON answer */ }
+  if (!res.ok) throw new Error((doc.error && doc.error.message) || `HTTP ${res.status}`);
+  return doc;
+}
+
+function setupRuntime() {
+  $("load-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const ref = $("load-ref").value.trim();
+    if (!ref) return;
+    const button = $("load-btn");
+    button.disabled = true;
+    loadNote(`Loading ${ref}… (a download shows its progress in the node's terminal)`);
+    try {
+      const doc = await runtimeCall("POST", "/api/runtime/models", { model: ref });
+      loadNote(`${doc.loaded}: ${doc.detail || doc.state}`);
+      $("load-ref").value = "";
+    } catch (err) {
+      loadNote(err.message, true);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+async function unloadModel(name, button) {
+  button.disabled = true;
+  loadNote(`Unloading ${name}: requests in flight finish first…`);
+  try {
+    await runtimeCall("DELETE", `/api/runtime/models/${encodeURIComponent(name)}`);
+    loadNote(`Unloaded ${name}`);
+  } catch (err) {
+    loadNote(err.message, true);
+    button.disabled = false;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   setupChat();
+  setupRuntime();
   $("copy-token").addEventListener("click", (e) => copyText($("join-cmd").textContent, e.currentTarget));
   setInterval(tickLastSeen, 1000);
   follow(); // its first message is the whole status
