@@ -172,3 +172,7 @@ def test_bad_tensor_split_is_refused_before_it_reaches_gossip(text: str) -> None
 
     with pytest.raises(UserError, match="--tensor-split"):
         parse_tensor_split(text)
+
+
+def test_remote_runtime_needs_listen_all(tiny_model: Path) -> None:
+    assert_one_line_error(run_cli("--model", str(tiny_model), "--allow-remote-runtime", "--port", str(free_port())), "--allow-remote-runtime needs --listen-all")

@@ -104,7 +104,7 @@ def test_two_models_on_one_node_both_answer_and_a_crash_touches_only_one(start_n
 def test_a_standby_is_given_a_model_at_runtime_and_gives_it_back(start_node, tinies) -> None:
     a = start_node("--model", str(tinies[0]), *CTX, *LOCAL)
     a.wait_ready()
-    b = start_node("--join", a.token(), *CTX, *LOCAL)
+    b = start_node("--join", a.token(), *LONG, *LOCAL)  # runtime loads get its --ctx-size: streams long enough to watch
     b.wait_output("ready as a standby node")
     offer = call(b.base_url + "/api/runtime")[1]["budget"]["offer_bytes"]
     loaded = run_cli("load", str(tinies[1]), "--port", str(b.port))
@@ -126,18 +126,21 @@ def test_a_standby_is_given_a_model_at_runtime_and_gives_it_back(start_node, tin
         got, doc = call(b.base_url + "/api/runtime/models", "POST", {"model": ref})
         assert got == status and words in doc["error"]["message"], (ref, got, doc)
     assert_one_line_error(run_cli("unload", "tiny-7", "--port", str(b.port)), "tiny-7 is not loaded on this node; loaded: tiny-1")
+    assert_one_line_error(run_cli("unload", "tiny", "--port", str(b.port)), "tiny is not loaded")  # no guessing what to unload
     assert call(b.base_url + "/api/runtime/models/tiny-7", "DELETE")[0] == 404
     assert call(b.base_url + "/api/runtime/models", "POST", {"modle": "x"})[0] == 400
     assert_one_line_error(run_cli("status", "--port", "9"), "no mesh-llm node answers on http://127.0.0.1:9")
 
-    # unload while a stream is running: it finishes whole, then the process and the memory are gone
-    pool = ThreadPoolExecutor(1)
-    stream = pool.submit(stream_all, b.port, "tiny-1", 300)
-    wait_for(lambda: runtime(b)["tiny-1"]["in_flight"] == 1, what="the stream running")
+    # unload while two streams run, one from B's own API, one from A through the mesh: both finish
+    # whole, then the process and the memory are gone
+    pool = ThreadPoolExecutor(2)
+    streams = [pool.submit(stream_all, b.port, "tiny-1", 3000), pool.submit(stream_all, a.port, "tiny-1", 3000)]
+    wait_for(lambda: runtime(b)["tiny-1"]["in_flight"] == 2, what="both streams running")
     unloaded = run_cli("unload", "tiny-1", "--port", str(b.port))
-    events = stream.result(timeout=120)
     assert unloaded.returncode == 0 and "Unloaded tiny-1" in unloaded.stdout, unloaded.stderr
-    assert events[-1] == "data: [DONE]" and sum(1 for e in events if '"text"' in e) >= 250  # the whole answer arrived
+    for stream in streams:
+        events = stream.result(timeout=120)
+        assert events[-1] == "data: [DONE]" and sum(1 for e in events if '"text"' in e) >= 2900  # the whole answer arrived
     assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE
     assert [m["id"] for m in call(b.base_url + "/v1/models")[1]["data"]] == ["tiny-0"]
     assert runtime(b) == {} and call(b.base_url + "/api/runtime")[1]["budget"]["free_bytes"] == offer
@@ -248,6 +251,11 @@ def test_a_node_hosts_a_split_of_one_model_while_serving_another_solo(start_node
     # the split's share held on B is what A's plan put there; A's free memory is what both models leave
     budget = call(a.base_url + "/api/runtime")[1]["budget"]
     assert budget["free_bytes"] == budget["offer_bytes"] - models["tiny-0"]["here_bytes"] - models[SPLIT_SPEC.name]["here_bytes"]
+    # what B lends to A's split is not B's to give again: tiny-1 would fit in B's offer, not beside the loan
+    status, doc = call(b.base_url + "/api/runtime/models", "POST", {"model": str(tinies[1])})
+    assert status == 422 and "tiny-1 does not fit" in doc["error"]["message"], doc
+    b_budget = call(b.base_url + "/api/runtime")[1]["budget"]
+    assert b_budget["used_bytes"] > 0.4 * need_split * 1e9 and b_budget["free_bytes"] < need_gb(tinies[1], 512) * 1e9
     b.stop(signal.SIGINT)
     wait_for(lambda: runtime(a)[SPLIT_SPEC.name]["phase"] == "waiting", what="A waits for another worker")
     assert complete(a, "tiny-0")["model"] == "tiny-0"  # the solo model never noticed

@@ -207,6 +207,11 @@ def test_a_node_in_another_network_namespace_joins_over_the_veth(start_node, tin
     with pytest.raises(urllib.error.HTTPError) as err:  # the API port has no event stream to leak from
         urllib.request.urlopen(api + "/api/events", timeout=10)
     assert err.value.code == 404
+    for base in (api, page):  # nor may another machine load or unload models (no --allow-remote-runtime)
+        post = urllib.request.Request(base + "/api/runtime/models", json.dumps({"model": "gemma-3-270m"}).encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(post, timeout=10)
+        assert err.value.code == 403 and "callers on this machine only" in err.value.read().decode()
     far_token = far.token()
     assert far_token not in urllib.request.urlopen(page + "/", timeout=10).read().decode()
     # ... while a caller on the far machine itself gets it, from both.

@@ -19,6 +19,7 @@ from mesh_llm.serving.lifecycle import (
     ServerRestarting,
     ServerUp,
     Stop,
+    Stopped,
     UnloadAsked,
     plan_key,
     retry_delay,
@@ -107,9 +108,13 @@ def test_unload_drains_then_stops_and_nothing_else_matters_meanwhile() -> None:
     life, actions = run(Life(), Planned(Solo()), ServerUp(SOLO_KEY), UnloadAsked(), Planned(Standby(B)), ServerDown(SOLO_KEY, "x"), UnloadAsked())
     assert actions[2] == [Drain()] and actions[3:] == [[], [], []]
     assert life.phase is Phase.UNLOADING and life.running == SOLO_KEY  # still holds its memory
-    life, (gone,) = run(life, Drained())
-    assert gone == [Stop()] and life.phase is Phase.GONE
+    life, (stop, again) = run(life, Drained(), Drained())
+    assert stop == [Stop()] and again == [] and life.phase is Phase.UNLOADING  # holds it until the server is gone
+    life, (gone,) = run(life, Stopped())
+    assert gone == [] and life.phase is Phase.GONE
     assert run(life, Planned(Solo()))[1] == [[]]  # gone for good
+    early, _ = run(Life(), Planned(Solo()), UnloadAsked(), Stopped())
+    assert early.phase is Phase.UNLOADING  # not gone before its requests drained
 
 
 def test_a_plan_that_cannot_be_made_is_an_error_with_the_reason() -> None:

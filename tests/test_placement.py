@@ -88,3 +88,38 @@ def test_peer_candidates_need_the_model_an_engine_and_not_a_client() -> None:
 def test_what_is_placed_never_exceeds_the_offer(offer_gb: int, sizes: list[float]) -> None:
     p = place(ME, offer_gb * GB, "e", [want(f"m{i}", s) for i, s in enumerate(sizes)], {}, {})
     assert sum(p.here.values()) + p.free == offer_gb * GB and p.free >= 0
+
+
+def test_drafts_do_not_make_two_nodes_elect_each_other() -> None:
+    """A 10 GB and B 9.5 GB, a 15 GB model with a 1 GB draft on both: one host, from either seat."""
+    a, b = "a" * 64, "b" * 64
+    plans = {}
+    for me, offer, peer, peer_mem in ((a, 10 * GB, b, int(9.5 * GB)), (b, int(9.5 * GB), a, 10 * GB)):
+        p = place(me, offer, "e", [want("x", 15, draft_need=1 * GB)], {}, {"x": [Candidate(peer, peer_mem, "fp", "e", 1.0)]})
+        plans[me] = p.plans["x"]
+    assert isinstance(plans[a], Split) and plans[a].host == a and plans[b] == Standby(a)
+    split = plans[a]
+    host_share = 15 * GB * split.weights[-1] / sum(split.weights)
+    assert host_share <= 9 * GB  # the host's share leaves room for its draft
+
+
+def test_a_running_split_keeps_its_shares_while_they_still_fit() -> None:
+    peers = {"x": [Candidate(B, 9 * GB, "fp", "e", 1.0)]}
+    first = place(ME, 10 * GB, "e", [want("x", 15)], {}, peers).plans["x"]
+    assert isinstance(first, Split)
+    # the worker's memory shrinks a little (another model of its own): same shares, no restart
+    smaller = {"x": [Candidate(B, 8 * GB, "fp", "e", 1.0)]}
+    kept = place(ME, 10 * GB, "e", [want("x", 15, keep=first.workers, keep_weights=first.weights)], {}, smaller).plans["x"]
+    assert isinstance(kept, Split) and kept.weights == first.weights
+    # it shrinks so far its share no longer fits: new shares
+    tight = {"x": [Candidate(B, 6 * GB, "fp", "e", 1.0)]}
+    moved = place(ME, 10 * GB, "e", [want("x", 15, keep=first.workers, keep_weights=first.weights)], {}, tight).plans["x"]
+    assert isinstance(moved, Split) and moved.weights != first.weights
+
+
+def test_the_ledger_counts_drafts_on_hosts_and_can_read_only_some_hosts() -> None:
+    split = (Slice(B, 1.0, 0, 3, False), Slice(ME, 1.0, 4, 7, True))
+    me = PeerRecord(id=ME, hosting=(HostedModel("big", "ready", need_bytes=8 * GB, draft_bytes=1 * GB, split=split),))
+    b = PeerRecord(id=B, hosting=(HostedModel("own", "ready", need_bytes=2 * GB, draft_bytes=1 * GB),))
+    assert ledger([me, b]) == {ME: {"big": 5 * GB}, B: {"big": 4 * GB, "own": 3 * GB}}
+    assert ledger([me, b], hosts={ME}) == {ME: {"big": 5 * GB}, B: {"big": 4 * GB}}  # what ME's splits put where

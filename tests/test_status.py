@@ -312,6 +312,9 @@ async def test_the_fleet_advertises_what_each_model_does(tiny_model) -> None:
         [hosted] = mesh.me.hosting
         assert (hosted.state, hosted.detail, len(hosted.split)) == expected, life
         assert hosted.aliases == ("tiny-alias",) and hosted.need_bytes == GB // 4 and hosted.size_bytes == info.file_size
+    assert mesh.me.models_on_disk == ()  # an unloading model is offered to no split
+    fleet.loaded["tiny"].life = Life(Phase.READY, Solo(), ("solo",), "ready")
+    fleet.publish()
     assert mesh.me.role == "host" and mesh.me.models_on_disk == ("tiny",) and mesh.me.fingerprints == ("f",)
     for life in (Life(Phase.STANDBY, Standby(B)), Life(Phase.GONE)):
         fleet.loaded["tiny"].life = life

@@ -157,6 +157,8 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         rotate_key(state_dir)
         out.print(f"New node key written to {state_dir / 'key'}; restart the node for it to take effect.")
         return 0
+    if args.allow_remote_runtime and not args.listen_all:
+        raise UserError("--allow-remote-runtime needs --listen-all: without it the API answers this machine only")
     if args.relay and args.no_relay:
         raise UserError("--relay and --no-relay contradict each other: pass one")
     if not 0 <= args.bind_port <= 65535:

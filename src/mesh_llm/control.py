@@ -55,11 +55,15 @@ def _error_text(err: urllib.error.HTTPError) -> str:
 
 
 def load_command(ref: str, port: int, wait: bool, out: Console) -> int:
-    from mesh_llm.models.resolve import resolve_model
+    from mesh_llm.models.reference import LocalFile
+    from mesh_llm.models.resolve import parse, resolve_model
 
     node = Node(port)
-    node.call("GET", "/api/runtime")  # is a node there at all (before any download)?
-    resolve_model(ref, say=lambda line: out.print(line, markup=False, highlight=False), single_file=True)  # fetched here, with progress
+    if node.call("GET", "/api/runtime").get("client"):  # is a node there, and can it serve (before any download)?
+        raise UserError(f"the node at {node.base} is a client: it runs no models (load it on a node started without --client)")
+    found = resolve_model(ref, say=lambda line: out.print(line, markup=False, highlight=False), single_file=True)  # fetched here, with progress
+    if isinstance(parse(ref), LocalFile):
+        ref = str(found.path)  # the node resolves relative paths in its own folder, not ours
     started = node.call("POST", "/api/runtime/models", {"model": ref}, timeout=600)
     name = started.get("loaded", ref)
     out.print(f"Loading {name} on the node at {node.base}: {started.get('detail') or started.get('state')}", markup=False, highlight=False)
@@ -79,7 +83,7 @@ def load_command(ref: str, port: int, wait: bool, out: Console) -> int:
             if phase in ("waiting", "standby"):
                 out.print(f"{name}: {model['state']}", markup=False, highlight=False)
                 return 0
-            if phase == "error":
+            if phase == "error" and model["role"] != "host":  # a split re-plans after a failure: keep following it
                 raise UserError(f"{name} failed: {model['state']}")
             if model["state"] != last:
                 last = model["state"]

@@ -217,7 +217,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         if fleet is not None:
             fleet.on_process_change(mp)
 
-    options = cfg.model_options()
+    options = replace(cfg.model_options(), draft=None)  # a runtime load gets its catalog pairing, not --draft
 
     async def prepare_at_runtime(ref: str) -> ModelSpec:
         return await asyncio.to_thread(prepare, ref, options, say)
@@ -228,7 +228,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
         proxy = ApiProxy(table)
-        runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime)
+        runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime, cfg.listen_all)
         proxy.extra_routes.append(runtime.install)
         await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
         stack.push_async_callback(proxy.close)
@@ -288,12 +288,13 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             if outcomes is None:
                 console.print("Stopped before the models finished loading.")
                 return 0
-            for model, life in zip(loaded, outcomes, strict=True):
-                if life.phase is Phase.FAILED and isinstance(life.plan, Solo):  # a split re-plans instead
-                    raise UserError(f"{model.name}: {life.detail}")
+            failed = [(m, life) for m, life in zip(loaded, outcomes, strict=True) if life.phase is Phase.FAILED and isinstance(life.plan, Solo)]
+            if len(failed) == len(loaded):  # nothing to serve: say why and stop (a split re-plans instead)
+                model, life = failed[0]
+                raise UserError(f"{model.name}: {life.detail}")
             print_ready(console, cfg, loaded, engine)
         else:
-            await fleet.routes.sync({})
+            await fleet.sync_routes()
             print_passive_ready(console, cfg, table)
         fleet.announced = True
         await stop.wait()

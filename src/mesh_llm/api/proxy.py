@@ -74,11 +74,14 @@ class Server:
     """One place a model is served: this node's llama-server, or a tunnel to a peer's."""
 
     id: str  # "local", or the peer's id
-    base_url: str  # e.g. http://127.0.0.1:41234
+    base_url: str | Callable[[], str]  # e.g. http://127.0.0.1:41234 (a callable: read per request)
     is_ready: Callable[[], bool]
     status: Callable[[], str] = lambda: "ready"
     rtt_ms: Callable[[], float | None] = lambda: 0.0
     gate: Gate = field(default_factory=Gate)
+
+    def url(self) -> str:
+        return self.base_url() if callable(self.base_url) else self.base_url
 
 
 @dataclass
@@ -295,7 +298,7 @@ class ApiProxy:
     async def _relay(self, request: web.Request, model: str, upstream: Server, body: bytes) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        url = upstream.base_url + request.path_qs
+        url = upstream.url() + request.path_qs
         response: web.StreamResponse | None = None
         try:
             async with self._session.request(request.method, url, data=body, headers=headers) as up:

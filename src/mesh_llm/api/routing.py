@@ -75,7 +75,7 @@ class ServerView:
 
     id: str  # "local" for this node's own llama-server, else the peer's id
     ready: bool
-    in_flight: int = 0  # requests this node has running there now
+    in_flight: int = 0  # requests running there now as this node counts them (for its own server, peers' too)
     rtt_ms: float | None = None  # None: not measured yet; 0 for this node
 
 

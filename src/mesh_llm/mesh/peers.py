@@ -24,6 +24,7 @@ HOLDING_STATES = ("ready", "loading", "unloading")  # a model in these holds its
 MAX_HOSTED = 8  # models one node runs llama-server for
 MAX_SLICES = 32  # nodes in one split
 MAX_ALIASES = 4  # names a model answers to besides its id
+MAX_ALIAS_LEN = 256
 MAX_DETAIL = 512
 MAX_MODELS_ON_DISK = 64
 
@@ -69,6 +70,7 @@ class HostedModel:
     need_bytes: int = 0  # weights with headroom plus KV cache
     ctx: int = 0
     draft: str = ""
+    draft_bytes: int = 0  # what the draft takes on the host, beside its share
     split: tuple[Slice, ...] = ()  # empty: the whole model on the host
     aliases: tuple[str, ...] = ()  # the names it was asked for by (e.g. `gemma-3-270m`): requests may use them
 
@@ -97,8 +99,9 @@ class HostedModel:
             need_bytes=get_int(doc, "need_bytes", 0, 2**62, 0),
             ctx=get_int(doc, "ctx", 0, 1 << 24, 0),
             draft=get_str(doc, "draft", 256, ""),
+            draft_bytes=get_int(doc, "draft_bytes", 0, 2**62, 0),
             split=split,
-            aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, 256) if a.isprintable()),
+            aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if a.isprintable()),
         )
 
 

@@ -9,15 +9,16 @@ minus what its *other* models hold, so a split never competes with itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from mesh_llm.mesh.peers import PeerRecord
 
 Ledger = dict[str, dict[str, int]]  # node id -> model -> bytes held there
 
 
-def ledger(records: Iterable[PeerRecord]) -> Ledger:
-    """Bytes every node holds for every model, from the hosts' own records."""
+def ledger(records: Iterable[PeerRecord], hosts: Container[str] | None = None) -> Ledger:
+    """Bytes every node holds for every model, from the hosts' own records (only the records of
+    `hosts`, when given: e.g. what *other* nodes' splits put on this one)."""
     records = list(records)
     holders = {r.id for r in records if r.role != "client"}  # a host may name anyone: credit members only
     held: Ledger = {}
@@ -27,18 +28,18 @@ def ledger(records: Iterable[PeerRecord]) -> Ledger:
         per_model[model] = per_model.get(model, 0) + amount
 
     for r in records:
-        if r.id not in holders:
+        if r.id not in holders or (hosts is not None and r.id not in hosts):
             continue
         for h in r.hosting:
             if not h.holds_memory:
                 continue
             total = sum(s.share for s in h.split)
             if not h.split or total <= 0:
-                add(r.id, h.name, h.need_bytes)
+                add(r.id, h.name, h.need_bytes + h.draft_bytes)
                 continue
             for s in h.split:
                 if s.node in holders:
-                    add(s.node, h.name, round(h.need_bytes * s.share / total))
+                    add(s.node, h.name, round(h.need_bytes * s.share / total) + (h.draft_bytes if s.node == r.id else 0))
     return held
 
 

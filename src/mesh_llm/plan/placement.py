@@ -30,6 +30,7 @@ class Wanted:
     force_split: bool = False
     manual_split: tuple[float, ...] | None = None
     keep: tuple[str, ...] = ()  # workers of its running split: kept while eligible
+    keep_weights: tuple[float, ...] = ()  # and its shares: kept while the group holds them
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,12 @@ def place(me: str, offer: int, engine: str, wanted: Sequence[Wanted], lent: Mapp
     placed = 0
     for want in wanted:
         loans = sum(amount for model, amount in lent.items() if model != want.model)
-        room = max(0, offer - loans - placed - want.draft_need)
+        room = max(0, offer - loans - placed)  # what peers see in gossip as this node's memory for it
         try:
             plan: Plan | Unplannable = plan_model(
                 Candidate(me, room, want.fingerprint, engine), peers.get(want.model, ()),
-                model=want.model, need=want.need, n_layers=want.n_layers,
-                force_split=want.force_split, manual_split=want.manual_split, keep=want.keep,
+                model=want.model, need=want.need, n_layers=want.n_layers, force_split=want.force_split,
+                manual_split=want.manual_split, keep=want.keep, keep_weights=want.keep_weights, reserve=want.draft_need,
             )
         except ValueError as exc:
             plan = Unplannable(str(exc))

@@ -118,11 +118,16 @@ def plan_model(
     force_split: bool = False,
     manual_split: Sequence[float] | None = None,
     keep: Sequence[str] = (),
+    keep_weights: Sequence[float] = (),
+    reserve: int = 0,
 ) -> Plan:
     """This node's part for `model`. `peers`: other non-client nodes that want it.
-    `keep`: the workers of the running split; they are preferred while still eligible,
-    so a newcomer or a shift in RTT does not restart a working split."""
-    if not force_split and me.memory >= need:
+    `keep`, `keep_weights`: the workers and shares of the running split; the workers are
+    preferred while still eligible and the shares kept while the group still holds them,
+    so a newcomer, a shift in RTT or another model's memory does not restart a working split.
+    `reserve`: what this node keeps beside its share when it runs the model (its draft). The
+    election uses the memory every node can see in gossip, so every node elects the same host."""
+    if not force_split and me.memory - reserve >= need:
         return Solo()
     group = [me] + [p for p in peers if force_split or p.memory < need]
     host = elect_host(group)
@@ -147,26 +152,36 @@ def plan_model(
     rank = {node: i for i, node in enumerate(keep)}
     eligible.sort(key=lambda p: (rank.get(p.id, len(rank)), p.rtt_ms is None, p.rtt_ms or 0.0, p.id))
     chosen: list[Candidate] = []
-    total = me.memory
+    own = max(0, me.memory - reserve)  # what this node holds of the model itself, as its host
+    total = own
     for peer in eligible:
         if total >= need and (chosen or not force_split):
             break
         chosen.append(peer)
         total += peer.memory
     if total < need or (force_split and not chosen):
-        return Waiting(need, me.memory + sum(p.memory for p in eligible), tuple(excluded))
+        return Waiting(need, own + sum(p.memory for p in eligible), tuple(excluded))
 
     order = chosen + [me]  # llama.cpp puts RPC devices first; the host's device last
+    capacity = [c.memory for c in chosen] + [own]
     if manual_split is not None:
         if len(manual_split) != len(order) or any(w < 0 for w in manual_split) or not any(w > 0 for w in manual_split):
             raise ValueError(f"--tensor-split needs {len(order)} non-negative values (workers nearest first, then this host), got {list(manual_split)}")
         weights = tuple(float(w) for w in manual_split)
+    elif tuple(c.id for c in chosen) == tuple(keep) and shares_fit(keep_weights, capacity, need):
+        weights = tuple(keep_weights)
     else:
-        weights = tuple(float(max(1, c.memory // MIB)) for c in order)
+        weights = tuple(float(max(1, m // MIB)) for m in capacity)
     weights = tuple(float(format(w, "g")) for w in weights)  # exactly what llama.cpp will parse
     layers = predict_layers([c.id for c in order], weights, n_layers)
     spares = tuple(p.id for p in eligible if p not in chosen)
     return Split(me.id, tuple(c.id for c in chosen), weights, layers, tuple(excluded), spares)
+
+
+def shares_fit(weights: Sequence[float], capacity: Sequence[int], need: int) -> bool:
+    """Does every node of a group hold its share of `need` under these weights?"""
+    total = sum(weights)
+    return len(weights) == len(capacity) and total > 0 and all(need * w / total <= c for w, c in zip(weights, capacity, strict=True))
 
 
 def predict_layers(nodes: Sequence[str], weights: Sequence[float], n_layers: int) -> tuple[LayerRange, ...]:

@@ -25,10 +25,29 @@ from mesh_llm.engine.supervisor import ManagedProcess, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import MAX_DETAIL, MAX_HOSTED, HostedModel, MeshEvent, PeerRecord, Slice
-from mesh_llm.plan.budget import Ledger, ledger, used_bytes
+from mesh_llm.plan.budget import ledger
 from mesh_llm.plan.placement import Placement, Unplannable, Wanted, peer_candidates, place
 from mesh_llm.plan.split import Solo, Split, Standby, Waiting, format_tensor_split
-from mesh_llm.serving.lifecycle import ADVERTISED, ROUTED, Action, Drain, Drained, Event, Launch, Life, Phase, Planned, RetryDue, RetryIn, Stop, UnloadAsked, step
+from mesh_llm.serving.lifecycle import (
+    ADVERTISED,
+    ROUTED,
+    Action,
+    Drain,
+    Drained,
+    Event,
+    Launch,
+    Life,
+    Phase,
+    Planned,
+    RetryDue,
+    RetryIn,
+    ServerDown,
+    Stop,
+    Stopped,
+    UnloadAsked,
+    plan_key,
+    step,
+)
 from mesh_llm.serving.routes import LocalRoute, MeshRoutes
 from mesh_llm.serving.runner import EngineSettings, ModelRunner, ModelSpec, split_doc
 from mesh_llm.serving.workers import RpcWorkers
@@ -68,6 +87,7 @@ class Loaded:
     awaiting_workers_since: float | None = None
     here_bytes: int = 0
     task: asyncio.Task[None] | None = None
+    retry: asyncio.TimerHandle | None = None
 
     @property
     def name(self) -> str:
@@ -87,6 +107,7 @@ class Fleet:
         self.announced = False  # the start-up banner is out: later models announce themselves
         self._unwilling: dict[tuple[str, str], float] = {}  # (model, worker) -> since when it failed to lend
         self._kick = asyncio.Event()
+        self._replanning = asyncio.Lock()  # one plan at a time (the loop, a load, an unload)
         self._routes_dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_said: dict[str, str] = {}
@@ -147,9 +168,9 @@ class Fleet:
         while True:
             await self._routes_dirty.wait()
             self._routes_dirty.clear()
-            await self._guarded(self._sync_routes)
+            await self._guarded(self.sync_routes)
 
-    async def _sync_routes(self) -> None:
+    async def sync_routes(self) -> None:
         await self.routes.sync(self._local_routes())
         self.on_change()
 
@@ -205,7 +226,7 @@ class Fleet:
             raise RuntimeRefusal(404, f"{name} is not loaded on this node; loaded: {', '.join(self.loaded) or 'none'}")
         self.feed(name, UnloadAsked())
         await loaded.gone.wait()
-        await self.replan()  # its memory is free again, in the budget and in gossip
+        await asyncio.shield(self.replan())  # its memory is free again, in the budget and in gossip (even if the caller left)
 
     # -- the lifecycle loop -----------------------------------------------------------
 
@@ -229,28 +250,38 @@ class Fleet:
             loaded.settled.set_result(loaded.life)
 
     async def _act(self, loaded: Loaded) -> None:
-        """Carry out one model's actions in order (a stop finishes before the next launch)."""
-        while True:
+        """Carry out one model's actions in order (a stop finishes before the next launch).
+        Whatever goes wrong comes back as a lifecycle event, so no model waits forever."""
+        while loaded.life.phase is not Phase.GONE:
             action = await loaded.actions.get()
             try:
                 if isinstance(action, Launch):
                     await loaded.runner.launch(action.plan)
                 elif isinstance(action, Stop):
                     await loaded.runner.stop()
-                    if loaded.life.phase is Phase.GONE:
-                        self._forget(loaded)
-                        return
                 elif isinstance(action, Drain):
                     drained = await loaded.runner.gate.idle(UNLOAD_GRACE_SECS)
                     if not drained:
                         self.warn(f"{loaded.name}: {loaded.runner.gate.in_flight} request(s) still running after {UNLOAD_GRACE_SECS:.0f} s; stopping anyway")
                     self.feed(loaded.name, Drained())
                 elif isinstance(action, RetryIn):
-                    asyncio.get_running_loop().call_later(action.secs, self.feed, loaded.name, RetryDue())
+                    loaded.retry = asyncio.get_running_loop().call_later(action.secs, self._feed_if_current, loaded, RetryDue())
             except Exception as exc:  # one model's failure must not stop its queue (or the node)
                 self.warn(f"{loaded.name}: {action.__class__.__name__.lower()} failed: {exc.__class__.__name__}: {exc}")
+                if isinstance(action, Launch):
+                    self.feed(loaded.name, ServerDown(plan_key(action.plan), f"llama-server could not be started: {exc}"))
+            if isinstance(action, Stop) and loaded.life.phase is Phase.UNLOADING and loaded.life.drained:
+                self.feed(loaded.name, Stopped())  # its memory is free only now
+        self._forget(loaded)
+
+    def _feed_if_current(self, loaded: Loaded, event: Event) -> None:
+        """A timer's event for a model that may have been unloaded (and loaded again) since."""
+        if self.loaded.get(loaded.name) is loaded:
+            self.feed(loaded.name, event)
 
     def _forget(self, loaded: Loaded) -> None:
+        if loaded.retry is not None:
+            loaded.retry.cancel()
         self.loaded.pop(loaded.name, None)
         loaded.gone.set()
         self.say(f"Unloaded {loaded.name}")
@@ -278,7 +309,9 @@ class Fleet:
         members = self.mesh.members()
         peers = [(m.record, m.rtt_ms) for m in members]
         held_everywhere = ledger([self.mesh.me] + [m.record for m in members])
-        lent = ledger(m.record for m in members).get(self.mesh.me.id, {})  # what other hosts' splits hold here
+        # what other hosts' splits hold here, for models this node has (a record naming it for anything else holds nothing)
+        others = ledger([self.mesh.me] + [m.record for m in members], hosts={m.record.id for m in members})
+        lent = {model: held for model, held in others.get(self.mesh.me.id, {}).items() if model in self.loaded}
         now = time.monotonic()
         self._unwilling = {k: t for k, t in self._unwilling.items() if now - t < UNWILLING_SECS}
         wanted = [self._wanted(loaded) for loaded in self.loaded.values() if loaded.life.phase not in (Phase.UNLOADING, Phase.GONE)]
@@ -288,15 +321,20 @@ class Fleet:
             w.model: [c for c in peer_candidates(w.model, peers, held_everywhere) if (w.model, c.id) not in self._unwilling]
             for w in wanted
         }
-        return place(self.mesh.me.id, self.offer, self.engine_version, wanted, lent, candidates)
+        unloading = sum(loaded.here_bytes for loaded in self.loaded.values() if loaded.life.phase is Phase.UNLOADING)  # held till stopped
+        return place(self.mesh.me.id, self.offer - unloading, self.engine_version, wanted, lent, candidates)
 
     def _wanted(self, loaded: Loaded) -> Wanted:
         spec, plan = loaded.spec, loaded.life.plan
-        keep = plan.workers if isinstance(plan, Split) else ()
+        keep, weights = (plan.workers, plan.weights) if isinstance(plan, Split) else ((), ())
         return Wanted(spec.model_id, spec.need, spec.info.n_layers, spec.fingerprint, spec.draft.need if spec.draft else 0,
-                      loaded.split.force_split, loaded.split.tensor_split, keep)
+                      loaded.split.force_split, loaded.split.tensor_split, keep, weights)
 
     async def replan(self) -> None:
+        async with self._replanning:
+            await self._replan()
+
+    async def _replan(self) -> None:
         self._give_up_on_slow_workers()
         self.placement = self._place()
         records = {m.record.id: m.record for m in self.mesh.members()}
@@ -350,9 +388,10 @@ class Fleet:
         role = self.mesh.me.role
         if role != "client":
             role = "host" if hosting else "worker" if lending else "standby"
+        offered = [loaded for loaded in self.loaded.values() if loaded.life.phase not in (Phase.UNLOADING, Phase.GONE)]  # can take part
         self.mesh.update_self(
             role=role, hosting=hosting, lending=lending, free_bytes=self.placement.free,
-            models_on_disk=tuple(self.loaded), fingerprints=tuple(loaded.spec.fingerprint for loaded in self.loaded.values()),
+            models_on_disk=tuple(loaded.name for loaded in offered), fingerprints=tuple(loaded.spec.fingerprint for loaded in offered),
         )
         self._routes_dirty.set()
         self.on_change()
@@ -366,7 +405,7 @@ class Fleet:
         return HostedModel(
             name=spec.model_id, state=life.phase.value, detail="" if ready else life.detail[:MAX_DETAIL],
             size_bytes=spec.info.file_size, need_bytes=spec.need, ctx=spec.ctx, split=split,
-            draft=spec.draft.name if spec.draft else "", aliases=spec.aliases,
+            draft=spec.draft.name if spec.draft else "", draft_bytes=spec.draft.need if spec.draft else 0, aliases=spec.aliases,
         )
 
     def _local_routes(self) -> dict[str, LocalRoute]:
@@ -374,8 +413,7 @@ class Fleet:
         for loaded in self.loaded.values():
             if loaded.life.phase not in ROUTED:
                 continue
-            out[loaded.name] = LocalRoute(Server("local", f"http://127.0.0.1:{loaded.runner.server_port}", _ready(loaded), _words(loaded),
-                                                 lambda: 0.0, loaded.runner.gate), loaded.spec.aliases)
+            out[loaded.name] = LocalRoute(Server("local", _url(loaded), _ready(loaded), _words(loaded), lambda: 0.0, loaded.runner.gate), loaded.spec.aliases)
         return out
 
     def local_server(self, model: str) -> tuple[int, Gate] | None:
@@ -386,8 +424,9 @@ class Fleet:
         return loaded.runner.server_port, loaded.runner.gate
 
     def lent_port(self, peer_id: str, model: str) -> int | None:
-        """The RPC worker a peer may use: only for a model that peer's split names us for."""
-        if self.workers is None:
+        """The RPC worker a peer may use: one lent for a model that peer's split names us for
+        (never the worker that holds this node's own share of a split it hosts)."""
+        if self.workers is None or model not in self.workers.lent():
             return None
         member = next((m for m in self.mesh.members() if m.record.id == peer_id), None)
         if member is None:
@@ -430,7 +469,7 @@ class Fleet:
             doc: dict[str, Any] = {
                 "model": loaded.name, "state": "ready" if life.phase is Phase.READY else life.detail, "phase": life.phase.value,
                 "role": role_of(life), "need_bytes": loaded.spec.need, "here_bytes": loaded.here_bytes,
-                "memory_bytes": self.offer, "aliases": list(loaded.spec.aliases), "draft": loaded.spec.draft.name if loaded.spec.draft else None,
+                "aliases": list(loaded.spec.aliases), "draft": loaded.spec.draft.name if loaded.spec.draft else None,
                 **loaded.runner.snapshot(),
             }
             if isinstance(plan, Split):
@@ -443,8 +482,8 @@ class Fleet:
         return out
 
     def budget(self) -> dict[str, int]:
-        held: Ledger = ledger([self.mesh.me] + [m.record for m in self.mesh.members()])
-        return {"offer_bytes": self.offer, "used_bytes": used_bytes(held, self.mesh.me.id), "free_bytes": self.placement.free}
+        """The node's offer, what its plans hold of it (its models, its draft, its loans) and what is left."""
+        return {"offer_bytes": self.offer, "used_bytes": self.offer - self.placement.free, "free_bytes": self.placement.free}
 
     def processes(self) -> list[dict[str, Any]]:
         out = []
@@ -453,9 +492,10 @@ class Fleet:
             if server is not None:
                 out.append({"name": "llama-server", "model": loaded.name, "pid": server.pid, "state": server.state.value,
                             "port": loaded.runner.server_port, "restarts": server.restarts, "log": str(server.spec.log_path)})
-        for model, mp in self.workers.processes() if self.workers is not None else []:
+        workers = self.workers
+        for model, mp in workers.processes() if workers is not None else []:
             out.append({"name": "rpc-worker", "model": model, "pid": mp.pid, "state": mp.state.value,
-                        "port": self.workers.port(model) if self.workers else None, "restarts": mp.restarts, "log": str(mp.spec.log_path)})
+                        "port": workers.port(model) if workers else None, "restarts": mp.restarts, "log": str(mp.spec.log_path)})
         return out
 
 
@@ -485,6 +525,10 @@ def describe(loaded: Loaded) -> str:
 def describe_split(plan: Split, model: str) -> str:
     parts = [f"{'host ' if r.node == plan.host else 'worker '}{r.node[:8]} ({r})" for r in reversed(plan.layers)]
     return f"{model} split over {len(plan.layers)} nodes: " + ", ".join(parts) + f" — tensor split {format_tensor_split(plan.weights)}"
+
+
+def _url(loaded: Loaded) -> Callable[[], str]:
+    return lambda: f"http://127.0.0.1:{loaded.runner.server_port}"  # read per request: a relaunch moves the port
 
 
 def _ready(loaded: Loaded) -> Callable[[], bool]:

@@ -9,7 +9,7 @@ socket or a clock, so every transition is tested directly.
     PLANNING ──plan──▶ WAITING | STANDBY | STARTING ──up──▶ READY
        ▲                              │ down                 │ down
        └────────── retry ◀── FAILED ◀─┴──────────────────────┘
-    any ──unload──▶ UNLOADING ──drained──▶ GONE
+    any ──unload──▶ UNLOADING ──drained──▶ (stopping) ──stopped──▶ GONE
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Phase(str, Enum):
     STARTING = "loading"  # llama-server starting (for a split: once its workers are up)
     READY = "ready"
     FAILED = "error"  # cannot plan, or llama-server failed; retried later or on the next change
-    UNLOADING = "unloading"  # no new requests; those in flight finish
+    UNLOADING = "unloading"  # no new requests; those in flight finish, then the server stops (memory held till then)
     GONE = "gone"
 
 
@@ -57,6 +57,7 @@ class Life:
     detail: str = ""  # the state in words, for 503s, gossip and the console
     failed: tuple[Any, ...] | None = None  # key of the plan that failed: not relaunched before a retry
     failures: int = 0
+    drained: bool = False  # unloading: requests in flight are done, the server is being stopped
 
 
 # -- events ------------------------------------------------------------------
@@ -100,7 +101,12 @@ class Drained:
     pass
 
 
-Event = Planned | ServerUp | ServerRestarting | ServerDown | RetryDue | UnloadAsked | Drained
+@dataclass(frozen=True)
+class Stopped:
+    """The server of an unloading model is gone: its memory is free."""
+
+
+Event = Planned | ServerUp | ServerRestarting | ServerDown | RetryDue | UnloadAsked | Drained | Stopped
 
 
 # -- actions -----------------------------------------------------------------
@@ -141,9 +147,13 @@ def step(life: Life, event: Event) -> tuple[Life, list[Action]]:
             return life, []
         return replace(life, phase=Phase.UNLOADING, detail="unloading: requests in flight finish"), [Drain()]
     if isinstance(event, Drained):
-        if life.phase is not Phase.UNLOADING:
+        if life.phase is not Phase.UNLOADING or life.drained:
             return life, []
-        return Life(Phase.GONE, detail="unloaded"), [Stop()]
+        return replace(life, drained=True, detail="unloading: stopping llama-server"), [Stop()]
+    if isinstance(event, Stopped):
+        if life.phase is not Phase.UNLOADING or not life.drained:
+            return life, []
+        return Life(Phase.GONE, detail="unloaded"), []
     if life.phase is Phase.UNLOADING:
         return life, []  # neither plans nor server news matter any more
     if isinstance(event, Planned):
@@ -170,9 +180,9 @@ def _planned(life: Life, event: Planned) -> tuple[Life, list[Action]]:
         return Life(Phase.FAILED, plan, None, f"cannot plan: {plan.reason}", plan_key(plan), life.failures), stop
     if isinstance(plan, Standby):
         note = f" ({plan.note})" if plan.note else ""
-        return Life(Phase.STANDBY, plan, None, f"hosted by {plan.host[:8]}{note}"), stop
+        return Life(Phase.STANDBY, plan, None, f"hosted by {plan.host[:8]}{note}", failures=life.failures), stop
     if isinstance(plan, Waiting):
-        return Life(Phase.WAITING, plan, None, plan.message()), stop
+        return Life(Phase.WAITING, plan, None, plan.message(), failures=life.failures), stop
     key = plan_key(plan)
     if life.running == key and life.phase in (Phase.STARTING, Phase.READY):
         return replace(life, plan=plan), []  # same shape: keep it running, with the fresher details

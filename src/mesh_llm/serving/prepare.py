@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh_llm.engine.llama_server import choose_ctx
+from mesh_llm.mesh.peers import MAX_ALIAS_LEN, MAX_ALIASES
 from mesh_llm.models.draft import choose_draft
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
@@ -46,10 +47,11 @@ def aliases_of(ref: str, resolved_id: str, catalog_name: str | None) -> tuple[st
     or URL) and its catalog name."""
     names = []
     if "://" not in ref and not isinstance(parse(ref), LocalFile):
-        names.append(ref)
+        names.append(ref.strip())
     if catalog_name:
         names.append(catalog_name)
-    return tuple(n for n in dict.fromkeys(names) if n != resolved_id)
+    fits = [n for n in dict.fromkeys(names) if n != resolved_id and len(n) <= MAX_ALIAS_LEN and n.isprintable()]  # what peers accept
+    return tuple(fits[:MAX_ALIASES])
 
 
 def prepare(ref: str, options: ModelOptions, say: Callable[[str], None]) -> ModelSpec:

@@ -6,6 +6,7 @@ ready, so a request gets 503 with their reason instead of a 404).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,52 +49,69 @@ class LocalRoute:
     aliases: tuple[str, ...]
 
 
+@dataclass
+class _PeerServer:
+    """What this node keeps for a model a peer runs: the tunnel (once it was ready) and its state now."""
+
+    server: Server
+    tunnel: TunnelListener | None = None
+    ready: bool = False
+    words: str = ""
+
+
 class MeshRoutes:
-    """Keeps one HTTP tunnel per (peer, model) that peer serves, and rewrites the table."""
+    """Keeps one HTTP tunnel per (peer, model) that peer serves, and rewrites the table.
+
+    A tunnel stays while the peer still lists the model, ready or not: a model the peer is
+    unloading takes no new requests from here, but the ones already running finish."""
 
     def __init__(self, mesh: Mesh, table: UpstreamTable) -> None:
         self.mesh, self.table = mesh, table
-        self._tunnels: dict[tuple[str, str], tuple[TunnelListener, Server]] = {}
+        self._peers: dict[tuple[str, str], _PeerServer] = {}
+        self._lock = asyncio.Lock()  # one rewrite at a time: two would open one tunnel twice
 
     async def sync(self, local: dict[str, LocalRoute]) -> None:
+        async with self._lock:
+            await self._sync(local)
+
+    async def _sync(self, local: dict[str, LocalRoute]) -> None:
         members = self.mesh.members()
         rtt = {m.record.id: m.rtt_ms for m in members}
         hosted = hosted_by_peers(members)
-        wanted = {(h.peer, h.model) for h in hosted if h.ready}
-        for key in [k for k in self._tunnels if k not in wanted]:
-            tunnel, _ = self._tunnels.pop(key)
-            await tunnel.close()
-        routes: dict[str, Route] = {}
-        for model, entry in local.items():
-            routes[model] = Route(model, [entry.server], entry.aliases)
+        listed = {(h.peer, h.model) for h in hosted}
+        for key in [k for k in self._peers if k not in listed]:
+            gone = self._peers.pop(key)
+            if gone.tunnel is not None:
+                await gone.tunnel.close()
+        routes: dict[str, Route] = {model: Route(model, [entry.server], entry.aliases) for model, entry in local.items()}
         for h in hosted:
-            if h.ready and (h.peer, h.model) not in self._tunnels:
-                tunnel = TunnelListener(self.mesh, h.peer, StreamKind.HTTP, {"model": h.model})
-                await tunnel.start()
-                self._tunnels[(h.peer, h.model)] = (tunnel, Server(h.peer, f"http://127.0.0.1:{tunnel.port}", _yes, _said("ready"), _rtt_of(rtt, h.peer)))
-            server = self._tunnels[(h.peer, h.model)][1] if h.ready else Server(h.peer, "", _no, _said(h.words))
-            server.rtt_ms = _rtt_of(rtt, h.peer)
+            entry = self._peers.get((h.peer, h.model))
+            if entry is None:
+                entry = self._peers[(h.peer, h.model)] = _peer_server(h.peer)
+            if h.ready and entry.tunnel is None:
+                entry.tunnel = TunnelListener(self.mesh, h.peer, StreamKind.HTTP, {"model": h.model})
+                entry.server.base_url = f"http://127.0.0.1:{await entry.tunnel.start()}"
+            entry.ready = h.ready and entry.tunnel is not None
+            entry.words = h.words
+            entry.server.rtt_ms = _rtt_of(rtt, h.peer)
             route = routes.setdefault(h.model, Route(h.model, [], ()))
-            route.servers.append(server)
+            route.servers.append(entry.server)
             route.aliases = tuple(dict.fromkeys((*route.aliases, *h.aliases)))
         self.table.set_routes(list(routes.values()))
 
     async def close(self) -> None:
-        for tunnel, _ in self._tunnels.values():
-            await tunnel.close()
-        self._tunnels.clear()
+        for entry in self._peers.values():
+            if entry.tunnel is not None:
+                await entry.tunnel.close()
+        self._peers.clear()
 
 
-def _yes() -> bool:
-    return True
-
-
-def _no() -> bool:
-    return False
-
-
-def _said(words: str) -> Callable[[], str]:
-    return lambda: words
+def _peer_server(peer: str) -> _PeerServer:
+    """An entry whose server reads its state from the entry (updated on every rewrite)."""
+    entry = _PeerServer(Server(peer, "", is_ready=lambda: False))
+    entry.server.is_ready = lambda: entry.ready
+    entry.server.status = lambda: entry.words
+    return entry
 
 
 def _rtt_of(rtt: dict[str, float | None], peer: str) -> Callable[[], float | None]:

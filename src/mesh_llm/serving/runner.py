@@ -134,6 +134,9 @@ class ModelRunner:
         except StartFailed as exc:
             self.feed(ServerDown(key, f"llama-server failed to start: {exc.reason} (log: {exc.log_path})"))
             return
+        except OSError as exc:  # it could not even be spawned (no binary, no file handles, no log dir)
+            self.feed(ServerDown(key, f"llama-server could not be started: {exc}"))
+            return
         finally:
             self._starting = None
         self.feed(ServerUp(key))
@@ -149,12 +152,14 @@ class ModelRunner:
             with contextlib.suppress(BaseException):
                 await self._starting
             self._starting = None
-        if self.server is not None:
-            server, self.server = self.server, None
-            await self.supervisor.stop(server)
-        if self._probe is not None:
-            await self._probe.close()
-            self._probe = None
+        try:
+            if self.server is not None:
+                server, self.server = self.server, None
+                await self.supervisor.stop(server)
+        finally:
+            if self._probe is not None:
+                await self._probe.close()
+                self._probe = None
 
     def on_process_change(self, mp: ManagedProcess) -> None:
         """Supervisor news about our llama-server, as lifecycle events."""

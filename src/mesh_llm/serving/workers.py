@@ -35,7 +35,6 @@ class _Worker:
     unused_since: float | None = None
     process: ManagedProcess | None = None
     starting: asyncio.Task[None] | None = None
-    error: str = ""
 
 
 class RpcWorkers:
@@ -52,12 +51,10 @@ class RpcWorkers:
         w = self._workers.get(model)
         return w.port if w and w.process is not None and w.process.state == ProcState.READY else None
 
-    def ready(self) -> tuple[str, ...]:
-        return tuple(m for m in self._workers if self.port(m) is not None)
-
     def lent(self) -> tuple[str, ...]:
-        """Models whose worker is up for a host's split (what gossip's `lending` says)."""
-        return tuple(m for m, w in self._workers.items() if "lend" in w.reasons and self.port(m) is not None)
+        """Models whose worker is up for a host's split (what gossip's `lending` says); never one
+        that holds this node's own share of a split it hosts (one worker serves one host)."""
+        return tuple(m for m, w in self._workers.items() if w.reasons == {"lend"} and self.port(m) is not None)
 
     def processes(self) -> list[tuple[str, ManagedProcess]]:
         return [(m, w.process) for m, w in self._workers.items() if w.process is not None]
@@ -97,8 +94,7 @@ class RpcWorkers:
         """Stop the workers nobody has wanted for the grace period."""
         now = time.monotonic()
         for model, w in list(self._workers.items()):
-            if w.unused_since is not None and now - w.unused_since >= UNUSED_GRACE_SECS:
-                del self._workers[model]
+            if w.unused_since is not None and now - w.unused_since >= UNUSED_GRACE_SECS and self._workers.pop(model, None) is w:
                 await self._stop(w)
                 self.on_change()
 
@@ -124,10 +120,10 @@ class RpcWorkers:
         )
         try:
             w.process = await self.supervisor.start(spec)
-            w.error = ""
         except StartFailed as exc:
-            w.error = exc.reason
             self.warn(f"the RPC worker for {w.model} failed to start: {exc.reason} (log: {exc.log_path})")
+        except OSError as exc:  # no such binary, too many open files: the same one line
+            self.warn(f"the RPC worker for {w.model} could not be started: {exc}")
         finally:
             w.starting = None
         self.on_change()
