@@ -24,7 +24,7 @@ HealthCheck = Callable[[], Awaitable[bool]]
 
 _PR_SET_PDEATHSIG = 1
 FORGIVE_AFTER_S = 60.0
-READY_POLL_SECS = 0.05  # how often a starting process is asked whether it is healthy (a model load waits on it)
+READY_POLL_SECS = 0.02  # how often a starting process is asked whether it is healthy (a model load waits on it)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
