@@ -5,8 +5,20 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from pathlib import Path
 
 import aiohttp
+
+
+async def invite_token(log: Path, timeout: float = 60) -> str:
+    """The invite token a node printed into its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        if "Invite token: " in text:
+            return text.split("Invite token: ", 1)[1].split()[0]
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"no invite token in {log}")
 
 
 def served(status: dict) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
-from common import wait_http
+from common import invite_token, wait_http
 from split import LOCAL, Procs
 
 from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, fallback_chat_template, server_argv
@@ -63,16 +63,6 @@ async def node(procs: Procs, root: Path, name: str, *args: str) -> str:
     p = procs.start(name, [sys.executable, "-m", "mesh_llm", *args, *LOCAL, "--port", str(port), "--state-dir", str(root / name)])
     await wait_http(f"http://127.0.0.1:{port}/api/status", p)
     return f"http://127.0.0.1:{port}"
-
-
-async def token_of(root: Path, name: str) -> str:
-    for _ in range(600):
-        log = root / f"{name}.log"
-        text = log.read_text() if log.exists() else ""
-        if "Invite token: " in text:
-            return text.split("Invite token: ", 1)[1].split()[0]
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"{name} printed no token")
 
 
 async def runtime(session: aiohttp.ClientSession, base: str) -> dict:
@@ -159,7 +149,7 @@ async def bench_load_unload(procs: Procs, root: Path, engine, args: argparse.Nam
 async def bench_spread(procs: Procs, root: Path, args: argparse.Namespace) -> dict:
     model = write_tiny_model(root / "spread.gguf", TinyModelSpec(n_layers=4, n_embd=256, n_ff=512, name="spread"))
     a = await node(procs, root, "sa", "--model", str(model), "--ctx-size", "1024")
-    token = await token_of(root, "sa")
+    token = await invite_token(root / "sa.log")
     c = await node(procs, root, "sc", "--join", token, "--ctx-size", "1024")
     client = await node(procs, root, "sclient", "--client", "--join", token)
     one: list[float] = []

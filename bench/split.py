@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import served, serving_ready, tunnel_rtt_ms, wait_http
+from common import invite_token, served, serving_ready, tunnel_rtt_ms, wait_http
 
 from mesh_llm.engine.probes import free_loopback_port
 from mesh_llm.engine.provision import provide_engine
@@ -138,16 +138,7 @@ async def start_mesh(procs: Procs, root: Path, model: Path | str, delay_ms: int,
     pa, pb = free_loopback_port(), free_loopback_port()
     common = [sys.executable, "-m", "mesh_llm", "--model", str(model), "--ctx-size", "1024", "--split", *LOCAL]
     a = procs.start(f"mesh-a-{tag}", [*common, *host_args, "--tensor-split", "1,1", "--port", str(pa), "--state-dir", str(root / f"a-{tag}")], {"MESH_LLM_RPC_DELAY_MS": str(delay_ms)})
-    log = root / f"mesh-a-{tag}.log"
-    token = None
-    for _ in range(600):
-        text = log.read_text() if log.exists() else ""
-        if "Invite token: " in text:
-            token = text.split("Invite token: ", 1)[1].split()[0]
-            break
-        await asyncio.sleep(0.1)
-    if token is None:
-        raise SystemExit(f"mesh host printed no token: {log}")
+    token = await invite_token(root / f"mesh-a-{tag}.log")
     b = procs.start(f"mesh-b-{tag}", [*common, "--max-vram", "1", "--join", token, "--port", str(pb), "--state-dir", str(root / f"b-{tag}")])
     await wait_http(f"http://127.0.0.1:{pa}/api/status", a, ok=serving_ready)
     return f"http://127.0.0.1:{pa}", a, b

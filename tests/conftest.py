@@ -234,18 +234,25 @@ class NodeProcess:
         return self.proc.returncode
 
 
-def leave_mid_stream(port: int, while_streaming: Callable[[], bool] = lambda: True, path: str = "/v1/completions") -> None:
-    """Start a long streamed generation on `port`; once its first event is in, check
-    `while_streaming()`, then hang up the way a closed tab or a killed agent does."""
+def open_stream(port: int, model: str | None = None, max_tokens: int = 15000, path: str = "/v1/completions"):  # type: ignore[no-untyped-def]
+    """A long streamed generation on `port`, its first event read (it is under way); the caller
+    holds the connection and closes it when it likes."""
     import http.client
     import json
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    body = {"prompt": "go", "max_tokens": 15000, "ignore_eos": True, "stream": True}
+    body = {"prompt": "go", "max_tokens": max_tokens, "ignore_eos": True, "stream": True, **({"model": model} if model else {})}
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
-    resp.fp.readline()  # the first event: generation is under way
+    resp.fp.readline()
+    return conn
+
+
+def leave_mid_stream(port: int, while_streaming: Callable[[], bool] = lambda: True, path: str = "/v1/completions") -> None:
+    """Start a long streamed generation on `port`; once its first event is in, check
+    `while_streaming()`, then hang up the way a closed tab or a killed agent does."""
+    conn = open_stream(port, path=path)
     assert while_streaming()
     assert conn.sock is not None
     conn.sock.shutdown(2)

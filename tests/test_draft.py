@@ -6,7 +6,6 @@ import json
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mesh_llm.engine.llama_server import ServerConfig, server_argv
@@ -113,11 +112,6 @@ def chat(port: int, max_tokens: int = 48) -> dict:
         return json.loads(r.read())
 
 
-def llama_server_argv(node) -> list[str]:  # type: ignore[no-untyped-def]
-    kids = psutil.Process(node.proc.pid).children(recursive=True)
-    return next(p.cmdline() for p in kids if p.name() == "llama-server")
-
-
 @pytest.mark.engine
 def test_catalog_draft_is_found_on_disk_and_used(start_node, tiny_model: Path, drafts: dict[str, Path], tmp_path: Path) -> None:
     """`download 3b --draft` from the hub stand-in, then `--model 3b` offline: the pairing runs."""
@@ -138,7 +132,7 @@ def test_catalog_draft_is_found_on_disk_and_used(start_node, tiny_model: Path, d
     assert timings["draft_n"] > 0, timings  # llama-server really drafted
     (model,) = node.status()["models"]
     assert model["name"] == "qwen2.5-3b-instruct-q4_k_m" and model["draft"] == "qwen2.5-0.5b-instruct-q4_k_m"
-    argv = llama_server_argv(node)
+    argv = node.llama_server().cmdline()
     assert argv[argv.index("--spec-draft-model") + 1].endswith("qwen2.5-0.5b-instruct-q4_k_m.gguf")
     assert "--spec-draft-device" not in argv  # solo: the draft follows the model's own device
     node.stop()
@@ -147,7 +141,7 @@ def test_catalog_draft_is_found_on_disk_and_used(start_node, tiny_model: Path, d
     plain = start_node("--model", "3b", "--no-draft", "--ctx-size", "512", *LOCAL, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     plain.wait_ready()
     assert "draft" not in plain.wait_output("ready")
-    assert not [a for a in llama_server_argv(plain) if a.startswith("--spec")]
+    assert not [a for a in plain.llama_server().cmdline() if a.startswith("--spec")]
     assert plain.status()["models"][0]["draft"] is None
     assert chat(plain.port)["timings"].get("draft_n", 0) == 0
 
@@ -165,7 +159,7 @@ def test_split_host_runs_the_draft_itself(start_node, split_model: Path, tmp_pat
     timings = chat(a.port)["timings"]
     assert timings["draft_n"] > 0, timings
     assert_placement_as_predicted(serving(a), 8)
-    argv = llama_server_argv(a)
+    argv = a.llama_server().cmdline()
     assert argv[argv.index("--spec-draft-n-max") + 1] == "4" and argv[argv.index("--spec-draft-device") + 1] == "none"
     assert a.status()["models"][0]["draft"] == "split-draft"
     b.stop()

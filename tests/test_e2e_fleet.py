@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
-from tests.conftest import LOCAL, SPLIT_SPEC, assert_one_line_error, llama_servers, run_cli, wait_for
+from tests.conftest import LOCAL, SPLIT_SPEC, assert_one_line_error, llama_servers, open_stream, run_cli, wait_for
 from tests.test_e2e_split import need_gb
 
 pytestmark = pytest.mark.engine
@@ -200,9 +200,9 @@ def test_requests_for_a_model_spread_over_its_servers_and_a_conversation_stays(s
     before = served()
     complete(b, "tiny-0", user="alice")
     home, away = (a, c) if served()[0] > before[0] else (c, a)
-    busy = [open_stream(b.port, "tiny-0")]
+    busy = [open_stream(b.port, "tiny-0", 4000)]
     if runtime(home)["tiny-0"]["in_flight"] == 0:  # it went the other way: the next one goes home
-        busy.append(open_stream(b.port, "tiny-0"))
+        busy.append(open_stream(b.port, "tiny-0", 4000))
         busy.pop(0).close()
     wait_for(lambda: runtime(home)["tiny-0"]["in_flight"] == 1 and runtime(away)["tiny-0"]["in_flight"] == 0, what="a stream busy on alice's server only")
     before = served()
@@ -215,19 +215,6 @@ def test_requests_for_a_model_spread_over_its_servers_and_a_conversation_stays(s
     assert (moved[home], moved[away]) == (4, 1), moved
     for stream in busy:
         stream.close()
-
-
-def open_stream(port: int, model: str):  # type: ignore[no-untyped-def]
-    """A long streamed completion, left running until the caller closes it."""
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"model": model, "prompt": "go", "max_tokens": 4000, "ignore_eos": True, "stream": True}),
-                 {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    resp.fp.readline()
-    return conn
 
 
 def test_a_node_hosts_a_split_of_one_model_while_serving_another_solo(start_node, tinies, split_model) -> None:

@@ -11,12 +11,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 
 from mesh_llm.errors import UserError
+from mesh_llm.models.commands import print_columns
 
 LOAD_WAIT_SECS = 900.0  # a large model can take minutes to load
 
@@ -113,17 +113,17 @@ def status_command(port: int, out: Console) -> int:
         rows.append((m["model"], m["role"], m["phase"], gb(m["here_bytes"]), str(m["port"] or "-"), str(server["pid"] if server else "-"),
                      str(m["requests"]), "" if m["phase"] == "ready" else m["state"]))
     if rows:
-        table(out, ("MODEL", "ROLE", "STATE", "MEMORY", "PORT", "PID", "REQUESTS", "DETAIL"), rows)
+        print_columns(out, ("MODEL", "ROLE", "STATE", "MEMORY", "PORT", "PID", "REQUESTS", "DETAIL"), rows)
     else:
         out.print("No model runs here: `mesh-llm load NAME` gives it one.")
     workers = [p for p in processes if p["name"] == "rpc-worker"]
     if workers:
         out.print("RPC workers lent to splits:")
-        table(out, ("MODEL", "PID", "PORT", "STATE"), [(p["model"], str(p["pid"]), str(p["port"] or "-"), p["state"]) for p in workers])
+        print_columns(out, ("MODEL", "PID", "PORT", "STATE"), [(p["model"], str(p["pid"]), str(p["port"] or "-"), p["state"]) for p in workers])
     others = [n for n in mesh["nodes"] if not n["self"]]
     if others:
         out.print("Other nodes of the mesh:")
-        table(out, ("NODE", "ROLE", "MEMORY", "FREE", "SERVES", "RTT"),
+        print_columns(out, ("NODE", "ROLE", "MEMORY", "FREE", "SERVES", "RTT"),
               [(f"{n['name']} ({n['id'][:8]})", n["role"], gb(n["memory_bytes"]), gb(n["free_bytes"]), ", ".join(n["models_served"]) or "-",
                 f"{n['rtt_ms']:.1f} ms" if n["rtt_ms"] is not None else "-") for n in others])
     return 0
@@ -131,9 +131,3 @@ def status_command(port: int, out: Console) -> int:
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
-
-
-def table(out: Console, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    from mesh_llm.models.commands import print_columns
-
-    print_columns(out, header, rows)

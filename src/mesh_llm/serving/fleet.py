@@ -192,7 +192,7 @@ class Fleet:
         if len(self.loaded) >= MAX_HOSTED:
             raise RuntimeRefusal(422, f"this node already serves {MAX_HOSTED} models, the most one node may: unload one first")
         name = spec.model_id
-        runner = ModelRunner(spec, self.settings, self.mesh, self.supervisor, self.workers, lambda ev: self.feed(name, ev), self.say)
+        runner = ModelRunner(spec, self.settings, self.mesh, self.supervisor, self.workers, lambda ev: self.feed(name, ev))
         loaded = Loaded(spec, runner, split)
         loaded.task = asyncio.ensure_future(self._act(loaded))
         self.loaded[name] = loaded

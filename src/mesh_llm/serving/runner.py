@@ -65,9 +65,9 @@ class EngineSettings:
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, settings: EngineSettings, mesh: Mesh, supervisor: Supervisor, workers: RpcWorkers,
-                 feed: Callable[[Event], None], say: Callable[[str], None]) -> None:
+                 feed: Callable[[Event], None]) -> None:
         self.spec, self.settings, self.mesh, self.supervisor, self.workers = spec, settings, mesh, supervisor, workers
-        self.feed, self.say = feed, say
+        self.feed = feed
         self.gate = Gate()  # requests at this model's llama-server, from this node's proxy and from peers
         self.server: ManagedProcess | None = None
         self.server_port = 0
