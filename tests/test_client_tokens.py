@@ -135,3 +135,32 @@ def test_a_node_started_with_a_client_token_runs_as_a_client(start_node, tiny_mo
     roles = {n["id"]: n["role"] for n in a.status()["nodes"]}
     assert roles[c.node_id()] == "client"
     assert run_cli("token", "--port", str(c.port)).returncode == 1  # a client has no token to give
+
+
+@pytest.mark.engine
+async def test_a_rogue_client_token_holder_cannot_serve_or_reach_workers(start_node, split_model: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    # A real two-node split: b lends its worker to a. The rogue holds only the client token.
+    a = start_node("--model", str(split_model), "--ctx-size", "256", "--split", "--max-vram", "1", *LOCAL)
+    a.wait_output("Invite token: ")
+    b = start_node("--model", str(split_model), "--ctx-size", "256", "--split", "--max-vram", "1", "--join", a.token(), *LOCAL)
+    a.wait_ready()
+    b.wait_ready()
+    model = a.status()["serving"][0]["model"]
+    rogue = make_mesh(decode_token(a.token()).mesh.for_clients(), role="standby", name="rogue")
+    rogue.me = type(rogue.me)(**{**rogue.me.__dict__, "vram_bytes": 10**12, "free_bytes": 10**12, "models_on_disk": (model,),
+                                 "hosting": (HostedModel("bait", "ready"), HostedModel(model, "ready"))})
+    await rogue.start()
+    client_tok = a.wait_output("Client token: ").split("Client token: ", 1)[1].split()[0]
+    await rogue.join([decode_token(client_tok)])
+    await wait_until(lambda: rogue.me.id in b.peer_ids() and rogue.me.id in a.peer_ids())  # it dialed b from a's hints
+    await asyncio.sleep(3)  # two heartbeats: its record has been heard
+    for node in (a, b):
+        doc = node.status()
+        assert {n["id"]: n["role"] for n in doc["nodes"]}[rogue.me.id] == "client"
+        assert "bait" not in doc["api"]["models"] and rogue.me.id not in sum(doc["api"]["servers"].values(), [])
+    # The worker refuses its RPC stream: it is not the host, and a client may not open one.
+    send, recv = await rogue.open_stream(b.node_id(), StreamKind.RPC, {"model": model})
+    with pytest.raises(Exception):  # noqa: B017 - iroh's own error type for a reset stream
+        await asyncio.wait_for(recv.read_to_end(1024), 10)
+    assert chat(a.port, model)["choices"]  # the split still serves
+    await rogue.close()
