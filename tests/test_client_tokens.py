@@ -16,8 +16,8 @@ from mesh_llm.mesh.peers import HostedModel
 from mesh_llm.mesh.token import InviteToken, TokenError, client_token, decode_token
 from mesh_llm.mesh.wire import FramedReader, StreamKind
 from tests.conftest import LOCAL, assert_one_line_error, free_port, run_cli
-from tests.test_e2e_mesh import chat
 from tests.mesh_helpers import make_mesh, wait_until
+from tests.test_e2e_mesh import chat
 
 
 def _b64(doc: dict) -> str:
