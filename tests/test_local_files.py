@@ -196,3 +196,84 @@ def test_nodes_join_with_the_token_from_the_environment_or_a_file_and_ps_never_s
     assert wait_for(lambda: len(first.peer_ids()) == 2, what="the first node sees both")
     assert load_mesh(by_file.state_dir) == load_mesh(first.state_dir)
     assert stat.S_IMODE((by_file.state_dir / MESH_FILE).stat().st_mode) == 0o600
+
+
+# --- every other file the program writes goes through the same exclusive temp file -------------
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    return victim
+
+
+def test_the_engine_source_download_never_writes_through_a_planted_symlink(tmp_path: Path, monkeypatch) -> None:
+    from mesh_llm.engine.source import PinnedSource, fetch_sdist
+    from tests.test_engine_pure import _fake_sdist
+
+    monkeypatch.delenv("MESH_LLM_ENGINE_SDIST", raising=False)
+    sdist, pin = _fake_sdist(tmp_path)
+    served = PinnedSource(pin.package, pin.version, sdist.as_uri(), pin.sha256, pin.tree_prefix)
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    victim = _victim(tmp_path)
+    (downloads / sdist.name).with_suffix(".part").symlink_to(victim)  # the name the old code wrote to
+    bad = PinnedSource(pin.package, pin.version, served.url, "0" * 64, pin.tree_prefix)
+    with pytest.raises(UserError, match="expected 0000"):
+        fetch_sdist(bad, downloads)
+    assert sorted(p.name for p in downloads.iterdir()) == ["pkg-1.0.tar.part"]  # nothing kept of a bad download
+    assert fetch_sdist(served, downloads).read_bytes() == sdist.read_bytes()
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in downloads.iterdir()) == ["pkg-1.0.tar.gz", "pkg-1.0.tar.part"]
+
+
+def test_the_fingerprint_cache_never_writes_through_a_planted_symlink(tmp_path: Path, tiny_model: Path) -> None:
+    from mesh_llm.models.fingerprint import cached_fingerprint, fingerprint
+    from mesh_llm.models.gguf_file import read_gguf
+
+    cache = tmp_path / "fingerprints.json"
+    victim = _victim(tmp_path)
+    cache.with_suffix(f".{os.getpid()}.tmp").symlink_to(victim)  # the name the old code wrote to
+    info = read_gguf(tiny_model)
+    assert cached_fingerprint(info, cache) == fingerprint(info)
+    assert victim.read_text() == "precious\n"
+    assert str(tiny_model.resolve()) in cache.read_text()
+
+
+def test_assembling_a_packaged_model_never_writes_through_a_planted_symlink(tmp_path: Path, monkeypatch) -> None:
+    import sys
+    import types
+
+    from mesh_llm.models.catalog import CatalogEntry
+    from mesh_llm.models.resolve import materialize, packaged_path
+
+    def assemble(path: Path, overwrite: bool) -> Path:  # as the packages do: open the path given and write
+        with open(path, "wb") as f:
+            f.write(b"GGUF model bytes")
+        return path
+
+    monkeypatch.setitem(sys.modules, "fake_model_pkg", types.SimpleNamespace(assemble=assemble))
+    monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path / "cache"))
+    entry = CatalogEntry("fake", "", "fake.gguf", 0.1, "x", "chat", None, "", package="fake-model-pkg", module="fake_model_pkg")
+    target = packaged_path(entry)
+    target.parent.mkdir(parents=True)
+    victim = _victim(tmp_path)
+    target.with_suffix(f".partial-{os.getpid()}").symlink_to(victim)  # the name the old code wrote to
+    assert materialize(entry).read_bytes() == b"GGUF model bytes"
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_resumable_partial_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    from mesh_llm.files import open_append
+
+    partial = tmp_path / "blob.incomplete"
+    with open_append(partial) as f:
+        f.write(b"ab")
+    with open_append(partial) as f:
+        f.write(b"cd")
+    assert partial.read_bytes() == b"abcd"
+    victim = _victim(tmp_path)
+    link = tmp_path / "other.incomplete"
+    link.symlink_to(victim)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        open_append(link)
+    assert victim.read_text() == "precious\n"
