@@ -125,7 +125,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hostile") / "hostile.gguf"
 
 
-@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=200, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_a_damaged_header_is_accepted_or_one_line(tiny_bytes: tuple[bytes, int], scratch: Path, data: st.DataObject) -> None:
     raw, header = tiny_bytes
@@ -133,7 +133,7 @@ def test_a_damaged_header_is_accepted_or_one_line(tiny_bytes: tuple[bytes, int],
     _accepted_or_one_line(scratch)
 
 
-@settings(max_examples=200, deadline=2000)
+@settings(max_examples=200, deadline=5000)
 @given(version=st.sampled_from([2, 3]), n_tensors=st.sampled_from(BIG_NUMBERS), n_kv=st.sampled_from(BIG_NUMBERS),
        body=st.binary(max_size=512), values=st.lists(st.sampled_from(BIG_NUMBERS), max_size=8))
 def test_a_made_up_header_is_one_line(scratch: Path, version: int, n_tensors: int, n_kv: int, body: bytes, values: list[int]) -> None:
@@ -147,12 +147,15 @@ def _key_value_at(data: bytes, key: bytes) -> int:
     return data.index(key) + len(key)
 
 
-def _written(path: Path, strings: dict[str, str], arch: str = "llama") -> Path:
-    from gguf import GGUFWriter
+def _written(path: Path, strings: dict[str, str], arch: str = "llama", numbers: dict[str, list[int]] | None = None) -> Path:
+    """A well-formed GGUF with these string values and arrays of u64s, and no tensors."""
+    from gguf import GGUFValueType, GGUFWriter
 
     w = GGUFWriter(path, arch)
     for key, value in strings.items():
         w.add_string(key, value)
+    for key, values in (numbers or {}).items():
+        w.add_key_value(key, values, GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT64)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -170,6 +173,9 @@ def _corrupt(tiny_model: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
         return _written(tmp_path / "corrupt.gguf", {"llama.block_count": "many"}), "llama.block_count is 'many'"
     elif name == "architecture with escapes":  # it is printed in the node's start line
         return _written(tmp_path / "corrupt.gguf", {}, arch="llama\n\x1b[2J"), "bad general.architecture 'llama\\n\\x1b[2J'"
+    elif name == "token texts that are numbers":  # the draft check walks them as length-prefixed strings
+        path = _written(tmp_path / "corrupt.gguf", {"tokenizer.ggml.model": "gpt2"}, numbers={"tokenizer.ggml.tokens": [1 << 40] * 10})
+        return path, "tokenizer.ggml.tokens holds elements of type 10, not strings"
     elif name == "misaligned tensor":  # llama-server would refuse it only after the engine started
         at = data.index(b"token_embd.weight") + len(b"token_embd.weight")
         n_dims = struct.unpack_from("<I", data, at)[0]
@@ -195,9 +201,9 @@ def _corrupt(tiny_model: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
         data[24:32] = struct.pack("<Q", (1 << 63) + 5)
         fragment = "string runs past the end"
     elif name == "nested array":
-        at = _key_value_at(data, b"tokenizer.ggml.tokens")
+        at = _key_value_at(data, b"tokenizer.ggml.token_type")
         data[at : at + 8] = struct.pack("<II", 9, 9)
-        fragment = "unsupported array element type 9"
+        fragment = "unsupported array element type 9 for 'tokenizer.ggml.token_type'"
     else:
         raise AssertionError(name)
     out = tmp_path / "corrupt.gguf"
@@ -206,9 +212,17 @@ def _corrupt(tiny_model: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
 
 
 CORRUPTIONS = [
-    "huge block_count", "block_count as text", "architecture with escapes", "misaligned tensor", "duplicate tensor",
+    "huge block_count", "block_count as text", "architecture with escapes", "token texts that are numbers", "misaligned tensor", "duplicate tensor",
     "alignment 3", "huge key count", "more keys than the file holds", "huge string length", "nested array",
 ]
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_crafted_corruptions_are_refused_before_any_use(tiny_model: Path, tmp_path: Path, name: str) -> None:
+    path, fragment = _corrupt(tiny_model, tmp_path, name)
+    with pytest.raises(UserError, match="not a usable GGUF model") as refused:
+        inspect_model(path)
+    assert fragment in str(refused.value) and str(refused.value).isprintable()
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)

@@ -49,6 +49,8 @@ _ARCH_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # llama, gemma3, qwen2moe, t5e
 # GGUF metadata value types -> struct format of a scalar (None: variable size)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# arrays other code walks element by element (the draft check reads token texts): their element type is fixed
+_ARRAY_ELEMENT_TYPES = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.merges": _STRING}
 
 Scalar = bool | int | float  # what struct reads for a GGUF scalar type
 MetaValue = Scalar | str  # a metadata value as kept (array bodies are skipped)
@@ -168,6 +170,8 @@ class _Cursor:
         if vtype == _ARRAY:
             etype = int(self.unpack("<I"))
             count = int(self.unpack("<Q"))
+            if _ARRAY_ELEMENT_TYPES.get(key, etype) != etype:
+                raise GGUFError(f"{key} holds elements of type {etype}, not strings")
             info.array_lengths[key] = count
             info.array_offsets[key] = self.pos
             if etype == _STRING:
