@@ -68,6 +68,13 @@ def test_a_state_dir_of_another_user_stops_the_node(tmp_path: Path) -> None:
     assert_one_line_error(r, f"owned by uid {NOBODY}, not you", "--state-dir DIR you own")
 
 
+def test_a_state_dir_that_is_a_file_or_a_dangling_link_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert_one_line_error(run_cli("rotate-key", "--state-dir", str(tmp_path / "file")), "is not a directory")
+    assert_one_line_error(run_cli("rotate-key", "--state-dir", str(tmp_path / "dangling")), "cannot use state dir", "--state-dir DIR")
+
+
 def test_a_symlink_planted_at_a_guessable_temp_name_is_not_followed(tmp_path: Path) -> None:
     """The old writer opened `key.tmp` with O_TRUNC: a symlink there made it overwrite any file
     we can write with our secret key."""

@@ -41,13 +41,15 @@ def private_dir_problem(path: Path, st: os.stat_result, uid: int) -> str | None:
 def ensure_state_dir(path: Path) -> Path:
     """Create the state dir 0700 if it is missing; refuse one another user could tamper with."""
     try:
-        if not path.exists():
-            path.mkdir(parents=True, mode=0o700)  # parents get the default mode: only this dir is ours to guard
-        st = path.stat()
+        path.mkdir(parents=True, mode=0o700)  # parents get the default mode: only this dir is ours to guard
     except FileExistsError:
-        st = path.stat()  # another node created it at the same moment
+        pass  # there already (or another node made it this moment): checked below like any other
     except OSError as exc:
         raise UserError(f"cannot create state dir {path}: {exc.strerror or exc}; pass --state-dir DIR") from None
+    try:
+        st = path.stat()
+    except OSError as exc:  # e.g. a symlink to nowhere
+        raise UserError(f"cannot use state dir {path}: {exc.strerror or exc}; pass --state-dir DIR") from None
     problem = private_dir_problem(path, st, os.geteuid())
     if problem:
         raise UserError(problem)
