@@ -176,6 +176,8 @@ def _corrupt(tiny_model: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
     elif name == "token texts that are numbers":  # the draft check walks them as length-prefixed strings
         path = _written(tmp_path / "corrupt.gguf", {"tokenizer.ggml.model": "gpt2"}, numbers={"tokenizer.ggml.tokens": [1 << 40] * 10})
         return path, "tokenizer.ggml.tokens holds elements of type 10, not strings"
+    elif name == "tokenizer type with a newline":  # it is printed in draft-pairing errors
+        return _written(tmp_path / "corrupt.gguf", {"tokenizer.ggml.model": "gpt2\nmesh-llm: ok"}), "bad tokenizer.ggml.model 'gpt2\\nmesh-llm: ok'"
     elif name == "misaligned tensor":  # llama-server would refuse it only after the engine started
         at = data.index(b"token_embd.weight") + len(b"token_embd.weight")
         n_dims = struct.unpack_from("<I", data, at)[0]
@@ -212,7 +214,7 @@ def _corrupt(tiny_model: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
 
 
 CORRUPTIONS = [
-    "huge block_count", "block_count as text", "architecture with escapes", "token texts that are numbers", "misaligned tensor", "duplicate tensor",
+    "huge block_count", "block_count as text", "architecture with escapes", "tokenizer type with a newline", "token texts that are numbers", "misaligned tensor", "duplicate tensor",
     "alignment 3", "huge key count", "more keys than the file holds", "huge string length", "nested array",
 ]
 

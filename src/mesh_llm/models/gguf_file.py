@@ -44,7 +44,8 @@ ARCH_INT_LIMITS = {
     "expert_count": 1 << 16,
     "expert_used_count": 1 << 16,
 }
-_ARCH_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # llama, gemma3, qwen2moe, t5encoder, …
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # architectures (llama, gemma3, qwen2moe, …) and tokenizer types (gpt2, …)
+_NAME_KEYS = ("general.architecture", "tokenizer.ggml.model")
 
 # GGUF metadata value types -> struct format of a scalar (None: variable size)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -255,9 +256,11 @@ def _as_text(value: MetaValue) -> str:
 
 def _check_metadata(info: GGUFInfo) -> None:
     """The values the node computes with have the types and sizes it assumes."""
-    arch = info.metadata.get("general.architecture", "unknown")
-    if not isinstance(arch, str) or not _ARCH_NAME.fullmatch(arch):
-        raise GGUFError(f"bad general.architecture {shown(str(arch))}")
+    for key in _NAME_KEYS:  # printed in start lines and draft-pairing messages: plain names only
+        name = info.metadata.get(key, "unknown")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise GGUFError(f"bad {key} {_as_text(name)}")
+    arch = info.architecture
     for key, limit in ARCH_INT_LIMITS.items():
         value = info.metadata.get(f"{arch}.{key}")
         if value is not None and not (_is_int(value) and 0 <= value <= limit):
