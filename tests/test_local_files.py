@@ -64,7 +64,9 @@ def test_a_state_dir_of_another_user_stops_the_node(tmp_path: Path) -> None:
     state = tmp_path / "theirs"
     state.mkdir(mode=0o700)
     os.chown(state, NOBODY, NOBODY)
-    r = run_cli("--client", "--join", "x", "--port", str(free_port()), "--state-dir", str(state))
+    from tests.test_cli_errors import _some_token
+
+    r = run_cli("--client", "--join", _some_token(), "--port", str(free_port()), "--state-dir", str(state))
     assert_one_line_error(r, f"owned by uid {NOBODY}, not you", "--state-dir DIR you own")
 
 
