@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -13,7 +14,10 @@ from rich.console import Console
 from mesh_llm import __version__
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
+from mesh_llm.files import ensure_state_dir, read_token_file
 from mesh_llm.paths import default_state_dir
+
+TOKEN_ENV = "MESH_LLM_TOKEN"  # an invite token out of the process list (argv is world-readable)
 
 DEFAULT_CONSOLE_PORT = 3131
 
@@ -27,6 +31,7 @@ examples:
   mesh-llm --model ~/models/model.gguf   serve a local GGUF file
   mesh-llm --model ORG/REPO/FILE.gguf    serve a GGUF from Hugging Face (or a URL to it)
   mesh-llm --join TOKEN --model M        join a mesh (token from any member's output)
+  mesh-llm --join-file FILE --model M    the same, the token read from FILE (or $MESH_LLM_TOKEN): not shown by ps
   mesh-llm --client --join TOKEN         use a mesh's models on :9337 without serving any
   mesh-llm --model A --model B           serve several models within one memory budget
   mesh-llm --model M --console           also serve the web console on http://localhost:3131
@@ -60,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
                    help=f"serve the web console (default port {DEFAULT_CONSOLE_PORT}; 127.0.0.1 unless --listen-all)")
     p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
-    p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
+    p.add_argument("--join", action="append", default=[], metavar="TOKEN",
+                   help="join a mesh with an invite token (repeatable); --join-file or $MESH_LLM_TOKEN keep it out of `ps`")
+    p.add_argument("--join-file", action="append", default=[], type=Path, metavar="PATH",
+                   help=f"join with the invite token(s) in this file (repeatable); ${TOKEN_ENV} works too")
     spec = p.add_argument_group("speculative decoding (a small draft model proposes, the big one verifies)")
     spec.add_argument("--draft", default=None, metavar="REF", help="draft model (same forms as --model; default: the catalog's pairing when on disk)")
     spec.add_argument("--draft-max", type=int, default=8, metavar="N", help="tokens drafted per step (default 8)")
@@ -161,7 +169,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     if args.command == "rotate-key":
         from mesh_llm.mesh.identity import rotate_key
 
-        rotate_key(state_dir)
+        rotate_key(ensure_state_dir(state_dir))
         out.print(f"New node key written to {state_dir / 'key'}; restart the node for it to take effect.")
         return 0
     if args.allow_remote_runtime and not args.listen_all:
@@ -181,6 +189,9 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     if args.client and args.draft:
         raise UserError("--client serves no model, so it runs no draft: drop --draft")
     tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
+    from_files = [token for path in args.join_file for token in read_token_file(path.expanduser())]
+    join = list(dict.fromkeys([*args.join, *from_files, *os.environ.get(TOKEN_ENV, "").split()]))
+    ensure_state_dir(state_dir)
     from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
 
@@ -194,7 +205,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         flavor=flavor,
         state_dir=state_dir,
         ctx_size=args.ctx_size,
-        join=args.join,
+        join=join,
         client=args.client,
         max_vram_gb=args.max_vram,
         force_split=args.split,

@@ -9,25 +9,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesh_llm.errors import UserError
+from mesh_llm.files import read_private, write_private
 
 KEY_FILE = "key"
 MESH_FILE = "mesh.json"
 PORT_FILE = "quic-port"  # the UDP port of the last run: tokens carry it, so a restart binds it again
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def new_secret_key() -> bytes:
@@ -36,22 +27,21 @@ def new_secret_key() -> bytes:
 
 def load_or_create_key(state_dir: Path) -> bytes:
     path = state_dir / KEY_FILE
-    if not path.exists():
+    text = read_private(path, "node key")
+    if text is None:
         return rotate_key(state_dir)
     try:
-        key = bytes.fromhex(path.read_text().strip())
-    except (ValueError, OSError):
+        key = bytes.fromhex(text.strip())
+    except ValueError:
         key = b""
     if len(key) != 32:
         raise UserError(f"node key {path} is corrupt: run `mesh-llm rotate-key` to make a new one")
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o600)
     return key
 
 
 def rotate_key(state_dir: Path) -> bytes:
     key = new_secret_key()
-    _write_private(state_dir / KEY_FILE, key.hex() + "\n")
+    write_private(state_dir / KEY_FILE, key.hex() + "\n")
     return key
 
 
@@ -93,10 +83,11 @@ class MeshCredentials:
 
 def load_mesh(state_dir: Path) -> MeshCredentials | None:
     path = state_dir / MESH_FILE
-    if not path.exists():
+    text = read_private(path, "mesh credentials")
+    if text is None:
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(text)
         creds = MeshCredentials(bytes.fromhex(doc["mesh_id"]), bytes.fromhex(doc["secret"]))
     except (ValueError, KeyError, TypeError, OSError):
         raise UserError(f"mesh credentials {path} are corrupt: delete the file to start a new mesh") from None
@@ -106,14 +97,14 @@ def load_mesh(state_dir: Path) -> MeshCredentials | None:
 
 
 def save_mesh(state_dir: Path, creds: MeshCredentials) -> None:
-    _write_private(state_dir / MESH_FILE, json.dumps({"mesh_id": creds.mesh_id.hex(), "secret": creds.secret.hex()}) + "\n")
+    write_private(state_dir / MESH_FILE, json.dumps({"mesh_id": creds.mesh_id.hex(), "secret": creds.secret.hex()}) + "\n")
 
 
 def load_last_port(state_dir: Path) -> int:
     """The QUIC port this node bound last time, or 0 (none, or a file that says nothing sensible)."""
     try:
-        port = int((state_dir / PORT_FILE).read_text().strip())
-    except (OSError, ValueError):
+        port = int((read_private(state_dir / PORT_FILE, "port file") or "").strip())
+    except (UserError, ValueError):
         return 0
     return port if 0 < port < 65536 else 0
 
@@ -122,4 +113,4 @@ def save_last_port(state_dir: Path, addrs: tuple[str, ...]) -> None:
     """Remember the port of this run's direct addresses (the ones its tokens carry)."""
     ports = {int(a.rsplit(":", 1)[1]) for a in addrs if a.rsplit(":", 1)[-1].isdigit()}
     if len(ports) == 1 and load_last_port(state_dir) not in ports:
-        _write_private(state_dir / PORT_FILE, f"{ports.pop()}\n")
+        write_private(state_dir / PORT_FILE, f"{ports.pop()}\n")
