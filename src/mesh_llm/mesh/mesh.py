@@ -113,6 +113,11 @@ class Mesh:
     def members(self) -> list[Member]:
         return list(self.membership.members.values())
 
+    def is_client(self, peer_id: str) -> bool:
+        """A client may use the mesh's API and nothing else (no RPC, never a server)."""
+        member = self.membership.members.get(peer_id)
+        return member is None or member.record.role == "client"
+
     def update_self(self, **changes: Any) -> None:
         """Change this node's record and tell every member now rather than at the next heartbeat."""
         new = replace(self.me, **changes)
