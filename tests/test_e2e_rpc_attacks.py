@@ -78,11 +78,15 @@ async def test_rogue_members_and_clients_cannot_use_a_lent_worker(start_node, sp
     # A member that says it hosts a split naming B (what B used to check) and claims B's own file.
     rogue = await rogue_member(b)
     real = rogue.membership.members[b_id].record
-    claim(rogue, real, hosting=(HostedModel(MODEL, "ready", split=(Slice(b_id, 1.0, 0, 3, False), Slice(rogue.me.id, 1.0, 4, 7, True))),))
+    budget = (await blocking(b.status))["node"]["free_bytes"]
+    split = (Slice(b_id, 1.0, 0, 3, False), Slice(rogue.me.id, 1.0, 4, 7, True))  # half of a huge need on B
+    claim(rogue, real, hosting=(HostedModel(MODEL, "ready", need_bytes=4 * real.vram_bytes, split=split),))
     await blocking(wait_for, lambda: any(n["id"] == rogue.me.id and MODEL in n["models_served"] for n in b.status()["nodes"]), what="B hears the rogue's claim")
     assert await refused(rogue, b_id)
     line = await blocking(b.wait_output, f"Refused an RPC stream from {rogue.me.id[:8]} for {MODEL}")
     assert f"this node's plan for {MODEL} does not lend to it ({a_id[:8]} hosts it)" in line, line  # B's own plan, not the rogue's word
+    await asyncio.sleep(1.0)  # a few planning rounds with the claim in gossip
+    assert (await blocking(b.status))["node"]["free_bytes"] == budget  # nor does its claim hold any of B's memory
 
     client = await rogue_member(b, role="client")
     assert await refused(client, b_id)

@@ -314,8 +314,11 @@ class Fleet:
         records = {m.record.id: m.record for m in members}
         peers = [(m.record, m.rtt_ms) for m in members]
         held_everywhere = ledger([self.mesh.me] + [m.record for m in members])
-        # what other hosts' splits hold here, for models this node has (a record naming it for anything else holds nothing)
-        others = ledger([self.mesh.me] + [m.record for m in members], hosts={m.record.id for m in members})
+        # what other hosts' splits hold here, for models this node has (a record naming it for anything else holds nothing),
+        # counted only for the hosts this node's own plan lends to: anyone else's claim holds nothing here
+        lends_to = {plan.host for model, plan in self.placement.plans.items()
+                    if isinstance(plan, Standby) and plan.host in records and self._lends_to(records[plan.host], model) is None}
+        others = ledger([self.mesh.me] + [m.record for m in members], hosts=lends_to)
         lent = {model: held for model, held in others.get(self.mesh.me.id, {}).items() if model in self.loaded}
         now = time.monotonic()
         self._unwilling = {k: t for k, t in self._unwilling.items() if now - t < UNWILLING_SECS}
