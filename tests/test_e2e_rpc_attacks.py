@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 from typing import Any
 
 import pytest
 
+from mesh_llm.engine.rpc_worker import CONN_CAPS
+from mesh_llm.engine.rpc_worker import HELLO as RPC_HELLO
 from mesh_llm.mesh.peers import HostedModel, PeerRecord, Slice
 from mesh_llm.mesh.token import decode_token
 from mesh_llm.mesh.transport import iroh
 from mesh_llm.mesh.wire import FramedReader, StreamKind, encode_frame
+from mesh_llm.serving.proofs import serve_file_proofs
 from tests.conftest import LOCAL, SPLIT_SPEC, wait_for
 from tests.mesh_helpers import make_mesh, wait_until
 from tests.test_e2e_split import need_gb, serving
@@ -20,7 +24,7 @@ from tests.test_e2e_split import need_gb, serving
 pytestmark = pytest.mark.engine
 CTX = ("--ctx-size", "512")
 MODEL = SPLIT_SPEC.name
-HELLO = bytes([14]) + (8).to_bytes(8, "little") + bytes(8)  # RPC_CMD_HELLO and a request body
+HELLO = struct.pack("<BQ", RPC_HELLO, CONN_CAPS) + bytes(CONN_CAPS)  # what llama-server sends first
 
 
 async def blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -138,3 +142,35 @@ async def test_a_rogue_claiming_the_file_is_neither_elected_nor_used_nor_routed_
     assert b.status()["api"]["servers"][MODEL] == [a_id]
     await worker_rogue.close()
     await host_rogue.close()
+
+
+async def test_a_host_that_sends_nothing_is_cut_off_and_the_worker_stays_free(start_node, split_model) -> None:
+    """The no-first-command bound, against a real worker: the rogue *is* the host in the worker's
+    own view (it holds the file and proves it, it has the most memory, its split names the worker)."""
+    need = need_gb(split_model, 512)
+    b = start_node("--model", str(split_model), *CTX, "--max-vram", f"{0.45 * need:.6f}", *LOCAL)
+    await blocking(b.wait_output, "Waiting for more peers")
+    b_id = await blocking(b.node_id)
+    rogue = await rogue_member(b, role="host")
+    serve_file_proofs(rogue, lambda model: split_model if model == MODEL else None, rogue.log)
+    real = rogue.membership.members[b_id].record
+    need_bytes = int(need * 1e9)
+    split = (Slice(b_id, 1.0, 0, 3, False), Slice(rogue.me.id, 1.0, 4, 7, True))
+    claim(rogue, real, vram_bytes=int(0.6 * need_bytes), hosting=(HostedModel(MODEL, "loading", need_bytes=need_bytes, split=split),))
+    await blocking(b.wait_output, f"{rogue.me.id[:8]} hosts the split")
+    await blocking(wait_for, lambda: b.status()["node"]["lending"] == [MODEL], timeout=60, what="B lends its worker to the rogue")
+
+    silent_send, silent_recv = await rogue.open_stream(b_id, StreamKind.RPC, {"model": MODEL})
+    await silent_send.write_all(b"")  # opened, and not a byte of RPC
+    send, recv = await rogue.open_stream(b_id, StreamKind.RPC, {"model": MODEL})
+    await send.write_all(HELLO)
+    size = struct.unpack("<Q", await asyncio.wait_for(recv.read_exact(8), 30))[0]
+    assert size >= 3  # the silent stream never reached the worker: it answers another one meanwhile
+    await send.finish()
+    line = await blocking(b.wait_output, f"Closed an RPC stream from {rogue.me.id[:8]} for {MODEL}: no command within", timeout=60)
+    assert "10 s" in line
+    try:
+        assert await asyncio.wait_for(silent_recv.read(64), 30) == b""
+    except iroh.IrohError:
+        pass  # reset: what the worker does
+    await rogue.close()
