@@ -32,6 +32,8 @@ examples:
   mesh-llm --model M --console           also serve the web console on http://localhost:3131
   mesh-llm load NAME / unload NAME       change what the running node serves, without a restart
   mesh-llm status                        the models this node runs, its memory, the other nodes
+  mesh-llm token [--client]              the running node's member token, or its client token
+  mesh-llm --join CLIENT_TOKEN           use a mesh with a client token (API only: serves nothing)
   mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
   mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show)
   mesh-llm engine                        show which llama.cpp binaries are used
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         drop.add_argument("name", metavar="NAME", help="the model's id, or the name it was loaded by")
         _port_option(drop)
     _port_option(sub.add_parser("status", help="the running node's models, processes and memory, and the mesh's other nodes"))
+    tok = sub.add_parser("token", help="print the running node's invite token (--client: the client token, API use only)")
+    tok.add_argument("--client", action="store_true", help="the client token: its holder may use the mesh's API, not serve or lend")
+    _port_option(tok)
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
@@ -136,9 +141,11 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         from mesh_llm.engine.commands import engine_command
 
         return engine_command(args.action, bin_dir, flavor, args.force, out)
-    if args.command in ("load", "unload", "drop", "status"):
-        from mesh_llm.control import load_command, status_command, unload_command
+    if args.command in ("load", "unload", "drop", "status", "token"):
+        from mesh_llm.control import load_command, status_command, token_command, unload_command
 
+        if args.command == "token":
+            return token_command(args.port, args.client, out)
         if args.command == "load":
             return load_command(args.ref, args.port, not args.no_wait, out)
         if args.command == "status":

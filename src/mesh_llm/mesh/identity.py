@@ -6,6 +6,8 @@ restarts, the credentials so invite tokens printed earlier stay valid.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -53,16 +55,40 @@ def rotate_key(state_dir: Path) -> bytes:
     return key
 
 
+KINDS = ("member", "client")
+_CLIENT_LABEL = b"mesh-llm/client-secret/v1"
+
+
 @dataclass(frozen=True)
 class MeshCredentials:
-    """What makes a mesh: a public id (tells meshes apart) and a secret (proves membership)."""
+    """What makes a mesh: a public id (tells meshes apart) and a secret (proves membership).
+
+    Two kinds of holder. A member holds the mesh secret and may serve, host and lend
+    workers. A client holds only the clients' secret, a one-way hash of the mesh secret:
+    it proves the right to use the mesh's API and cannot be turned into a member's.
+    """
 
     mesh_id: bytes  # 16 bytes
-    secret: bytes  # 32 bytes
+    secret: bytes  # 32 bytes: the mesh secret (member), or the clients' secret (client)
+    kind: str = "member"
 
     @staticmethod
     def generate() -> MeshCredentials:
         return MeshCredentials(secrets.token_bytes(16), secrets.token_bytes(32))
+
+    def secret_for(self, kind: str) -> bytes | None:
+        """The key that proves `kind` admission, if this holder has it (a client has no member key)."""
+        if kind == "member":
+            return self.secret if self.kind == "member" else None
+        if kind == "client":
+            return self.secret if self.kind == "client" else hmac.new(self.secret, _CLIENT_LABEL, hashlib.sha256).digest()
+        return None
+
+    def for_clients(self) -> MeshCredentials:
+        """What a client token carries."""
+        client_secret = self.secret_for("client")
+        assert client_secret is not None
+        return MeshCredentials(self.mesh_id, client_secret, "client")
 
 
 def load_mesh(state_dir: Path) -> MeshCredentials | None:

@@ -15,7 +15,7 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 ALPN = b"mesh-llm-py"
-PROTOCOL_VERSION = 2  # 2: several models per node (models_served derived from hosting, lending, free_bytes)
+PROTOCOL_VERSION = 3  # 2: several models per node; 3: member and client admission
 MAX_FRAME = 1 << 20  # 1 MiB: a gossip frame for a large mesh is a few tens of KiB
 _LEN = struct.Struct(">I")
 
