@@ -180,6 +180,10 @@ async def test_file_proofs_pass_for_the_same_file_only(tmp_path: Path) -> None:
     proofs.ask(records[bad], MODEL, mine, "fp")  # a failure is not asked again at once either
     await asyncio.sleep(0.2)
     assert results[0] == 3
+    proofs.keep_only({(bad.me.id, records[bad].incarnation)})  # the others left (or restarted)
+    assert not proofs.proven(records[good], "fp")
+    proofs.ask(records[good], MODEL, mine, "fp")  # and are asked again when they come back
+    await wait_until(lambda: results[0] == 4 and proofs.proven(records[good], "fp"))
     await proofs.close()
     for m in (good, bad, none, w):
         await m.close()

@@ -404,6 +404,7 @@ class Fleet:
 
     def _ask_proofs(self) -> None:
         """Challenge every peer that claims one of our models: on disk as our copy, or hosted."""
+        self.proofs.keep_only({(m.record.id, m.record.incarnation) for m in self.mesh.members()})
         for m in self.mesh.members():
             r = m.record
             if r.role == "client":

@@ -48,6 +48,10 @@ class FileProofs:
         outcome = self._outcomes.get((record.id, record.incarnation, fingerprint))
         return outcome is not None and outcome.ok
 
+    def keep_only(self, peers: set[tuple[str, str]]) -> None:
+        """Forget the outcomes of peers (id, incarnation) that are gone: a restart is asked again."""
+        self._outcomes = {k: o for k, o in self._outcomes.items() if k[:2] in peers}
+
     def ask(self, record: PeerRecord, model: str, path: Path, fingerprint: str) -> None:
         """Challenge `record`'s node for `model` unless it has passed, is being asked or failed lately."""
         key = (record.id, record.incarnation, fingerprint)
