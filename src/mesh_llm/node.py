@@ -47,6 +47,7 @@ from mesh_llm.plan.split import Solo
 from mesh_llm.serving.fleet import Fleet, Loaded, SplitOptions, describe
 from mesh_llm.serving.lifecycle import Life, Phase
 from mesh_llm.serving.prepare import ModelOptions, prepare
+from mesh_llm.serving.proofs import serve_file_proofs
 from mesh_llm.serving.runner import EngineSettings, ModelSpec
 
 RPC_DELAY_ENV = "MESH_LLM_RPC_DELAY_MS"  # injected latency on RPC tunnels, for benchmarks
@@ -278,7 +279,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             events = mesh.subscribe()
             stack.callback(mesh.unsubscribe, events)
             feed.follow(events)  # joins, leaves, record changes
-        serve_rpc_tunnels(mesh, fleet.lent_port)
+        serve_rpc_tunnels(mesh, fleet.lent_port, warn)
+        serve_file_proofs(mesh, fleet.model_path, warn)
         serve_http_tunnels(mesh, fleet.local_server)
         if tokens:
             with console.status("Joining the mesh…"):

@@ -24,7 +24,8 @@ class StreamKind(IntEnum):
     HELLO = 1  # admission handshake, the only kind allowed before it completes
     GOSSIP = 2  # one frame each way: peer records
     HTTP = 3  # header {model}, then raw HTTP/1.1 bytes to that model's llama-server
-    RPC = 4  # header {}, then raw bytes to the node's loopback rpc-server
+    RPC = 4  # header {model}, then raw bytes to the node's loopback rpc-server for that model
+    PROVE = 5  # header {model, nonce, ranges}; one frame back: {hash} or {error} (mesh/file_proof.py)
 
 
 class ProtocolError(Exception):
