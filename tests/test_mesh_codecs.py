@@ -15,7 +15,10 @@ from mesh_llm.mesh.peers import MAX_ALIASES, MAX_HOSTED, MAX_SLICES, MODEL_STATE
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.wire import MAX_FRAME, FrameDecoder, ProtocolError, encode_frame
 
-addr = st.from_regex(r"\A(\d{1,3}\.){3}\d{1,3}:\d{1,5}\Z")
+addr = st.builds(lambda ip, port: f"{ip}:{port}", st.ip_addresses(v=4), st.integers(min_value=1, max_value=65535))
+# what peers may show people: printable text (str.isprintable: no controls, no separators but space)
+printable_text = st.text(st.characters(exclude_categories=["Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"], include_characters=" "))
+name = printable_text.filter(bool)
 tokens = st.builds(
     InviteToken,
     st.builds(MeshCredentials, st.binary(min_size=16, max_size=16), st.binary(min_size=32, max_size=32)),
@@ -114,7 +117,7 @@ hosted = st.builds(
     HostedModel,
     name=st.text(st.characters(categories=["L", "N", "P"]), min_size=1, max_size=40),
     state=st.sampled_from(MODEL_STATES),
-    detail=st.text(max_size=80),
+    detail=printable_text.map(lambda t: t[:80]),
     size_bytes=st.integers(min_value=0, max_value=2**45),
     need_bytes=st.integers(min_value=0, max_value=2**45),
     ctx=st.integers(min_value=0, max_value=1 << 20),
@@ -125,13 +128,13 @@ records = st.builds(
     PeerRecord,
     id=st.binary(min_size=32, max_size=32).map(bytes.hex),
     role=st.sampled_from(["host", "worker", "client", "standby"]),
-    hostname=st.text(max_size=30),
-    devices=st.lists(st.text(max_size=10), max_size=3).map(tuple),
+    hostname=printable_text.map(lambda t: t[:30]),
+    devices=st.lists(name.map(lambda t: t[:10]), max_size=3).map(tuple),
     vram_bytes=st.integers(min_value=0, max_value=2**50),
     free_bytes=st.integers(min_value=0, max_value=2**50),
-    models_on_disk=st.lists(st.text(max_size=20), max_size=3).map(tuple),
+    models_on_disk=st.lists(name.map(lambda t: t[:20]), max_size=3).map(tuple),
     hosting=st.lists(hosted, max_size=2, unique_by=lambda h: h.name).map(tuple),
-    lending=st.lists(st.text(max_size=20), max_size=3).map(tuple),
+    lending=st.lists(name.map(lambda t: t[:20]), max_size=3).map(tuple),
     api_port=st.integers(min_value=0, max_value=65535),
     api_public=st.booleans(),
     addrs=st.lists(addr, max_size=3).map(tuple),

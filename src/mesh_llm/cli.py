@@ -16,6 +16,7 @@ from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
 from mesh_llm.files import ensure_state_dir, read_token_file
 from mesh_llm.paths import default_state_dir
+from mesh_llm.text import terminal_safe
 
 TOKEN_ENV = "MESH_LLM_TOKEN"  # an invite token out of the process list (argv is world-readable)
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args, out)
     except UserError as exc:
-        err.print(f"mesh-llm: error: {exc}", markup=False, highlight=False)
+        err.print(f"mesh-llm: error: {terminal_safe(str(exc))}", markup=False, highlight=False)  # may quote a peer
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("mesh-llm: interrupted")

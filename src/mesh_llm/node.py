@@ -49,6 +49,7 @@ from mesh_llm.serving.lifecycle import Life, Phase
 from mesh_llm.serving.prepare import ModelOptions, prepare
 from mesh_llm.serving.proofs import serve_file_proofs
 from mesh_llm.serving.runner import EngineSettings, ModelSpec
+from mesh_llm.text import for_markup, terminal_safe
 
 RPC_DELAY_ENV = "MESH_LLM_RPC_DELAY_MS"  # injected latency on RPC tunnels, for benchmarks
 
@@ -119,7 +120,7 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
         check_port_free(cfg.host, cfg.console_port, console_port_in_use)
 
     def say(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
+        console.print(terminal_safe(line), markup=False, highlight=False)
 
     specs = [prepare(ref, cfg.model_options(), say) for ref in cfg.models]  # bad references fail before any engine work
     if len({s.model_id for s in specs}) < len(specs):
@@ -206,11 +207,12 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    # Lines name models and peers (file names, aliases, gossip): never markup, never escapes.
     def say(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
+        console.print(terminal_safe(line), markup=False, highlight=False)
 
     def warn(line: str) -> None:
-        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
+        console.print(f"[yellow]{escape(terminal_safe(line))}[/]", highlight=False)
 
     fleet: Fleet | None = None
     mesh: Mesh | None = None
@@ -296,7 +298,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         loaded = [fleet.add(spec, split) for spec in specs]
         if loaded:
             total = sum(s.info.file_size for s in specs)
-            names = ", ".join(s.model_id for s in specs)
+            names = ", ".join(for_markup(s.model_id) for s in specs)  # a status line renders markup
             with console.status(f"Planning and loading {names} ({total / 1e6:,.0f} MB; this node offers {offer.bytes / 1e9:.2f} GB of {offer.device}, from {offer.source})…"):
                 outcomes = await _first_outcomes(loaded, stop)
             if outcomes is None:
@@ -341,14 +343,14 @@ def console_hint(cfg: NodeConfig) -> str:
 
 def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable) -> None:
     kind = "client" if cfg.client else "standby node"
-    models = ", ".join(table.models()) or "none yet"
+    models = ", ".join(for_markup(m) for m in table.models()) or "none yet"  # names from peers
     console.print(f"[bold green]mesh-llm {__version__} ready[/] as a {kind} — the mesh serves: {models}")
     console.print(f"API: {api_url(cfg)}" + console_hint(cfg) + "   Stop: Ctrl-C")
     if not cfg.client:
         console.print(f"Give it a model: mesh-llm load NAME{'' if cfg.port == 9337 else f' --port {cfg.port}'}")
     if table.models():
         console.print("[bold]curl:[/] ", end="")
-        console.print(agent_commands(table.models()[0], cfg.port)["curl"], markup=False, highlight=False)
+        console.print(terminal_safe(agent_commands(table.models()[0], cfg.port)["curl"]), markup=False, highlight=False)
 
 
 def _model_line(model: Loaded) -> str:
@@ -362,15 +364,15 @@ def _model_line(model: Loaded) -> str:
 
 def print_ready(console: Console, cfg: NodeConfig, loaded: list[Loaded], engine: EngineBinaries | None) -> None:
     serving = "; ".join(_model_line(m) for m in loaded)
-    console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{escape(serving)}[/]")
+    console.print(f"[bold green]mesh-llm {__version__} ready[/] — serving [bold]{escape(terminal_safe(serving))}[/]")
     where = f"   engine: {engine.llama_server.parent} ({engine.origin})" if engine else ""
-    console.print(f"API: {api_url(cfg)}" + console_hint(cfg) + where)
+    console.print(f"API: {api_url(cfg)}" + console_hint(cfg) + where, markup=False, highlight=False)
     first = loaded[0]
     for name, text in agent_commands(first.name, cfg.port, first.spec.ctx).items():
         if "\n" in text:
             console.print(f"[bold]{name}:[/]")
-            console.print(text, markup=False, highlight=False)
+            console.print(terminal_safe(text), markup=False, highlight=False)
         else:
             console.print(f"[bold]{name}:[/] ", end="")
-            console.print(text, markup=False, highlight=False)
-    console.print(f"Logs: {cfg.state_dir / 'logs'}   Stop: Ctrl-C")
+            console.print(terminal_safe(text), markup=False, highlight=False)
+    console.print(f"Logs: {cfg.state_dir / 'logs'}   Stop: Ctrl-C", markup=False, highlight=False)

@@ -15,14 +15,16 @@ proof checks out. Errors are one line meant for the person at the other end.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from mesh_llm.mesh import auth
+from mesh_llm.mesh.admission import HANDSHAKE_MAX_FRAME, HELLO_MAX_FRAME
 from mesh_llm.mesh.identity import KINDS, MeshCredentials
-from mesh_llm.mesh.peers import PeerRecord
+from mesh_llm.mesh.peers import MAX_MEMBERS, PeerRecord
 from mesh_llm.mesh.wire import PROTOCOL_VERSION, FramedReader, ProtocolError, StreamKind, encode_frame, get_hex, get_int, get_str, stream_prefix
+from mesh_llm.text import printable
 
 if TYPE_CHECKING:
     import iroh
@@ -62,13 +64,14 @@ async def _send(send: iroh.SendStreamProtocol, doc: dict) -> None:
 async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:
     peer_id = conn.remote_id().to_bytes()
     bi = await conn.open_bi()
-    send, reader = bi.send(), FramedReader(bi.recv())
+    send, reader = bi.send(), FramedReader(bi.recv(), HELLO_MAX_FRAME)
     nonce = auth.new_nonce()
     kind = creds.kind
     await send.write_all(stream_prefix(StreamKind.HELLO, {"v": PROTOCOL_VERSION, "mesh": creds.mesh_id.hex(), "kind": kind, "nonce": nonce.hex()}))
     reply = await reader.read_frame()
+    reader.decoder.max_frame = HANDSHAKE_MAX_FRAME  # the final answer carries a record
     if "error" in reply:
-        raise Refused(get_str(reply, "error", 512))
+        raise Refused(printable(get_str(reply, "error", 512), 512))
     _check_version(reply)
     their_nonce = get_hex(reply, "nonce", auth.NONCE_BYTES)
     # A member can only have proved with the mesh secret; a client cannot tell, so it takes the word.
@@ -84,7 +87,7 @@ async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, 
     await _send(send, {"proof": mine.hex(), "record": me.to_wire()})
     final = await reader.read_frame()
     if "error" in final:
-        raise Refused(get_str(final, "error", 512))
+        raise Refused(printable(get_str(final, "error", 512), 512))
     record = PeerRecord.from_wire(final.get("record"))
     if record.id != peer_id.hex():
         raise ProtocolError("peer record id does not match its TLS identity")
@@ -92,13 +95,15 @@ async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, 
     return Admitted(record, their_kind)
 
 
-async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:
+async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord,
+                           has_room: Callable[[str], bool] = lambda peer_id: True) -> Admitted:
     peer_id = conn.remote_id().to_bytes()
     bi = await conn.accept_bi()
-    send, reader = bi.send(), FramedReader(bi.recv())
+    send, reader = bi.send(), FramedReader(bi.recv(), HELLO_MAX_FRAME)  # a stranger's first words: small
     if await reader.read_kind() != StreamKind.HELLO:
         raise ProtocolError("first stream is not a HELLO")
     hello = await reader.read_frame()
+    reader.decoder.max_frame = HANDSHAKE_MAX_FRAME  # the proof frame carries the dialer's record
 
     async def refuse(why: str, log_line: str) -> Refused:
         await _send(send, {"error": why})
@@ -129,6 +134,8 @@ async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials
     record = PeerRecord.from_wire(answer.get("record"))
     if record.id != peer_id.hex():
         raise ProtocolError("peer record id does not match its TLS identity")
+    if not has_room(record.id):
+        raise await refuse(f"this node already has {MAX_MEMBERS} members, the most a mesh node admits", f"mesh full ({MAX_MEMBERS} members)")
     await _send(send, {"ok": True, "record": me.to_wire()})
     await send.finish()
     return Admitted(record, kind)

@@ -15,11 +15,29 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mesh_llm.mesh import handshake
+from mesh_llm.mesh.admission import ADMISSION_SECS, MAX_PENDING_HANDSHAKES, LogLimiter
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import HEARTBEAT_SECS, DialHint, EventKind, Member, Membership, MeshEvent, PeerRecord, as_client, decode_gossip, encode_gossip, keep_new_connection
+from mesh_llm.mesh.peers import (
+    HEARTBEAT_SECS,
+    MAX_MEMBERS,
+    DialHint,
+    DialLimiter,
+    EventKind,
+    Member,
+    Membership,
+    MeshEvent,
+    PeerRecord,
+    as_client,
+    decode_gossip,
+    encode_gossip,
+    keep_new_connection,
+    own_dial_addrs,
+    rank_hints,
+)
 from mesh_llm.mesh.token import InviteToken
 from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, describe, endpoint_addr, iroh
 from mesh_llm.mesh.wire import ALPN, FramedReader, ProtocolError, StreamKind, encode_frame, stream_prefix
+from mesh_llm.text import printable
 
 DIAL_SECS = 10.0
 EXCHANGE_SECS = 3.0
@@ -57,7 +75,10 @@ class Mesh:
         self.my_id = b""
         self.membership = Membership(self_id="")
         self.links: dict[str, Link] = {}
-        self.discovered: dict[str, tuple[DialHint, float]] = {}
+        self.hints_from: dict[str, tuple[list[DialHint], float]] = {}  # member id -> the dial hints of its last frame
+        self.hinted_dials = DialLimiter()
+        self.refusal_log = LogLimiter()
+        self.pending_handshakes = 0
         self.handlers: dict[StreamKind, StreamHandler] = {}
         self.join_tokens: list[InviteToken] = []
         self._subscribers: list[asyncio.Queue[MeshEvent]] = []
@@ -71,7 +92,8 @@ class Mesh:
         self.endpoint = await bind_endpoint(self.transport, self.secret_key)
         self.my_id = self.endpoint.id().to_bytes()
         addr = self.endpoint.addr()
-        self.me = replace(self.me, id=self.my_id.hex(), addrs=tuple(addr.direct_addresses()), relay=addr.relay_url() or "")
+        # only what peers accept: a machine with many interfaces must not get its record refused
+        self.me = replace(self.me, id=self.my_id.hex(), addrs=own_dial_addrs(addr.direct_addresses()), relay=addr.relay_url() or "")
         self.membership = Membership(self_id=self.me.id)
         self._spawn(self._accept_loop())
         self._spawn(self._heartbeat_loop())
@@ -164,16 +186,25 @@ class Mesh:
 
     # -- connections -----------------------------------------------------------
 
+    def _say(self, line: str) -> None:
+        self.log(printable(line, 2000))  # lines quote peers (names, error texts): no control characters
+
+    def _say_limited(self, kind: str, line: str) -> None:
+        """Refusals and malformed streams: anyone can cause them, so at most one line per kind now and then."""
+        limited = self.refusal_log.line(kind, line, time.monotonic())
+        if limited is not None:
+            self._say(limited)
+
     def _emit(self, event: MeshEvent | None) -> None:
         if event is None:
             return
         p = event.peer
-        who = f"{p.role} {p.id[:8]} ({p.hostname or '?'})"
+        who = f"{p.role} {p.id[:8]} ({printable(p.hostname, 64) or '?'})"
         if event.kind == EventKind.JOINED:
-            served = ", ".join(p.models_served) or "nothing yet"
-            self.log(f"Peer joined: {who}, serving {served}")
+            served = ", ".join(printable(m, 80) for m in p.models_served) or "nothing yet"
+            self._say(f"Peer joined: {who}, serving {served}")
         elif event.kind == EventKind.LEFT:
-            self.log(f"Peer left: {who}: {event.reason}")
+            self._say(f"Peer left: {who}: {event.reason}")
         for q in self._subscribers:
             q.put_nowait(event)
 
@@ -181,7 +212,10 @@ class Mesh:
         self._dialing.add(peer_id)
         conn = None
         try:
-            addr = endpoint_addr(peer_id, addrs, relay)
+            try:
+                addr = endpoint_addr(peer_id, addrs, relay)
+            except iroh.IrohError as exc:  # e.g. a hinted id that is no public key
+                raise handshake.Refused(f"cannot dial {peer_id[:8]}: {describe(exc)}") from None
             try:
                 conn = await asyncio.wait_for(self.endpoint.connect(addr, ALPN), DIAL_SECS)
             except (TimeoutError, iroh.IrohError) as exc:
@@ -209,24 +243,45 @@ class Mesh:
             incoming = await self.endpoint.accept_next()
             if incoming is None:
                 return
+            if self.pending_handshakes >= MAX_PENDING_HANDSHAKES:
+                # strangers that never finish must not hold more: turn the rest away unread
+                self._say_limited("busy", f"Refused a connection at once: {MAX_PENDING_HANDSHAKES} handshakes already under way")
+                self._spawn(self._refuse(incoming))
+                continue
+            self.pending_handshakes += 1
             self._spawn(self._accept_one(incoming))
+
+    @staticmethod
+    async def _refuse(incoming: Any) -> None:
+        with contextlib.suppress(Exception):
+            await incoming.refuse()
 
     async def _accept_one(self, incoming: Any) -> None:
         conn = None
+
+        async def admit() -> handshake.Admitted:
+            nonlocal conn
+            conn = await (await incoming.accept()).connect()
+            return await handshake.accept_handshake(conn, self.creds, self.my_id, self.me, self.membership.has_room_for)
+
         try:
-            conn = await asyncio.wait_for((await incoming.accept()).connect(), DIAL_SECS)
-            admitted = await handshake.with_timeout(handshake.accept_handshake(conn, self.creds, self.my_id, self.me))
+            # one deadline for the whole admission: a stranger cannot stretch it step by step
+            admitted = await handshake.with_timeout(admit(), ADMISSION_SECS)
         except handshake.Refused as exc:
             who = conn.remote_id().to_bytes().hex()[:8] if conn is not None else "?"
-            self.log(f"Refused a connection from {who}: {exc}")
+            self._say_limited("refused", f"Refused a connection from {who}: {exc}")
             if conn is not None:
                 await self._hang_up(conn, exc.told_peer)
             return
-        except (TimeoutError, ProtocolError, iroh.IrohError) as exc:
-            self.log(f"Dropped a connection that failed the handshake: {describe(exc)}")
+        except Exception as exc:  # noqa: BLE001 - whatever a stranger sends, it ends here, never in a traceback
+            self._say_limited("dropped", f"Dropped a connection that failed the handshake: {describe(exc)}")
             if conn is not None:
-                conn.close(1, b"bad handshake")
+                with contextlib.suppress(Exception):
+                    conn.close(1, b"bad handshake")
             return
+        finally:
+            self.pending_handshakes -= 1
+        assert conn is not None
         dialer = conn.remote_id().to_bytes().hex()
         self._add_link(conn, admitted.record, dialer=dialer, client=admitted.kind == "client")
 
@@ -239,6 +294,10 @@ class Mesh:
         conn.close(1, b"refused")
 
     def _add_link(self, conn: Any, record: PeerRecord, dialer: str, client: bool = False) -> None:
+        if not self.membership.has_room_for(record.id):
+            self._say_limited("full", f"Refused {record.id[:8]}: this node already has {MAX_MEMBERS} members")
+            conn.close(4, b"mesh full")
+            return
         link = Link(conn, record.id, record.incarnation, dialer, client)
         if client:
             record = as_client(record)
@@ -263,6 +322,7 @@ class Mesh:
         if self.links.get(link.peer_id) is not link:
             return  # replaced by a newer connection
         del self.links[link.peer_id]
+        self.hints_from.pop(link.peer_id, None)
         with contextlib.suppress(Exception):
             link.conn.close(3, reason.encode()[:64])
         self._emit(self.membership.remove(link.peer_id, reason))
@@ -301,7 +361,7 @@ class Mesh:
             header = await asyncio.wait_for(reader.read_frame(), FIRST_BYTE_SECS)
             await handler(link.peer_id, header, send, reader)
         except (TimeoutError, ProtocolError) as exc:
-            self.log(f"Closed a malformed stream from {link.peer_id[:8]}: {describe(exc)}")
+            self._say_limited("malformed", f"Closed a malformed stream from {link.peer_id[:8]}: {describe(exc)}")
             with contextlib.suppress(Exception):
                 await send.reset(1)
             with contextlib.suppress(Exception):
@@ -320,20 +380,26 @@ class Mesh:
             record, known = as_client(record), []
         now = time.monotonic()
         self._emit(self.membership.heard_from(record, now, rtt_ms))
-        for p in known:
-            self.discovered[p.id] = (p, now)
+        self.hints_from[link.peer_id] = (known, now)  # replaces its last list: one member holds at most one frame's worth
         self._dial_discovered(now)
 
     def _dial_discovered(self, now: float) -> None:
-        self.discovered = {pid: (p, seen) for pid, (p, seen) in self.discovered.items() if now - seen < DISCOVERY_TTL_SECS}
-        for p in self.membership.to_dial([p for p, _ in self.discovered.values()], now):
-            self._dial_soon(p.id, p.addrs, p.relay or None)
+        self.hints_from = {pid: (hints, seen) for pid, (hints, seen) in self.hints_from.items() if now - seen < DISCOVERY_TTL_SECS and pid in self.links}
+        candidates = rank_hints({pid: hints for pid, (hints, _) in self.hints_from.items()})
+        for p in self.membership.to_dial(candidates, now):
+            if p.id in self._dialing:
+                continue
+            if not self.hinted_dials.try_start(now):
+                return  # the rest wait for a later round (they are still in members' frames)
+            self._dial_soon(p.id, p.addrs, p.relay or None, hinted=True)
 
-    def _dial_soon(self, peer_id: str, addrs: tuple[str, ...], relay: str | None) -> None:
+    def _dial_soon(self, peer_id: str, addrs: tuple[str, ...], relay: str | None, hinted: bool = False) -> None:
         """Dial in the background unless a dial to this peer is already under way."""
         if peer_id not in self._dialing:
             self._dialing.add(peer_id)
-            self._spawn(self._dial_quietly(peer_id, addrs, relay))
+            self._spawn(self._dial_quietly(peer_id, addrs, relay, hinted))
+        elif hinted:
+            self.hinted_dials.finished()
 
     def _exchange_soon(self, link: Link) -> None:
         if not link.exchanging:  # a dead peer's exchange hangs until its timeout; don't stack them
@@ -371,7 +437,11 @@ class Mesh:
                 for tok in self.join_tokens:
                     self._dial_soon(tok.endpoint_id.hex(), tok.addrs, tok.relay_url)
 
-    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...], relay: str | None) -> None:
-        with contextlib.suppress(handshake.Refused):
-            await self._dial(peer_id, addrs, relay)
+    async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...], relay: str | None, hinted: bool = False) -> None:
+        try:
+            with contextlib.suppress(handshake.Refused):
+                await self._dial(peer_id, addrs, relay)
+        finally:
+            if hinted:
+                self.hinted_dials.finished()
 

@@ -7,16 +7,40 @@ frame carries the sender's own record plus the dial addresses of its members.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
-from mesh_llm.mesh.wire import ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
+from mesh_llm.mesh.wire import MAX_FRAME, ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
+from mesh_llm.text import is_name, printable
 
 HEARTBEAT_SECS = 1.5  # gossip with every member this often
 DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
 REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often than this
 MAX_PEERS_PER_FRAME = 256
+MAX_MEMBERS = 256  # other nodes one node admits; past this, admission is refused with a reason
+GOSSIP_BUDGET = MAX_FRAME - 4096  # encoded bytes of one gossip frame, with headroom for framing
+
+# What a peer may say about itself: ASCII addresses, printable names, all of bounded length,
+# so that no record (and no hint passed on for it) can bloat other nodes' frames or terminals.
+MAX_DIAL_ADDRS = 8
+MAX_ADDR_LEN = 128  # "[v6%scope]:port" or a hostname with its port
+MAX_RELAY_LEN = 256
+MAX_HOSTNAME_LEN = 255
+MAX_NAME_LEN = 256  # model names and aliases
+MAX_VERSION_LEN = 64
+MAX_DEVICES = 16
+MAX_DEVICE_LEN = 128
+
+# Dials of ids learned from gossip (not from the user's tokens): a peer's hints must not make
+# this node dial arbitrary addresses en masse.
+HINTED_DIALS_AT_ONCE = 4
+HINTED_DIALS_PER_SEC = 2.0
+HINTED_DIAL_BURST = 4
 
 ROLES = ("host", "worker", "client", "standby")
 MODEL_STATES = ("ready", "loading", "planning", "waiting", "error", "unloading")  # what we send; newer peers may add more
@@ -34,6 +58,81 @@ def get_role(doc: dict[str, Any]) -> str:
     if role not in ROLES:
         raise ProtocolError(f"unknown role {role!r}")
     return role
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def is_dial_addr(text: str) -> bool:
+    """`host:port` with an IPv4 address, a bracketed IPv6 address or a DNS name; port 1-65535."""
+    if not text.isascii() or len(text) > MAX_ADDR_LEN:
+        return False
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    if host.replace(".", "").isdigit():  # looks like IPv4: must be one
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def is_relay_url(text: str) -> bool:
+    """Empty (no relay) or an http(s) URL of printable ASCII."""
+    if not text:
+        return True
+    if len(text) > MAX_RELAY_LEN or not text.isascii() or not all("!" <= ch <= "~" for ch in text):
+        return False
+    try:
+        url = urlsplit(text)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
+
+
+def get_addrs(doc: dict[str, Any]) -> tuple[str, ...]:
+    addrs = get_str_list(doc, "addrs", MAX_DIAL_ADDRS, MAX_ADDR_LEN)
+    for a in addrs:
+        if not is_dial_addr(a):
+            raise ProtocolError(f"field 'addrs' holds {a[:80]!r}, which is not an ASCII host:port")
+    return tuple(addrs)
+
+
+def get_relay(doc: dict[str, Any]) -> str:
+    relay = get_str(doc, "relay", MAX_RELAY_LEN, "")
+    if not is_relay_url(relay):
+        raise ProtocolError(f"field 'relay' must be an http(s) URL of at most {MAX_RELAY_LEN} ASCII characters")
+    return relay
+
+
+def get_name(doc: dict[str, Any], name: str, max_len: int, default: str | None = "") -> str:
+    """A string shown to people (hostname, version, model): printable text, or empty."""
+    value = get_str(doc, name, max_len, default)
+    if value and not is_name(value, max_len):
+        raise ProtocolError(f"field {name!r} must be printable text without control characters")
+    return value
+
+
+def get_names(doc: dict[str, Any], name: str, max_items: int, max_len: int) -> tuple[str, ...]:
+    values = get_str_list(doc, name, max_items, max_len)
+    if not all(is_name(v, max_len) for v in values):
+        raise ProtocolError(f"field {name!r} must be a list of printable, non-empty names")
+    return tuple(values)
+
+
+def own_dial_addrs(addrs: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """What this node advertises: the addresses peers will accept, IPv4 first, at most MAX_DIAL_ADDRS."""
+    valid = [a for a in addrs if is_dial_addr(a)]
+    return tuple(sorted(valid, key=lambda a: a.startswith("["))[:MAX_DIAL_ADDRS])
 
 
 @dataclass(frozen=True)
@@ -85,23 +184,23 @@ class HostedModel:
     def from_wire(doc: Any) -> HostedModel:
         if not isinstance(doc, dict):
             raise ProtocolError("hosted model is not an object")
-        name = get_str(doc, "name", 256)
-        if not name or not name.isprintable():  # it ends up in copy-paste commands and on pages
+        name = get_str(doc, "name", MAX_NAME_LEN)
+        if not is_name(name, MAX_NAME_LEN):  # it ends up in copy-paste commands and on pages
             raise ProtocolError("hosted model name must be printable text")
         split = tuple(Slice.from_wire(s) for s in get_list(doc, "split", MAX_SLICES))
         if len({s.node for s in split}) != len(split):
             raise ProtocolError("a split names a node twice")
         return HostedModel(
             name=name,
-            state=get_str(doc, "state", 16),
-            detail=get_str(doc, "detail", MAX_DETAIL, ""),
+            state=get_name(doc, "state", 16, None),
+            detail=printable(get_str(doc, "detail", MAX_DETAIL, ""), MAX_DETAIL),  # free text (an error may span lines): cleaned, not refused
             size_bytes=get_int(doc, "size_bytes", 0, 2**62, 0),
             need_bytes=get_int(doc, "need_bytes", 0, 2**62, 0),
             ctx=get_int(doc, "ctx", 0, 1 << 24, 0),
-            draft=get_str(doc, "draft", 256, ""),
+            draft=get_name(doc, "draft", MAX_NAME_LEN),
             draft_bytes=get_int(doc, "draft_bytes", 0, 2**62, 0),
             split=split,
-            aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if a.isprintable()),
+            aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if is_name(a, MAX_ALIAS_LEN)),
         )
 
 
@@ -147,21 +246,21 @@ class PeerRecord:
         return PeerRecord(
             id=get_hex(doc, "id", 32).hex(),
             role=get_role(doc),
-            hostname=get_str(doc, "hostname", 255, ""),
-            incarnation=get_str(doc, "incarnation", 64, ""),
-            version=get_str(doc, "version", 64, ""),
-            engine_version=get_str(doc, "engine_version", 64, ""),
-            devices=tuple(get_str_list(doc, "devices", 64, 128)),
+            hostname=get_name(doc, "hostname", MAX_HOSTNAME_LEN),
+            incarnation=get_name(doc, "incarnation", 64),
+            version=get_name(doc, "version", MAX_VERSION_LEN),
+            engine_version=get_name(doc, "engine_version", MAX_VERSION_LEN),
+            devices=get_names(doc, "devices", MAX_DEVICES, MAX_DEVICE_LEN),
             vram_bytes=get_int(doc, "vram_bytes", 0, 2**62, 0),
             free_bytes=get_int(doc, "free_bytes", 0, 2**62, 0),
-            models_on_disk=tuple(get_str_list(doc, "models_on_disk", MAX_MODELS_ON_DISK, 256)),
-            fingerprints=tuple(get_str_list(doc, "fingerprints", MAX_MODELS_ON_DISK, 64)),
+            models_on_disk=get_names(doc, "models_on_disk", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
+            fingerprints=get_names(doc, "fingerprints", MAX_MODELS_ON_DISK, 64),
             hosting=_hosting(get_list(doc, "hosting", MAX_HOSTED)),
-            lending=tuple(get_str_list(doc, "lending", MAX_MODELS_ON_DISK, 256)),
+            lending=get_names(doc, "lending", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
             api_port=get_int(doc, "api_port", 0, 65535, 0),
             api_public=get_bool(doc, "api_public", False),
-            addrs=tuple(get_str_list(doc, "addrs", 32, 64)),
-            relay=get_str(doc, "relay", 256, ""),
+            addrs=get_addrs(doc),
+            relay=get_relay(doc),
         )
 
 
@@ -200,12 +299,30 @@ class DialHint:
     def from_wire(doc: Any) -> DialHint:
         if not isinstance(doc, dict):
             raise ProtocolError("peer hint is not an object")
-        return DialHint(get_hex(doc, "id", 32).hex(), get_role(doc), tuple(get_str_list(doc, "addrs", 32, 64)), get_str(doc, "relay", 256, ""))
+        return DialHint(get_hex(doc, "id", 32).hex(), get_role(doc), get_addrs(doc), get_relay(doc))
 
 
-def encode_gossip(me: PeerRecord, known: list[PeerRecord]) -> dict[str, Any]:
-    """Our own record, and how to dial each member we know (at most a few KiB per member)."""
-    return {"self": me.to_wire(), "peers": [DialHint.of(p).to_wire() for p in known[:MAX_PEERS_PER_FRAME]]}
+def encoded_size(doc: Any) -> int:
+    """Bytes `doc` takes in a frame (the same JSON encoding as wire.encode_frame)."""
+    return len(json.dumps(doc, separators=(",", ":")))
+
+
+def encode_gossip(me: PeerRecord, known: list[PeerRecord], budget: int = GOSSIP_BUDGET) -> dict[str, Any]:
+    """Our own record, and how to dial each member we know, within `budget` encoded bytes.
+
+    Our record goes first; hints that would pass the budget are left out (their members are
+    still reachable through other members' frames), so however many or however big the
+    records this node holds, its frame never exceeds the frame limit.
+    """
+    doc: dict[str, Any] = {"self": me.to_wire(), "peers": []}
+    used = encoded_size(doc)
+    for p in known[:MAX_PEERS_PER_FRAME]:
+        hint = DialHint.of(p).to_wire()
+        size = encoded_size(hint) + 1  # and its comma
+        if used + size <= budget:
+            doc["peers"].append(hint)
+            used += size
+    return doc
 
 
 def decode_gossip(doc: dict[str, Any]) -> tuple[PeerRecord, list[DialHint]]:
@@ -271,14 +388,23 @@ class Membership:
     def note_dial_failure(self, peer_id: str, now: float) -> None:
         self.dial_failed_at[peer_id] = now
 
+    def has_room_for(self, peer_id: str) -> bool:
+        """Whether admitting `peer_id` keeps this node within MAX_MEMBERS (a known member always fits)."""
+        return peer_id in self.members or len(self.members) < MAX_MEMBERS
+
     def to_dial(self, discovered: list[DialHint], now: float) -> list[DialHint]:
         """Peers learned from gossip that this node should connect to (full mesh).
 
         Nobody dials a client (clients dial in, and may sit behind NAT);
-        peers that failed recently wait out a backoff.
+        peers that failed recently wait out a backoff; a full node dials nobody new.
         """
+        # throw-away ids must not pile up here: a failure older than the backoff says nothing
+        self.dial_failed_at = {pid: at for pid, at in self.dial_failed_at.items() if now - at < REDIAL_BACKOFF_SECS}
         out: dict[str, DialHint] = {}
+        room = MAX_MEMBERS - len(self.members)
         for p in discovered:
+            if len(out) >= room:
+                break
             if p.id == self.self_id or p.id in self.members or p.role == "client":
                 continue
             if not p.addrs and not p.relay:
@@ -291,6 +417,49 @@ class Membership:
 
     def records(self) -> list[PeerRecord]:
         return [m.record for m in self.members.values()]
+
+
+def rank_hints(hints_by_source: dict[str, list[DialHint]]) -> list[DialHint]:
+    """All hints, one per id: those more members vouch for first, then each source's first
+    hints before anyone's later ones, so one peer's long list cannot crowd out the rest."""
+    best: dict[str, tuple[int, int, DialHint]] = {}  # id -> (vouchers, best position, hint)
+    for hints in hints_by_source.values():
+        seen_here: set[str] = set()
+        for pos, h in enumerate(hints):
+            if h.id in seen_here:
+                continue
+            seen_here.add(h.id)
+            vouchers, first, _ = best.get(h.id, (0, pos, h))
+            best[h.id] = (vouchers + 1, min(first, pos), h)
+    return [h for _, _, h in sorted(best.values(), key=lambda e: (-e[0], e[1]))]
+
+
+@dataclass
+class DialLimiter:
+    """How many dials of gossip-learned ids may start: a cap on those in flight and a token
+    bucket (`per_sec`, bursts of `burst`). Pure: the caller passes the time."""
+
+    at_once: int = HINTED_DIALS_AT_ONCE
+    per_sec: float = HINTED_DIALS_PER_SEC
+    burst: int = HINTED_DIAL_BURST
+    in_flight: int = 0
+    _tokens: float = field(default=-1.0, repr=False)
+    _last: float | None = field(default=None, repr=False)
+
+    def try_start(self, now: float) -> bool:
+        if self._last is None or self._tokens < 0:
+            self._tokens = float(self.burst)
+        else:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.per_sec)
+        self._last = now
+        if self.in_flight >= self.at_once or self._tokens < 1:
+            return False
+        self._tokens -= 1
+        self.in_flight += 1
+        return True
+
+    def finished(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
 
 
 def keep_new_connection(existing_incarnation: str, new_incarnation: str, existing_dialer: str, new_dialer: str, lower_id: str) -> bool:

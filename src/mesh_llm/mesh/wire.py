@@ -10,6 +10,7 @@ that stream only.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from enum import IntEnum
 from typing import Any, Protocol
@@ -17,7 +18,12 @@ from typing import Any, Protocol
 ALPN = b"mesh-llm-py"
 PROTOCOL_VERSION = 3  # 2: several models per node; 3: member and client admission
 MAX_FRAME = 1 << 20  # 1 MiB: a gossip frame for a large mesh is a few tens of KiB
+MAX_DEPTH = 32  # nesting of arrays/objects in one frame; ours nest 4 deep
 _LEN = struct.Struct(">I")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")  # depth is depth, whichever bracket
+_INNERMOST = re.compile(rb"\[\]")
 
 
 class StreamKind(IntEnum):
@@ -50,6 +56,34 @@ def parse_kind(byte: int) -> StreamKind:
         raise ProtocolError(f"unknown stream kind {byte}") from None
 
 
+def nesting_exceeds(payload: bytes, max_depth: int = MAX_DEPTH) -> bool:
+    """Whether a JSON document nests arrays/objects deeper than `max_depth` (or its brackets
+    do not pair up). Runs at C speed: strings out, brackets only, then peel one level of
+    innermost pairs per round, so a deep document costs `max_depth` passes, never recursion."""
+    brackets = _JSON_STRING.sub(b"", payload).translate(_AS_SQUARE, _NOT_BRACKETS)
+    too_deep = b"[" * (max_depth + 1)  # the common deep document: found in one pass
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        if too_deep in brackets:
+            return True
+        brackets = _INNERMOST.sub(b"", brackets)
+    return bool(brackets)
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """One frame's JSON object; anything else (bad JSON, too deep, not an object) is a ProtocolError."""
+    if nesting_exceeds(payload):
+        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ProtocolError("frame is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return doc
+
+
 class FrameDecoder:
     """Sans-I/O decoder: feed bytes in, take whole frames out."""
 
@@ -70,13 +104,7 @@ class FrameDecoder:
             return None
         payload = bytes(self._buf[4 : 4 + size])
         del self._buf[: 4 + size]
-        try:
-            doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            raise ProtocolError("frame is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise ProtocolError("frame is not a JSON object")
-        return doc
+        return decode_payload(payload)
 
     def take_buffered(self) -> bytes:
         data = bytes(self._buf)

@@ -15,6 +15,7 @@ from mesh_llm.models.reference import CatalogModel, HubFile, HubRepo, ReferenceE
 from mesh_llm.models.resolve import locate, packaged_path, paired_draft, parse, resolve_model
 from mesh_llm.plan.capacity import choose_offer, nvml_devices, system_memory_bytes
 from mesh_llm.plan.split import required_bytes
+from mesh_llm.text import printable
 
 
 def download_command(ref: str | None, with_draft: bool, out: Console) -> int:
@@ -49,6 +50,7 @@ def models_command(action: str, arg: str | None, with_draft: bool, out: Console)
 
 def print_columns(out: Console, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     """Aligned plain text: names stay whole (people copy them), the last column runs on."""
+    rows = [tuple(printable(c, 1000) for c in r) for r in rows]  # cells may come from peers (mesh-llm status)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
         out.print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1], markup=False, highlight=False)
