@@ -169,10 +169,13 @@ def test_hints_more_members_vouch_for_come_first_and_no_source_crowds_out_anothe
 
 
 def test_hinted_dials_are_capped_in_flight_and_in_rate() -> None:
-    lim = DialLimiter(at_once=4, per_sec=2.0, burst=4)
-    assert [lim.try_start(0.0) for _ in range(6)] == [True] * 4 + [False] * 2  # burst, then the in-flight cap
-    for _ in range(4):
-        lim.finished()
+    lim = DialLimiter(at_once=2, per_sec=2.0, burst=4)
+    assert [lim.try_start(0.0) for _ in range(3)] == [True, True, False]  # the in-flight cap
+    lim.finished()
+    lim.finished()
+    assert [lim.try_start(0.0) for _ in range(3)] == [True, True, False]  # the rest of the burst
+    lim.finished()
+    lim.finished()
     assert not lim.try_start(0.1)  # none in flight, but the bucket is empty
     assert lim.try_start(0.6) and not lim.try_start(0.6)  # two per second
     started = sum(lim.try_start(t / 10) or (lim.finished() or False) for t in range(10, 110))  # 10 s of asking every 0.1 s

@@ -229,3 +229,70 @@ def test_node_key_is_private_stable_and_rotatable(tmp_path) -> None:  # type: ig
     (tmp_path / "key").write_text("nonsense")
     with pytest.raises(UserError, match="rotate-key"):
         load_or_create_key(tmp_path)
+
+
+async def test_a_hello_past_the_hello_limit_is_dropped_unread() -> None:
+    creds = MeshCredentials.generate()
+    a = make_mesh(creds, name="a")
+    await a.start()
+    stranger = await bind_endpoint(LOOPBACK, os.urandom(32))
+    conn = await stranger.connect(endpoint_addr(a.me.id, a.me.addrs, None), ALPN)
+    bi = await conn.open_bi()
+    # well-formed and shallow, but 8 KB: a stranger's first frame may be 4 KiB at most
+    await bi.send().write_all(stream_prefix(StreamKind.HELLO, {"v": 2, "mesh": creds.mesh_id.hex(), "nonce": "00" * 16, "pad": "x" * 8000}))
+    await wait_until(lambda: any("exceeds the 4096-byte limit" in line for line in a.logs))
+    assert a.members() == []
+    await stranger.close()
+    await a.close()
+
+
+async def test_a_full_node_refuses_admission_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh_llm.mesh import peers
+
+    monkeypatch.setattr(peers, "MAX_MEMBERS", 1)
+    a, b = await joined_pair()
+    late = make_mesh(a.creds, name="late")
+    await late.start()
+    with pytest.raises(Refused, match="members"):
+        await late.join([decode_token(a.token())])
+    assert any("mesh full" in line for line in a.logs)
+    assert [m.record.id for m in a.members()] == [b.me.id]
+    await late.close()
+    await b.close()
+    await a.close()
+
+
+async def test_hints_from_a_member_make_only_a_few_dials_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh_llm.mesh.peers import HINTED_DIALS_AT_ONCE, DialHint, DialLimiter
+
+    a, b = await joined_pair()
+    a.hinted_dials = DialLimiter(per_sec=0.0, burst=HINTED_DIALS_AT_ONCE + 2)  # no refill: what starts is what the rule allows, not timing
+    running, most, started = 0, 0, []
+    release = asyncio.Event()
+
+    async def fake_dial(peer_id: str, addrs: object, relay: object) -> None:
+        nonlocal running, most
+        started.append(peer_id)
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        raise Refused("unreachable")
+
+    monkeypatch.setattr(a, "_dial", fake_dial)
+    flood = [DialHint(f"{i:064x}", "host", (f"10.9.{i // 250}.{i % 250 + 1}:9",)) for i in range(200)]
+    for _ in range(5):  # five frames from the member in a row
+        a._heard(a.links[b.me.id], b.me, flood, None)
+    await asyncio.sleep(0)
+    assert len(started) == HINTED_DIALS_AT_ONCE  # the rest wait for room and for the rate
+    release.set()
+    await wait_until(lambda: running == 0)
+    for _ in range(5):
+        a._heard(a.links[b.me.id], b.me, flood, None)
+    await wait_until(lambda: len(started) >= HINTED_DIALS_AT_ONCE + 2 and running == 0)
+    for _ in range(5):
+        a._heard(a.links[b.me.id], b.me, flood, None)
+        await asyncio.sleep(0.01)
+    assert most == HINTED_DIALS_AT_ONCE and len(started) == HINTED_DIALS_AT_ONCE + 2, started  # the burst, never the 200
+    await b.close()
+    await a.close()
