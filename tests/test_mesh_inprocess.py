@@ -255,7 +255,7 @@ async def test_a_full_node_refuses_admission_with_the_reason(monkeypatch: pytest
     await late.start()
     with pytest.raises(Refused, match="members"):
         await late.join([decode_token(a.token())])
-    assert any("mesh full" in line for line in a.logs)
+    await wait_until(lambda: any("mesh full" in line for line in a.logs))
     assert [m.record.id for m in a.members()] == [b.me.id]
     await late.close()
     await b.close()
