@@ -190,6 +190,10 @@ def test_refusal_lines_are_rate_limited_per_kind_with_a_count() -> None:
     line = log.line("busy", "Refused", 10.0)
     assert line is not None and "3 more" in line
     assert log.line("busy", "Refused", 25.0) == "Refused"
+    few = LogLimiter(every=10.0, max_kinds=2)
+    assert few.line("a", "A", 0.0) == "A" and few.line("b", "B", 0.0) == "B"
+    assert few.line("v1", "V1", 0.0) == "V1" and few.line("v2", "V2", 0.0) is None  # new kinds past the cap share one allowance
+    assert len(few._last) == 3
 
 
 def test_text_from_elsewhere_is_shown_without_controls_and_markup_stays_literal() -> None:

@@ -15,6 +15,7 @@ ADMISSION_SECS = 10.0  # accept + handshake, the whole of it (not each step)
 HELLO_MAX_FRAME = 4096  # the first HELLO frame: {v, mesh, nonce} is ~150 bytes
 HANDSHAKE_MAX_FRAME = 256 * 1024  # later handshake frames carry a record (bounded fields: well under this)
 REFUSAL_LOG_SECS = 10.0  # at most one log line per kind of refusal this often
+LOG_KINDS = 32  # kinds tracked apart (each reason its own); past this they share one allowance
 
 
 @dataclass
@@ -23,11 +24,14 @@ class LogLimiter:
     many like it were held back. Pure: the caller passes the time."""
 
     every: float = REFUSAL_LOG_SECS
+    max_kinds: int = LOG_KINDS
     _last: dict[str, float] = field(default_factory=dict)
     _held: dict[str, int] = field(default_factory=dict)
 
     def line(self, kind: str, text: str, now: float) -> str | None:
         """The line to log now, or None to hold it back."""
+        if kind not in self._last and len(self._last) >= self.max_kinds:
+            kind = "(other)"  # a stranger varying its words must not grow this table or the log
         last = self._last.get(kind)
         if last is not None and now - last < self.every:
             self._held[kind] = self._held.get(kind, 0) + 1

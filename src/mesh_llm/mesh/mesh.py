@@ -269,7 +269,7 @@ class Mesh:
             admitted = await handshake.with_timeout(admit(), ADMISSION_SECS)
         except handshake.Refused as exc:
             who = conn.remote_id().to_bytes().hex()[:8] if conn is not None else "?"
-            self._say_limited("refused", f"Refused a connection from {who}: {exc}")
+            self._say_limited(f"refused: {exc}", f"Refused a connection from {who}: {exc}")  # each reason its own allowance
             if conn is not None:
                 await self._hang_up(conn, exc.told_peer)
             return
