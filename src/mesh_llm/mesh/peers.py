@@ -122,9 +122,9 @@ def get_name(doc: dict[str, Any], name: str, max_len: int, default: str | None =
     return value
 
 
-def get_names(doc: dict[str, Any], name: str, max_items: int, max_len: int) -> tuple[str, ...]:
+def get_names(doc: dict[str, Any], name: str, max_items: int, max_len: int, allow_empty: bool = False) -> tuple[str, ...]:
     values = get_str_list(doc, name, max_items, max_len)
-    if not all(is_name(v, max_len) for v in values):
+    if not all(is_name(v, max_len) or (allow_empty and not v) for v in values):
         raise ProtocolError(f"field {name!r} must be a list of printable, non-empty names")
     return tuple(values)
 
@@ -254,7 +254,7 @@ class PeerRecord:
             vram_bytes=get_int(doc, "vram_bytes", 0, 2**62, 0),
             free_bytes=get_int(doc, "free_bytes", 0, 2**62, 0),
             models_on_disk=get_names(doc, "models_on_disk", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
-            fingerprints=get_names(doc, "fingerprints", MAX_MODELS_ON_DISK, 64),
+            fingerprints=get_names(doc, "fingerprints", MAX_MODELS_ON_DISK, 64, allow_empty=True),  # "": not known yet
             hosting=_hosting(get_list(doc, "hosting", MAX_HOSTED)),
             lending=get_names(doc, "lending", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
             api_port=get_int(doc, "api_port", 0, 65535, 0),
