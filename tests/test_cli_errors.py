@@ -176,3 +176,11 @@ def test_bad_tensor_split_is_refused_before_it_reaches_gossip(text: str) -> None
 
 def test_remote_runtime_needs_listen_all(tiny_model: Path) -> None:
     assert_one_line_error(run_cli("--model", str(tiny_model), "--allow-remote-runtime", "--port", str(free_port())), "--allow-remote-runtime needs --listen-all")
+
+
+def test_a_model_file_named_with_control_characters_is_refused_in_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    odd = tmp_path / "tiny\x1b[2Jmodel.gguf"  # peers would refuse the name, and a terminal would act on it
+    odd.write_bytes(tiny_model.read_bytes())
+    r = run_cli("--model", str(odd), "--port", str(free_port()), "--state-dir", str(tmp_path / "s"))
+    assert_one_line_error(r, "not plain printable text", "rename the file")
+    assert "\x1b" not in r.stderr

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh_llm.engine.llama_server import choose_ctx
-from mesh_llm.mesh.peers import MAX_ALIAS_LEN, MAX_ALIASES
+from mesh_llm.errors import UserError
+from mesh_llm.mesh.peers import MAX_ALIAS_LEN, MAX_ALIASES, MAX_NAME_LEN
 from mesh_llm.models.draft import choose_draft
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
@@ -17,6 +18,7 @@ from mesh_llm.models.resolve import parse, resolve_model
 from mesh_llm.paths import cache_dir
 from mesh_llm.plan.split import kv_cache_bytes, required_bytes
 from mesh_llm.serving.runner import Draft, ModelSpec
+from mesh_llm.text import is_name, printable
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ def aliases_of(ref: str, resolved_id: str, catalog_name: str | None) -> tuple[st
 def prepare(ref: str, options: ModelOptions, say: Callable[[str], None]) -> ModelSpec:
     """Find (or download) the model and its draft, and check both, before any engine work."""
     resolved = resolve_model(ref, say=say, single_file=True)
+    if not is_name(resolved.model_id, MAX_NAME_LEN):  # peers refuse such a name in gossip, and terminals act on it
+        raise UserError(f"the model name {printable(resolved.model_id)!r} (from {printable(str(resolved.path))}) is not plain printable text "
+                        f"of at most {MAX_NAME_LEN} characters: rename the file")
     info = inspect_model(resolved.path)
     fingerprint = cached_fingerprint(info, cache_dir() / "fingerprints.json")
     ctx = choose_ctx(options.ctx_size, info.context_length)
