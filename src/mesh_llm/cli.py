@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to serve (repeatable): catalog name (fuzzy), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], Hugging Face URL, or path")
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example) call the API from a browser (repeatable); others get 403")
     p.add_argument("--allow-remote-runtime", action="store_true", help="let other machines use /api/runtime (load, unload) too, not only this one")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
     p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
@@ -174,6 +176,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     if args.client and args.draft:
         raise UserError("--client serves no model, so it runs no draft: drop --draft")
     tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
+    cors_origins = tuple(parse_cors_origin(text) for text in args.cors_origin)
     from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
 
@@ -197,6 +200,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         draft_max=args.draft_max,
         no_draft=args.no_draft,
         transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
+        cors_origins=cors_origins,
     )
     return run_node(cfg, out)
 
@@ -209,3 +213,12 @@ def parse_tensor_split(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(v) and 0 <= v <= 1e6 for v in values) or not any(v > 0 for v in values):
         raise UserError(f"--tensor-split {text!r} needs shares from 0 to 1000000, at least one above 0")
     return values
+
+
+def parse_cors_origin(text: str) -> str:
+    from mesh_llm.api.guard import parse_origin
+
+    try:
+        return parse_origin(text)
+    except ValueError as exc:
+        raise UserError(f"--cors-origin {exc}") from None

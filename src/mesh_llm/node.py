@@ -26,6 +26,7 @@ from rich.markup import escape
 from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
 from mesh_llm.api.console import WebConsole, console_port_in_use
+from mesh_llm.api.http_guard import Policy
 from mesh_llm.api.proxy import ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
@@ -73,6 +74,7 @@ class NodeConfig:
     draft_max: int = 8
     no_draft: bool = False
     transport: TransportConfig = field(default_factory=TransportConfig)
+    cors_origins: tuple[str, ...] = ()  # web apps (origins) a browser may call the API from, besides our own pages
 
     @property
     def host(self) -> str:
@@ -228,6 +230,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
         proxy = ApiProxy(table)
+        proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins))
         runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime, cfg.listen_all)
         proxy.extra_routes.append(runtime.install)
         await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
@@ -260,7 +263,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         if cfg.console_port is not None:
             feed = StatusFeed(build_status, warn)
             feed.start()  # before the first request: it serves the feed's latest document
-            web_console = WebConsole(feed, proxy, cfg.listen_all, runtime)
+            web_console = WebConsole(feed, proxy, runtime)
             await web_console.start(cfg.host, cfg.console_port)
             stack.push_async_callback(web_console.close)
             fleet.on_change = feed.poke

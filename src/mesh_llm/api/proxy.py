@@ -24,6 +24,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mesh_llm.api.guard import LOOPBACK_ADDRS, api_path, is_cors_header
+from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console and tests use it from here
+from mesh_llm.api.http_guard import Policy, install_guard
 from mesh_llm.api.routing import Match, ServerView, choose_server, match_model, request_doc, requested_model, session_of
 from mesh_llm.errors import UserError
 
@@ -32,8 +35,6 @@ HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
 }
-LOOPBACK_ADDRS = {"127.0.0.1", "::1"}
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
@@ -142,15 +143,6 @@ async def listen(app: web.Application, host: str, port: int, in_use: Callable[[s
     return runner
 
 
-def host_allowed(host_header: str, listen_all: bool) -> bool:
-    """On loopback, only requests addressed to a loopback name: a page whose own name was
-    re-pointed at 127.0.0.1 (DNS rebinding) gets no answers from us."""
-    if listen_all:
-        return True
-    name = host_header if host_header.endswith("]") else host_header.rsplit(":", 1)[0]
-    return name.lower() in LOOPBACK_NAMES
-
-
 def is_local(request: web.Request) -> bool:
     """Sent from this machine to a loopback name: may see the invite token."""
     return request.remote in LOOPBACK_ADDRS and host_allowed(request.host, False)
@@ -185,12 +177,14 @@ class ApiProxy:
         self.status_source: Callable[[], dict[str, Any]] | None = None  # the node's status document
         self.extra_routes: list[ExtraRoutes] = []  # e.g. the runtime API, added before start
         self.created = created or int(time.time())
+        self.policy = Policy()  # Host, Origin and key rules; the node sets its own before start
         self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
+        install_guard(app, self.policy, wrong_host_hint="call the API by a loopback name (127.0.0.1, localhost) or start the node with --listen-all")
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
@@ -212,6 +206,7 @@ class ApiProxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
+        self.policy.ports.add(port)
         try:
             self._runner = await listen(self.app(), host, port, port_in_use)
         except UserError:
@@ -276,6 +271,9 @@ class ApiProxy:
         return next(s for s in route.servers if s.id == chosen.id)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        path = api_path(request.path)
+        if path is None:  # llama-server's other endpoints (slots, props, metrics) are not the mesh's API
+            return await self.not_found(request)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -291,18 +289,18 @@ class ApiProxy:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error")
         server.gate.enter()
         try:
-            return await self._relay(request, route.model, server, body)
+            return await self._relay(request, route.model, server, path, body)
         finally:
             server.gate.leave()
 
-    async def _relay(self, request: web.Request, model: str, upstream: Server, body: bytes) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        url = upstream.url() + request.path_qs
+        url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
         response: web.StreamResponse | None = None
         try:
             async with self._session.request(request.method, url, data=body, headers=headers) as up:
-                out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
+                out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS and not is_cors_header(k)}
                 response = web.StreamResponse(status=up.status, reason=up.reason, headers=out_headers)
                 if up.content_length is not None:
                     response.content_length = up.content_length

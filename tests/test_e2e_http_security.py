@@ -1,0 +1,67 @@
+"""End to end: the attacks a browser page or a rebinding name could mount on a real node's
+HTTP ports (:9337 and the console), and what a user-approved web app still gets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.engine
+
+CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+EVIL = "https://evil.example"
+APP = "https://app.example"
+
+
+def call(port: int, method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """A raw request: the path goes out exactly as given (`curl --path-as-is`), any Host header too."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    out = resp.status, resp.headers, resp.read()
+    conn.close()
+    return out
+
+
+def test_browsers_rebound_names_and_other_llama_endpoints_are_refused(engine, tiny_model: Path, start_node) -> None:
+    console = free_port()
+    node = start_node("--model", str(tiny_model), "--console", str(console), "--cors-origin", APP)
+    node.wait_ready()
+    for port in (node.port, console):
+        # A page elsewhere posts a "simple" (no preflight) request: refused, and no CORS header lets it read anything.
+        status, headers, body = call(port, "POST", "/v1/chat/completions", CHAT, {"Origin": EVIL, "Content-Type": "text/plain"})
+        assert status == 403 and json.loads(body)["error"]["type"] == "forbidden", (port, body)
+        assert "--cors-origin" in json.loads(body)["error"]["message"]
+        assert not [h for h in headers if h.lower().startswith("access-control-")], (port, headers)
+        status, _, _ = call(port, "OPTIONS", "/v1/chat/completions", None, {"Origin": EVIL, "Access-Control-Request-Method": "POST"})
+        assert status == 403
+
+        # The app the user allowed: a preflight, then its answer with our CORS header (llama-server's own is gone).
+        status, headers, _ = call(port, "OPTIONS", "/v1/chat/completions", None,
+                                  {"Origin": APP, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == APP
+        assert "Authorization" in headers["Access-Control-Allow-Headers"] and "x-api-key" in headers["Access-Control-Allow-Headers"]
+        status, headers, body = call(port, "POST", "/v1/chat/completions", CHAT, {"Origin": APP})
+        assert status == 200 and headers.get_all("Access-Control-Allow-Origin") == [APP], (port, body)
+
+        # Non-browser callers (no Origin) and the console's own page work as before.
+        assert call(port, "POST", "/v1/chat/completions", CHAT)[0] == 200
+        assert call(port, "POST", "/v1/chat/completions", CHAT, {"Origin": f"http://127.0.0.1:{console}"})[0] == 200
+        assert call(port, "POST", "/v1/messages?beta=true", {**CHAT, "max_tokens": 4})[0] == 200  # Claude Code's query is kept
+
+        # DNS rebinding: a foreign name pointed at 127.0.0.1 gets nothing.
+        for path in ("/api/status", "/v1/models"):
+            status, _, body = call(port, "GET", path, None, {"Host": f"evil.example:{port}"})
+            assert status == 403 and json.loads(body)["error"]["type"] == "forbidden", (port, path)
+
+        # llama-server's other endpoints are not the mesh's API, however the path is spelled.
+        for path in ("/v1/../slots/0?action=erase", "/v1/%2e%2e/slots/0?action=erase", "/v1/slots", "/v1/../props", "/v1/../metrics"):
+            status, headers, body = call(port, "POST", path, {})
+            assert status == 404 and "llama.cpp" not in headers.get("Server", ""), (port, path, body)
+            assert json.loads(body)["error"]["message"].startswith("no route for POST"), (port, path, body)  # ours, not llama-server's
