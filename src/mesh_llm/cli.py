@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://app.example) call the API from a browser (repeatable); others get 403")
+    p.add_argument("--max-inflight", type=int, default=None, metavar="N",
+                   help="requests at once per server of a model, beyond which callers get 429 (default: llama-server's slots, 4)")
+    p.add_argument("--upstream-timeout", type=float, default=None, metavar="SECS",
+                   help="a peer must start answering within this, else the caller gets 504 (default 300)")
     p.add_argument("--allow-remote-runtime", action="store_true", help="let other machines use /api/runtime (load, unload) too, not only this one")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
     p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
@@ -177,6 +181,10 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError("--client serves no model, so it runs no draft: drop --draft")
     tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
     cors_origins = tuple(parse_cors_origin(text) for text in args.cors_origin)
+    if args.max_inflight is not None and not 1 <= args.max_inflight <= 100_000:
+        raise UserError(f"--max-inflight {args.max_inflight} must be a number of requests from 1 to 100000")
+    if args.upstream_timeout is not None and not (math.isfinite(args.upstream_timeout) and args.upstream_timeout > 0):
+        raise UserError(f"--upstream-timeout {args.upstream_timeout:g} must be a positive number of seconds")
     from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
 
@@ -201,6 +209,8 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         no_draft=args.no_draft,
         transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
         cors_origins=cors_origins,
+        max_inflight=args.max_inflight,
+        upstream_timeout=args.upstream_timeout,
     )
     return run_node(cfg, out)
 

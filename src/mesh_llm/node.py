@@ -27,7 +27,7 @@ from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
 from mesh_llm.api.console import WebConsole, console_port_in_use
 from mesh_llm.api.http_guard import Policy
-from mesh_llm.api.proxy import ApiProxy, UpstreamTable, port_in_use
+from mesh_llm.api.proxy import UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
 from mesh_llm.api.status_feed import StatusFeed
@@ -75,6 +75,8 @@ class NodeConfig:
     no_draft: bool = False
     transport: TransportConfig = field(default_factory=TransportConfig)
     cors_origins: tuple[str, ...] = ()  # web apps (origins) a browser may call the API from, besides our own pages
+    max_inflight: int | None = None  # requests at once per server of a model; None: its llama-server's slots
+    upstream_timeout: float | None = None  # a peer's answer must start within this; None: UPSTREAM_START_SECS
 
     @property
     def host(self) -> str:
@@ -229,7 +231,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         atexit.register(supervisor.kill_all_now)  # belt and braces if we die on an exception
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
-        proxy = ApiProxy(table)
+        proxy = ApiProxy(table, max_inflight=cfg.max_inflight, upstream_timeout=cfg.upstream_timeout or UPSTREAM_START_SECS)
         proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins))
         runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime, cfg.listen_all)
         proxy.extra_routes.append(runtime.install)

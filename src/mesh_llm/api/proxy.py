@@ -38,6 +38,12 @@ HOP_HEADERS = {
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
+# llama-server's slots: the runner passes no --parallel, so llama-server runs its automatic 4
+# (server.cpp: n_parallel = -1 → 4). A peer's server is one of ours too, so the same for it.
+SERVER_SLOTS = 4
+MAX_CONNECTIONS = 256  # client connections at once per port; more get a 503 and are closed
+UPSTREAM_START_SECS = 300.0  # a peer must start its answer within this (non-streamed CPU generations are slow)
+RETRY_AFTER = {429: "2", 503: "5"}
 
 
 class Gate:
@@ -80,6 +86,7 @@ class Server:
     status: Callable[[], str] = lambda: "ready"
     rtt_ms: Callable[[], float | None] = lambda: 0.0
     gate: Gate = field(default_factory=Gate)
+    slots: int = SERVER_SLOTS  # requests it works on at once; more would only queue there
 
     def url(self) -> str:
         return self.base_url() if callable(self.base_url) else self.base_url
@@ -128,11 +135,61 @@ def port_in_use(host: str, port: int) -> UserError:
     return UserError(f"port {port} on {host} is already in use: stop the other process or pass --port N")
 
 
-async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError]) -> web.AppRunner:
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 5\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class _TooManyConnections(asyncio.Protocol):
+    """A connection past the bound: a 503 JSON once the request starts to arrive, then closed.
+    What the client sends meanwhile is read and dropped, so the close is not a reset."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"this node has {limit} connections open already; retry shortly"
+        body = json.dumps({"error": {"message": message, "type": "unavailable_error", "code": 503}}).encode()
+        self.reply = BUSY % (len(body), body)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        asyncio.get_running_loop().call_later(5.0, transport.close)  # a client that never sends or closes
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is not None and self.reply:
+            self.transport.write(self.reply)
+            self.reply = b""
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+
+
+class BoundedTCPSite(web.TCPSite):
+    """aiohttp's TCPSite with at most `max_connections` client connections at once: aiohttp itself
+    has no such bound, so the protocol factory it hands to asyncio counts its open connections."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int) -> None:
+        super().__init__(runner, host, port, reuse_address=True)  # see check_port_free
+        self.max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; TCPSite.start would pass the bare factory
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self.max_connections:
+                return _TooManyConnections(self.max_connections)
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(protocol, self._host, self._port, reuse_address=True)
+
+
+async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError],
+                 max_connections: int = MAX_CONNECTIONS) -> web.AppRunner:
     """Serve `app` on host:port; a port that is taken becomes the one-line `in_use` error."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECS)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)  # see check_port_free
+    site = BoundedTCPSite(runner, host, port, max_connections)
     try:
         await site.start()
     except OSError as exc:
@@ -155,7 +212,7 @@ def for_caller(status: dict[str, Any], request: web.Request) -> dict[str, Any]:
 
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
-    headers = {"Retry-After": "5"} if status == 503 else None
+    headers = {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else None
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -172,8 +229,12 @@ ExtraRoutes = Callable[[web.Application], None]
 
 
 class ApiProxy:
-    def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
+    def __init__(self, table: UpstreamTable, *, created: int | None = None, max_inflight: int | None = None,
+                 upstream_timeout: float = UPSTREAM_START_SECS, max_connections: int = MAX_CONNECTIONS) -> None:
         self.table = table
+        self.max_inflight = max_inflight  # requests in flight per server (--max-inflight); None: its slots
+        self.upstream_timeout = upstream_timeout  # a peer's answer must start within this (--upstream-timeout)
+        self.max_connections = max_connections
         self.status_source: Callable[[], dict[str, Any]] | None = None  # the node's status document
         self.extra_routes: list[ExtraRoutes] = []  # e.g. the runtime API, added before start
         self.created = created or int(time.time())
@@ -208,7 +269,7 @@ class ApiProxy:
         )
         self.policy.ports.add(port)
         try:
-            self._runner = await listen(self.app(), host, port, port_in_use)
+            self._runner = await listen(self.app(), host, port, port_in_use, self.max_connections)
         except UserError:
             await self.close()
             raise
@@ -256,9 +317,13 @@ class ApiProxy:
         listing = ", ".join(served) if served else "none yet"
         return error_response(404, f"model {requested!r} is not served here; available: {listing}", "model_not_found", available=served)
 
+    def has_room(self, server: Server) -> bool:
+        return server.gate.in_flight < (self.max_inflight or server.slots)
+
     def _choose(self, route: Route, session: str | None) -> Server | None:
-        """The server for this request; a conversation is remembered where it started."""
-        views = [ServerView(s.id, s.is_ready(), s.gate.in_flight, s.rtt_ms()) for s in route.servers]
+        """The server for this request, among the ready ones with a free slot; a conversation
+        is remembered where it started (and goes elsewhere while that server is full)."""
+        views = [ServerView(s.id, s.is_ready() and self.has_room(s), s.gate.in_flight, s.rtt_ms()) for s in route.servers]
         key = (route.model, session) if session else None
         chosen = choose_server(views, self.sessions.get(key) if key else None)
         if chosen is None:
@@ -285,6 +350,10 @@ class ApiProxy:
             return self._unknown_model(wanted, found)
         route = self.table.get(found.model)
         server = self._choose(route, session_of(doc, request.headers))
+        if server is None and route.status() == "ready":  # every ready server is full: say so rather than queue without end
+            limits = sorted({self.max_inflight or s.slots for s in route.servers if s.is_ready()})
+            return error_response(429, f"model {route.model} is busy: its servers already take {'/'.join(map(str, limits))} request(s) each; retry shortly",
+                                  "rate_limit_error")
         if server is None:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error")
         server.gate.enter()
@@ -298,8 +367,17 @@ class ApiProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
         response: web.StreamResponse | None = None
+        # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
+        # once it streams, a long generation is legitimate. This node's own llama-server is trusted.
+        start_within = None if upstream.id == "local" else self.upstream_timeout
         try:
-            async with self._session.request(request.method, url, data=body, headers=headers) as up:
+            try:
+                started = await asyncio.wait_for(self._session.request(request.method, url, data=body, headers=headers), start_within)
+            except TimeoutError as exc:
+                if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect timeout: a failed relay, below
+                    raise
+                return error_response(504, f"the peer serving {model} did not start its answer within {start_within:g} s", "upstream_timeout")
+            async with started as up:
                 out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS and not is_cors_header(k)}
                 response = web.StreamResponse(status=up.status, reason=up.reason, headers=out_headers)
                 if up.content_length is not None:
