@@ -3,13 +3,18 @@ HTTP ports (:9337 and the console), and what a user-approved web app still gets.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from mesh_llm.mesh.token import decode_token
+from mesh_llm.mesh.wire import FramedReader, StreamKind
+from tests.conftest import LOCAL, free_port, open_stream, wait_for
+from tests.mesh_helpers import make_mesh
 
 pytestmark = pytest.mark.engine
 
@@ -66,3 +71,51 @@ def test_browsers_rebound_names_and_other_llama_endpoints_are_refused(engine, ti
             status, headers, body = call(port, "POST", path, {})
             assert status == 404 and "llama.cpp" not in headers.get("Server", ""), (port, path, body)
             assert json.loads(body)["error"]["message"].startswith("no route for POST"), (port, path, body)  # ours, not llama-server's
+
+
+def test_past_max_inflight_a_request_gets_429_not_a_queue(engine, tiny_model: Path, start_node) -> None:
+    node = start_node("--model", str(tiny_model), "--max-inflight", "1")
+    node.wait_ready()
+    held = open_stream(node.port)  # takes the one request this node's server may work on
+    try:
+        status, headers, body = call(node.port, "POST", "/v1/chat/completions", CHAT)
+        assert status == 429 and headers["Retry-After"] == "2", body
+        assert json.loads(body)["error"]["type"] == "rate_limit_error"
+    finally:
+        held.close()
+    wait_for(lambda: call(node.port, "POST", "/v1/chat/completions", CHAT)[0] == 200, what="served again once the stream ended")
+
+
+async def test_a_wedged_peer_gets_the_caller_504_and_the_mesh_keeps_serving(engine, tiny_model: Path, start_node) -> None:
+    """A member advertises a model and then never answers requests for it (a hung or hostile
+    node): a client routed there gets 504 after --upstream-timeout, and still reaches other models."""
+    member = start_node("--model", str(tiny_model), *LOCAL)
+    await asyncio.to_thread(member.wait_ready)
+    token = await asyncio.to_thread(member.token)
+    taken: list[dict[str, object]] = []
+
+    async def never_answers(peer_id: str, header: dict[str, Any], send: Any, reader: FramedReader) -> None:
+        taken.append(header)
+        await asyncio.Event().wait()  # reads nothing more, answers nothing: cancelled when the stream goes
+
+    rogue = make_mesh(decode_token(token).mesh, name="rogue", served=("ghost-model",))  # no node has this file
+    rogue.on_stream(StreamKind.HTTP, never_answers)
+    await rogue.start()
+    try:
+        await rogue.join([decode_token(token)])
+        client = start_node("--client", "--join", token, "--upstream-timeout", "3", *LOCAL)
+        await asyncio.to_thread(client.wait_ready)
+
+        def routes_ghost() -> bool:
+            return call(client.port, "GET", "/v1/models")[2].count(b"ghost-model") > 0
+
+        await asyncio.to_thread(wait_for, routes_ghost, 60, "the client lists the rogue's model")
+        ghost = {**CHAT, "model": "ghost-model"}
+        status, _, body = await asyncio.to_thread(call, client.port, "POST", "/v1/chat/completions", ghost)
+        assert status == 504 and "did not start its answer within 3 s" in json.loads(body)["error"]["message"], body
+        assert taken and taken[0]["model"] == "ghost-model"  # it really went to the wedged peer
+        for _ in range(2):  # the client is not wedged itself: other models, and the next try, are answered
+            assert (await asyncio.to_thread(call, client.port, "POST", "/v1/chat/completions", CHAT))[0] == 200
+            assert (await asyncio.to_thread(call, client.port, "POST", "/v1/chat/completions", ghost))[0] == 504
+    finally:
+        await rogue.close()
