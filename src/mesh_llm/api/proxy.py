@@ -365,6 +365,8 @@ class ApiProxy:
     async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        if self.policy.keys is not None and self.policy.keys.required():  # the caller's key is ours: no peer learns it
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
         url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
         response: web.StreamResponse | None = None
         # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
