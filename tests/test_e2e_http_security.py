@@ -13,7 +13,7 @@ import pytest
 
 from mesh_llm.mesh.token import decode_token
 from mesh_llm.mesh.wire import FramedReader, StreamKind
-from tests.conftest import LOCAL, free_port, open_stream, wait_for
+from tests.conftest import LOCAL, free_port, open_stream, run_cli, wait_for
 from tests.mesh_helpers import make_mesh
 
 pytestmark = pytest.mark.engine
@@ -119,3 +119,47 @@ async def test_a_wedged_peer_gets_the_caller_504_and_the_mesh_keeps_serving(engi
             assert (await asyncio.to_thread(call, client.port, "POST", "/v1/chat/completions", ghost))[0] == 504
     finally:
         await rogue.close()
+
+
+def test_api_keys_with_the_official_clients(engine, tiny_model: Path, start_node, tmp_path: Path) -> None:
+    import anthropic
+    import openai
+
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# handed to the team\nteam-key-0123456789\n")
+    console = free_port()
+    node = start_node("--model", str(tiny_model), "--console", str(console), "--api-key-file", str(key_file))
+    node.wait_ready()  # /health needs no key
+    api = node.base_url + "/v1"
+
+    good = openai.OpenAI(base_url=api, api_key="team-key-0123456789", max_retries=0)
+    assert [m.id for m in good.models.list().data] == ["tiny-llama"]
+    stream = good.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+    assert [c for c in stream if c.choices]
+    for wrong in ("nope", "team-key-012345678"):
+        with pytest.raises(openai.AuthenticationError, match="auth key create"):
+            openai.OpenAI(base_url=api, api_key=wrong, max_retries=0).models.list()
+    status, headers, body = call(node.port, "POST", "/v1/chat/completions", CHAT)  # no key at all, as curl
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer" and "Authorization: Bearer" in json.loads(body)["error"]["message"]
+    assert call(node.port, "GET", "/v1/models")[0] == 401
+
+    claude = anthropic.Anthropic(base_url=node.base_url, api_key="team-key-0123456789", max_retries=0)  # sends x-api-key
+    reply = claude.messages.create(model="tiny-llama", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert reply.content
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=node.base_url, api_key="nope", max_retries=0).messages.create(
+            model="tiny-llama", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+
+    # A key made while the node runs works at once; revoked, it stops working at once.
+    made = run_cli("auth", "key", "create", "--label", "late", "--state-dir", str(node.state_dir))
+    late = made.stdout.strip()
+    assert openai.OpenAI(base_url=api, api_key=late, max_retries=0).models.list().data
+    assert run_cli("auth", "key", "revoke", "late", "--state-dir", str(node.state_dir)).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=api, api_key=late, max_retries=0).models.list()
+
+    # The console's chat: its page on this machine needs no key; the API port still does.
+    assert call(console, "POST", "/v1/chat/completions", CHAT, {"Origin": f"http://localhost:{console}", "Host": f"localhost:{console}"})[0] == 200
+    assert call(console, "GET", "/v1/models")[0] == 200
+    assert call(node.port, "POST", "/v1/chat/completions", CHAT, {"Origin": f"http://localhost:{console}"})[0] == 401
+    assert call(node.port, "GET", "/api/status")[0] == 200  # its own rules: the token for local callers only
