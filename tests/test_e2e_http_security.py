@@ -103,8 +103,10 @@ async def test_a_wedged_peer_gets_the_caller_504_and_the_mesh_keeps_serving(engi
     await rogue.start()
     try:
         await rogue.join([decode_token(token)])
-        client = start_node("--client", "--join", token, "--upstream-timeout", "3", *LOCAL)
+        client = start_node("--client", "--join", token, "--upstream-timeout", "3", "--listen-all", *LOCAL)
         await asyncio.to_thread(client.wait_ready)
+        warning = await asyncio.to_thread(client.wait_output, "--listen-all with no API key")
+        assert "mesh-llm auth key create" in warning  # open to the network, and said so once
 
         def routes_ghost() -> bool:
             return call(client.port, "GET", "/v1/models")[2].count(b"ghost-model") > 0
