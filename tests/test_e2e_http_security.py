@@ -54,6 +54,8 @@ def test_browsers_rebound_names_and_other_llama_endpoints_are_refused(engine, ti
         assert "Authorization" in headers["Access-Control-Allow-Headers"] and "x-api-key" in headers["Access-Control-Allow-Headers"]
         status, headers, body = call(port, "POST", "/v1/chat/completions", CHAT, {"Origin": APP})
         assert status == 200 and headers.get_all("Access-Control-Allow-Origin") == [APP], (port, body)
+        status, headers, _ = call(port, "GET", "/api/status", None, {"Origin": APP})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers  # an approved app gets /v1, not the token
 
         # Non-browser callers (no Origin) and the console's own page work as before.
         status, headers, _ = call(port, "POST", "/v1/chat/completions", CHAT)

@@ -1,8 +1,9 @@
 """The aiohttp shell around api.guard (and the API keys), shared by :9337 and the console.
 
 Every request passes, in order: its Host must be a loopback name (unless --listen-all);
-a browser's Origin must be this node's own page or one the user allowed (--cors-origin);
-an allowed origin's preflight is answered here; a /v1 request needs a key once any
+a browser's Origin must be this node's own page or one the user allowed (--cors-origin),
+which may use /v1 only (not the status with its token, nor the runtime API); its preflight
+is answered here; a /v1 request needs a key once any
 exists. CORS headers are this module's alone: whatever an upstream sent is dropped.
 """
 
@@ -68,6 +69,8 @@ def guard_middleware(policy: Policy, *, wrong_host_hint: str, local_without_key:
         if verdict is Origin.REFUSED:
             return _error(403, f"origin {origin!r} may not use this node's API (start the node with --cors-origin {origin} to allow that web app)", "forbidden")
         api = _is_api(request.path)
+        if verdict is Origin.ALLOWED and not api:  # an approved app is an API client: the status (token) and runtime stay ours
+            return _error(403, f"origin {origin!r} may use /v1 only", "forbidden")
         if request.method == "OPTIONS" and origin is not None and api and "Access-Control-Request-Method" in request.headers:
             return web.Response(status=204)  # the CORS headers are added as it is sent
         keys = policy.keys
@@ -92,7 +95,7 @@ def cors_signal(policy: Policy) -> Callable[[web.Request, web.StreamResponse], A
     async def own_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         for name in [n for n in response.headers if is_cors_header(n)]:
             del response.headers[name]
-        if origin_of(request, policy) is Origin.ALLOWED:
+        if origin_of(request, policy) is Origin.ALLOWED and _is_api(request.path):
             preflight = request.method == "OPTIONS" and response.status == 204
             response.headers.update(cors_headers(request.headers["Origin"], preflight))
 
