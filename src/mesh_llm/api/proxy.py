@@ -7,6 +7,11 @@ flight. They are relayed byte for byte: streamed responses (SSE) are written
 chunk by chunk as they arrive, never buffered, and a client that disconnects
 cancels the upstream request (handler cancellation closes the upstream
 connection, which llama-server treats as a cancelled task).
+
+Load is bounded: a server takes as many requests as it has slots (--max-inflight), a
+request finding every ready server full gets 429 rather than a place in an endless queue,
+a port holds at most MAX_CONNECTIONS clients, and a peer must start its answer within
+--upstream-timeout (504). Who may call at all is api.http_guard's business.
 """
 
 from __future__ import annotations
