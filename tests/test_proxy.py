@@ -25,7 +25,7 @@ class FakeUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization")})
+        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization"), "x-api-key": request.headers.get("x-api-key")})
         if not body.get("stream"):
             return web.json_response({"choices": [{"message": {"content": "hi"}}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -296,3 +296,26 @@ async def test_a_peer_that_never_answers_is_504_and_the_proxy_lives_on() -> None
         finally:
             await proxy.close()
             silent.close()
+
+
+
+async def test_with_keys_the_callers_key_is_not_relayed(tmp_path) -> None:
+    from mesh_llm.api.keys import KeyRing, create_key, store_path
+
+    key, _ = create_key(tmp_path)
+    async with FakeUpstream() as up:
+        table = UpstreamTable()
+        table.set_routes([Route("tiny", [Server("peer-a", f"http://127.0.0.1:{up.port}", lambda: True)])])
+        proxy = ApiProxy(table)
+        proxy.policy.keys = KeyRing(store_path(tmp_path))
+        port = free_port()
+        await proxy.start("127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+                async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"x-api-key": key}) as r:
+                    assert r.status == 200
+                async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200
+        finally:
+            await proxy.close()
+    assert [(r["auth"], r["x-api-key"]) for r in up.requests] == [(None, None), (None, None)]  # a peer never learns this node's keys
