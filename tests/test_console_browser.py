@@ -96,6 +96,8 @@ def test_two_node_split_appears_live_chats_and_survives_a_restart(browser, start
         assert page.inner_text("#join-cmd") == f"mesh-llm --join {a.token()}"
         page.click("#copy-token")
         assert page.evaluate("navigator.clipboard.readText()") == f"mesh-llm --join {a.token()}"
+        client_token = a.wait_output("Client token: ").split("Client token: ", 1)[1].split()[0]
+        assert page.inner_text("#client-join-cmd") == f"mesh-llm --join {client_token}"
 
         # The chat shows the upstream's refusal in place while the model waits.
         view.chat("hello?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -13,7 +14,10 @@ from rich.console import Console
 from mesh_llm import __version__
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
+from mesh_llm.files import ensure_state_dir, read_token_file
 from mesh_llm.paths import default_state_dir
+
+TOKEN_ENV = "MESH_LLM_TOKEN"  # an invite token out of the process list (argv is world-readable)
 
 DEFAULT_CONSOLE_PORT = 3131
 
@@ -27,11 +31,14 @@ examples:
   mesh-llm --model ~/models/model.gguf   serve a local GGUF file
   mesh-llm --model ORG/REPO/FILE.gguf    serve a GGUF from Hugging Face (or a URL to it)
   mesh-llm --join TOKEN --model M        join a mesh (token from any member's output)
+  mesh-llm --join-file FILE --model M    the same, the token read from FILE (or $MESH_LLM_TOKEN): not shown by ps
   mesh-llm --client --join TOKEN         use a mesh's models on :9337 without serving any
   mesh-llm --model A --model B           serve several models within one memory budget
   mesh-llm --model M --console           also serve the web console on http://localhost:3131
   mesh-llm load NAME / unload NAME       change what the running node serves, without a restart
   mesh-llm status                        the models this node runs, its memory, the other nodes
+  mesh-llm token [--client]              the running node's member token, or its client token
+  mesh-llm --join CLIENT_TOKEN           use a mesh with a client token (API only: serves nothing)
   mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
   mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show)
   mesh-llm engine                        show which llama.cpp binaries are used
@@ -66,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
                    help=f"serve the web console (default port {DEFAULT_CONSOLE_PORT}; 127.0.0.1 unless --listen-all)")
     p.add_argument("--client", action="store_true", help="lite client: no model, no engine; proxies to a mesh (needs --join)")
-    p.add_argument("--join", action="append", default=[], metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
+    p.add_argument("--join", action="append", default=[], metavar="TOKEN",
+                   help="join a mesh with an invite token (repeatable); --join-file or $MESH_LLM_TOKEN keep it out of `ps`")
+    p.add_argument("--join-file", action="append", default=[], type=Path, metavar="PATH",
+                   help=f"join with the invite token(s) in this file (repeatable); ${TOKEN_ENV} works too")
     spec = p.add_argument_group("speculative decoding (a small draft model proposes, the big one verifies)")
     spec.add_argument("--draft", default=None, metavar="REF", help="draft model (same forms as --model; default: the catalog's pairing when on disk)")
     spec.add_argument("--draft-max", type=int, default=8, metavar="N", help="tokens drafted per step (default 8)")
@@ -111,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         drop.add_argument("name", metavar="NAME", help="the model's id, or the name it was loaded by")
         _port_option(drop)
     _port_option(sub.add_parser("status", help="the running node's models, processes and memory, and the mesh's other nodes"))
+    tok = sub.add_parser("token", help="print the running node's invite token (--client: the client token, API use only)")
+    tok.add_argument("--client", action="store_true", help="the client token: its holder may use the mesh's API, not serve or lend")
+    _port_option(tok)
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
@@ -154,9 +167,11 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         from mesh_llm.engine.commands import engine_command
 
         return engine_command(args.action, bin_dir, flavor, args.force, out)
-    if args.command in ("load", "unload", "drop", "status"):
-        from mesh_llm.control import load_command, status_command, unload_command
+    if args.command in ("load", "unload", "drop", "status", "token"):
+        from mesh_llm.control import load_command, status_command, token_command, unload_command
 
+        if args.command == "token":
+            return token_command(args.port, args.client, out)
         if args.command == "load":
             return load_command(args.ref, args.port, not args.no_wait, out)
         if args.command == "status":
@@ -172,13 +187,13 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     if args.command == "rotate-key":
         from mesh_llm.mesh.identity import rotate_key
 
-        rotate_key(state_dir)
+        rotate_key(ensure_state_dir(state_dir))
         out.print(f"New node key written to {state_dir / 'key'}; restart the node for it to take effect.")
         return 0
     if args.command == "auth":
         from mesh_llm.api.keys import key_command
 
-        return key_command(args.key_action, state_dir, getattr(args, "label", ""), getattr(args, "ref", None),
+        return key_command(args.key_action, ensure_state_dir(state_dir), getattr(args, "label", ""), getattr(args, "ref", None),
                            lambda line: out.print(line, markup=False, highlight=False),
                            lambda line: Console(stderr=True, soft_wrap=True).print(line, markup=False, highlight=False))
     if args.allow_remote_runtime and not args.listen_all:
@@ -203,6 +218,9 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError(f"--max-inflight {args.max_inflight} must be a number of requests from 1 to 100000")
     if args.upstream_timeout is not None and not (math.isfinite(args.upstream_timeout) and args.upstream_timeout > 0):
         raise UserError(f"--upstream-timeout {args.upstream_timeout:g} must be a positive number of seconds")
+    from_files = [token for path in args.join_file for token in read_token_file(path.expanduser())]
+    join = list(dict.fromkeys([*args.join, *from_files, *os.environ.get(TOKEN_ENV, "").split()]))
+    ensure_state_dir(state_dir)
     from mesh_llm.mesh.transport import TransportConfig
     from mesh_llm.node import NodeConfig, run_node
 
@@ -216,7 +234,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         flavor=flavor,
         state_dir=state_dir,
         ctx_size=args.ctx_size,
-        join=args.join,
+        join=join,
         client=args.client,
         max_vram_gb=args.max_vram,
         force_split=args.split,

@@ -1,4 +1,4 @@
-"""`mesh-llm load | unload | drop | status`: the runtime API of the node running on this machine.
+"""`mesh-llm load | unload | drop | status | token`: the node running on this machine, over its API.
 
 `load` fetches the model here first (a download shows its progress in this
 terminal), then asks the node to serve it and follows it until it is ready.
@@ -131,3 +131,15 @@ def status_command(port: int, out: Console) -> int:
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def token_command(port: int, client: bool, out: Console) -> int:
+    """Print the running node's member token, or its client token (API use only)."""
+    doc = Node(port).call("GET", "/api/status")
+    token = doc.get("client_token" if client else "token")
+    if not isinstance(token, str) or not token:
+        if (doc.get("node") or {}).get("role") == "client":
+            raise UserError(f"the node on port {port} is a client: it has no token to give; run `mesh-llm token` on a member of the mesh")
+        raise UserError(f"the node on port {port} did not give its token: is it a mesh-llm node of this version? (pass --port)")
+    out.print(token, markup=False, highlight=False, soft_wrap=True)
+    return 0

@@ -49,6 +49,7 @@ from mesh_llm.plan.split import Solo
 from mesh_llm.serving.fleet import Fleet, Loaded, SplitOptions, describe
 from mesh_llm.serving.lifecycle import Life, Phase
 from mesh_llm.serving.prepare import ModelOptions, prepare
+from mesh_llm.serving.proofs import serve_file_proofs
 from mesh_llm.serving.runner import EngineSettings, ModelSpec
 
 RPC_DELAY_ENV = "MESH_LLM_RPC_DELAY_MS"  # injected latency on RPC tunnels, for benchmarks
@@ -102,6 +103,11 @@ def check_port_free(host: str, port: int, in_use: Callable[[str, int], UserError
 
 def run_node(cfg: NodeConfig, console: Console) -> int:
     tokens = decode_tokens(cfg.join)
+    if only_client_tokens(tokens):
+        if cfg.models:
+            raise UserError("that is a client token: it lets this machine use the mesh's models, not serve one; "
+                            "drop --model, or ask a member for the member token (`mesh-llm token` on a member)")
+        cfg = replace(cfg, client=True)
     if cfg.client and cfg.models:
         raise UserError("--client runs without a model: drop --model, or drop --client to serve it")
     if cfg.client and not tokens:
@@ -140,15 +146,19 @@ def decode_tokens(texts: list[str]) -> list[InviteToken]:
             tokens.append(decode_token(text))
         except TokenError as exc:
             raise UserError(str(exc)) from None
-    if len({t.mesh for t in tokens}) > 1:
+    if len({t.mesh.mesh_id for t in tokens}) > 1:
         raise UserError("the --join tokens belong to different meshes: pass tokens of one mesh")
-    return tokens
+    return sorted(tokens, key=lambda t: t.mesh.kind != "member")  # a member token first: its secret admits us as one
+
+
+def only_client_tokens(tokens: list[InviteToken]) -> bool:
+    return bool(tokens) and all(t.mesh.kind == "client" for t in tokens)
 
 
 def mesh_credentials(cfg: NodeConfig, tokens: list[InviteToken]) -> MeshCredentials:
     """A joiner adopts the token's mesh; a first node keeps its mesh across restarts."""
     if tokens:
-        if not cfg.client:
+        if not cfg.client and tokens[0].mesh.kind == "member":
             save_mesh(cfg.state_dir, tokens[0].mesh)
         return tokens[0].mesh
     creds = load_mesh(cfg.state_dir)
@@ -216,12 +226,13 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
     fleet: Fleet | None = None
     mesh: Mesh | None = None
     token: str | None = None
+    client_token: str | None = None
 
     def build_status() -> dict[str, Any]:
         assert mesh is not None and fleet is not None
         now = time.monotonic()
         peers = [PeerView(m.record, m.rtt_ms, now - m.last_seen) for m in mesh.members()]
-        return status_document(mesh.me, peers, mesh_id=mesh.creds.mesh_id.hex(), token=token,
+        return status_document(mesh.me, peers, mesh_id=mesh.creds.mesh_id.hex(), token=token, client_token=client_token,
                                ports=Ports(cfg.port, cfg.console_port, cfg.listen_all), routes=table.models(), local=fleet.snapshot(), servers=table.ready_servers())
 
     def on_process_change(mp: ManagedProcess) -> None:
@@ -261,7 +272,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(mesh.close)
         if not cfg.client:
             save_last_port(cfg.state_dir, mesh.me.addrs)
-        token = None if cfg.client else mesh.token()  # a client is not dialable: its token would lead nowhere
+        if not cfg.client:  # a client is not dialable: its tokens would lead nowhere
+            token, client_token = mesh.token("member"), mesh.token("client")
 
         settings = None
         if engine is not None:
@@ -282,7 +294,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             events = mesh.subscribe()
             stack.callback(mesh.unsubscribe, events)
             feed.follow(events)  # joins, leaves, record changes
-        serve_rpc_tunnels(mesh, fleet.lent_port)
+        serve_rpc_tunnels(mesh, fleet.lent_port, warn)
+        serve_file_proofs(mesh, fleet.model_path, warn)
         serve_http_tunnels(mesh, fleet.local_server)
         if tokens:
             with console.status("Joining the mesh…"):
@@ -293,6 +306,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             say(f"Joined the mesh: {len(mesh.members())} peer(s) so far")
         if not cfg.client:
             say(f"Invite token: {token}")
+            say(f"Client token: {client_token}   (API use only: no serving, no workers; `mesh-llm token --client` prints it again)")
         split = SplitOptions(cfg.force_split, cfg.tensor_split)
         loaded = [fleet.add(spec, split) for spec in specs]
         if loaded:

@@ -9,19 +9,17 @@ keys made or revoked while it runs count at once. Once any key exists, /v1 needs
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mesh_llm.errors import UserError
+from mesh_llm.files import read_private, write_private
 
 KEY_PREFIX = "mlk_"
 STORE_FILE = "api-keys.json"
@@ -51,29 +49,19 @@ def store_path(state_dir: Path) -> Path:
 
 def load_store(path: Path) -> list[StoredKey]:
     """The stored keys ([] when there is no file yet)."""
-    try:
-        doc = json.loads(path.read_text())
-        return [StoredKey(str(k["id"]), str(k["label"]), str(k["sha256"]), int(k["created"])) for k in doc["keys"]]
-    except FileNotFoundError:
+    text = read_private(path, "the API key list")  # refuses a symlink or another user's file
+    if text is None:
         return []
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+        return [StoredKey(str(k["id"]), str(k["label"]), str(k["sha256"]), int(k["created"])) for k in doc["keys"]]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a key list written by mesh-llm: move it away (its keys stop working) and create new keys") from None
 
 
 def save_store(path: Path, keys: list[StoredKey]) -> None:
-    """Write the list privately and atomically: a reader sees the old list or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp makes it 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"keys": [asdict(k) for k in keys]}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write the list privately (0600) and atomically: a reader sees the old list or the new one."""
+    write_private(path, json.dumps({"keys": [asdict(k) for k in keys]}, indent=1))
 
 
 def create_key(state_dir: Path, label: str = "") -> tuple[str, StoredKey]:

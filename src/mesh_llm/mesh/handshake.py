@@ -1,10 +1,13 @@
 """Admission: the first stream on every connection proves both ends hold the mesh secret.
 
-dialer → HELLO {v, mesh, nonce}
-acceptor → {v, nonce, proof}            or {error}
+dialer → HELLO {v, mesh, kind, nonce}
+acceptor → {v, nonce, proof, kind}      or {error}
 dialer → {proof, record, incarnation}
 acceptor → {ok, record}                 or {error}
 
+`kind` is the admission the dialer asks for: "member" (proved with the mesh
+secret) or "client" (proved with the clients' secret; API use only). Both
+proofs use the key of that kind; the acceptor says which kind it holds.
 Nothing about the mesh (records, models, members) is sent before the dialer's
 proof checks out. Errors are one line meant for the person at the other end.
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from mesh_llm.mesh import auth
-from mesh_llm.mesh.identity import MeshCredentials
+from mesh_llm.mesh.identity import KINDS, MeshCredentials
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.wire import PROTOCOL_VERSION, FramedReader, ProtocolError, StreamKind, encode_frame, get_hex, get_int, get_str, stream_prefix
 
@@ -43,6 +46,7 @@ class Refused(Exception):
 @dataclass(frozen=True)
 class Admitted:
     record: PeerRecord
+    kind: str = "member"  # the other side's admission: a "client" may use the API and nothing else
 
 
 def _check_version(doc: dict) -> None:
@@ -60,18 +64,23 @@ async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, 
     bi = await conn.open_bi()
     send, reader = bi.send(), FramedReader(bi.recv())
     nonce = auth.new_nonce()
-    await send.write_all(stream_prefix(StreamKind.HELLO, {"v": PROTOCOL_VERSION, "mesh": creds.mesh_id.hex(), "nonce": nonce.hex()}))
+    kind = creds.kind
+    await send.write_all(stream_prefix(StreamKind.HELLO, {"v": PROTOCOL_VERSION, "mesh": creds.mesh_id.hex(), "kind": kind, "nonce": nonce.hex()}))
     reply = await reader.read_frame()
     if "error" in reply:
         raise Refused(get_str(reply, "error", 512))
     _check_version(reply)
     their_nonce = get_hex(reply, "nonce", auth.NONCE_BYTES)
-    expected = auth.proof(creds.secret, "acceptor", my_id, peer_id, nonce, their_nonce)
+    # A member can only have proved with the mesh secret; a client cannot tell, so it takes the word.
+    their_kind = "member" if kind == "member" else get_str(reply, "kind", 16, "member")
+    if their_kind not in KINDS:
+        raise ProtocolError(f"unknown admission kind {their_kind!r}")
+    expected = auth.proof(creds.secret, "acceptor", my_id, peer_id, nonce, their_nonce, kind)
     if not auth.check(expected, get_hex(reply, "proof", 32)):
         await _send(send, {"error": "secret mismatch"})
         await send.finish()
         raise Refused("the mesh secret in your token does not match the member's: the token is forged or damaged; ask a member for a fresh one", told_peer=True)
-    mine = auth.proof(creds.secret, "dialer", my_id, peer_id, nonce, their_nonce)
+    mine = auth.proof(creds.secret, "dialer", my_id, peer_id, nonce, their_nonce, kind)
     await _send(send, {"proof": mine.hex(), "record": me.to_wire()})
     final = await reader.read_frame()
     if "error" in final:
@@ -80,7 +89,7 @@ async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, 
     if record.id != peer_id.hex():
         raise ProtocolError("peer record id does not match its TLS identity")
     await send.finish()
-    return Admitted(record)
+    return Admitted(record, their_kind)
 
 
 async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord) -> Admitted:
@@ -102,22 +111,27 @@ async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials
         raise await refuse(str(exc), str(exc)) from None
     if get_hex(hello, "mesh", 16) != creds.mesh_id:
         raise await refuse("this node belongs to a different mesh than your token: ask a member of the mesh you mean for its token", "token of another mesh")
+    kind = get_str(hello, "kind", 16, "member")
+    key = creds.secret_for(kind)
+    if key is None:
+        why = "this node holds a client token: it admits no members; dial a member of the mesh" if kind == "member" else f"unknown admission kind {kind!r}"
+        raise await refuse(why, f"{kind} admission asked of a node that cannot grant it")
     their_nonce = get_hex(hello, "nonce", auth.NONCE_BYTES)
     nonce = auth.new_nonce()
-    mine = auth.proof(creds.secret, "acceptor", peer_id, my_id, their_nonce, nonce)
-    await _send(send, {"v": PROTOCOL_VERSION, "nonce": nonce.hex(), "proof": mine.hex()})
+    mine = auth.proof(key, "acceptor", peer_id, my_id, their_nonce, nonce, kind)
+    await _send(send, {"v": PROTOCOL_VERSION, "nonce": nonce.hex(), "proof": mine.hex(), "kind": creds.kind})
     answer = await reader.read_frame()
     if "error" in answer:
         raise Refused("wrong mesh secret")
-    expected = auth.proof(creds.secret, "dialer", peer_id, my_id, their_nonce, nonce)
+    expected = auth.proof(key, "dialer", peer_id, my_id, their_nonce, nonce, kind)
     if not auth.check(expected, get_hex(answer, "proof", 32)):
-        raise await refuse("wrong mesh secret: your invite token is forged or damaged; ask a member for a fresh one", "wrong mesh secret")
+        raise await refuse("wrong mesh secret: your invite token is forged or damaged; ask a member for a fresh one", f"wrong mesh secret ({kind} token)")
     record = PeerRecord.from_wire(answer.get("record"))
     if record.id != peer_id.hex():
         raise ProtocolError("peer record id does not match its TLS identity")
     await _send(send, {"ok": True, "record": me.to_wire()})
     await send.finish()
-    return Admitted(record)
+    return Admitted(record, kind)
 
 
 async def with_timeout(coro: Awaitable[_T], secs: float = HANDSHAKE_SECS) -> _T:

@@ -6,26 +6,19 @@ restarts, the credentials so invite tokens printed earlier stay valid.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesh_llm.errors import UserError
+from mesh_llm.files import read_private, write_private
 
 KEY_FILE = "key"
 MESH_FILE = "mesh.json"
 PORT_FILE = "quic-port"  # the UDP port of the last run: tokens carry it, so a restart binds it again
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def new_secret_key() -> bytes:
@@ -34,43 +27,67 @@ def new_secret_key() -> bytes:
 
 def load_or_create_key(state_dir: Path) -> bytes:
     path = state_dir / KEY_FILE
-    if not path.exists():
+    text = read_private(path, "node key")
+    if text is None:
         return rotate_key(state_dir)
     try:
-        key = bytes.fromhex(path.read_text().strip())
-    except (ValueError, OSError):
+        key = bytes.fromhex(text.strip())
+    except ValueError:
         key = b""
     if len(key) != 32:
         raise UserError(f"node key {path} is corrupt: run `mesh-llm rotate-key` to make a new one")
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o600)
     return key
 
 
 def rotate_key(state_dir: Path) -> bytes:
     key = new_secret_key()
-    _write_private(state_dir / KEY_FILE, key.hex() + "\n")
+    write_private(state_dir / KEY_FILE, key.hex() + "\n")
     return key
+
+
+KINDS = ("member", "client")
+_CLIENT_LABEL = b"mesh-llm/client-secret/v1"
 
 
 @dataclass(frozen=True)
 class MeshCredentials:
-    """What makes a mesh: a public id (tells meshes apart) and a secret (proves membership)."""
+    """What makes a mesh: a public id (tells meshes apart) and a secret (proves membership).
+
+    Two kinds of holder. A member holds the mesh secret and may serve, host and lend
+    workers. A client holds only the clients' secret, a one-way hash of the mesh secret:
+    it proves the right to use the mesh's API and cannot be turned into a member's.
+    """
 
     mesh_id: bytes  # 16 bytes
-    secret: bytes  # 32 bytes
+    secret: bytes  # 32 bytes: the mesh secret (member), or the clients' secret (client)
+    kind: str = "member"
 
     @staticmethod
     def generate() -> MeshCredentials:
         return MeshCredentials(secrets.token_bytes(16), secrets.token_bytes(32))
 
+    def secret_for(self, kind: str) -> bytes | None:
+        """The key that proves `kind` admission, if this holder has it (a client has no member key)."""
+        if kind == "member":
+            return self.secret if self.kind == "member" else None
+        if kind == "client":
+            return self.secret if self.kind == "client" else hmac.new(self.secret, _CLIENT_LABEL, hashlib.sha256).digest()
+        return None
+
+    def for_clients(self) -> MeshCredentials:
+        """What a client token carries."""
+        client_secret = self.secret_for("client")
+        assert client_secret is not None
+        return MeshCredentials(self.mesh_id, client_secret, "client")
+
 
 def load_mesh(state_dir: Path) -> MeshCredentials | None:
     path = state_dir / MESH_FILE
-    if not path.exists():
+    text = read_private(path, "mesh credentials")
+    if text is None:
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(text)
         creds = MeshCredentials(bytes.fromhex(doc["mesh_id"]), bytes.fromhex(doc["secret"]))
     except (ValueError, KeyError, TypeError, OSError):
         raise UserError(f"mesh credentials {path} are corrupt: delete the file to start a new mesh") from None
@@ -80,14 +97,14 @@ def load_mesh(state_dir: Path) -> MeshCredentials | None:
 
 
 def save_mesh(state_dir: Path, creds: MeshCredentials) -> None:
-    _write_private(state_dir / MESH_FILE, json.dumps({"mesh_id": creds.mesh_id.hex(), "secret": creds.secret.hex()}) + "\n")
+    write_private(state_dir / MESH_FILE, json.dumps({"mesh_id": creds.mesh_id.hex(), "secret": creds.secret.hex()}) + "\n")
 
 
 def load_last_port(state_dir: Path) -> int:
     """The QUIC port this node bound last time, or 0 (none, or a file that says nothing sensible)."""
     try:
-        port = int((state_dir / PORT_FILE).read_text().strip())
-    except (OSError, ValueError):
+        port = int((read_private(state_dir / PORT_FILE, "port file") or "").strip())
+    except (UserError, ValueError):
         return 0
     return port if 0 < port < 65536 else 0
 
@@ -96,4 +113,4 @@ def save_last_port(state_dir: Path, addrs: tuple[str, ...]) -> None:
     """Remember the port of this run's direct addresses (the ones its tokens carry)."""
     ports = {int(a.rsplit(":", 1)[1]) for a in addrs if a.rsplit(":", 1)[-1].isdigit()}
     if len(ports) == 1 and load_last_port(state_dir) not in ports:
-        _write_private(state_dir / PORT_FILE, f"{ports.pop()}\n")
+        write_private(state_dir / PORT_FILE, f"{ports.pop()}\n")

@@ -16,7 +16,7 @@ from typing import Any
 
 from mesh_llm.mesh import handshake
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.peers import HEARTBEAT_SECS, DialHint, EventKind, Member, Membership, MeshEvent, PeerRecord, decode_gossip, encode_gossip, keep_new_connection
+from mesh_llm.mesh.peers import HEARTBEAT_SECS, DialHint, EventKind, Member, Membership, MeshEvent, PeerRecord, as_client, decode_gossip, encode_gossip, keep_new_connection
 from mesh_llm.mesh.token import InviteToken
 from mesh_llm.mesh.transport import TransportConfig, bind_endpoint, describe, endpoint_addr, iroh
 from mesh_llm.mesh.wire import ALPN, FramedReader, ProtocolError, StreamKind, encode_frame, stream_prefix
@@ -25,6 +25,7 @@ DIAL_SECS = 10.0
 EXCHANGE_SECS = 3.0
 FIRST_BYTE_SECS = 10.0  # an inbound stream must say what it is within this
 REJOIN_SECS = 10.0  # with no members left, re-dial the invite tokens this often
+CLIENT_STREAMS = frozenset({StreamKind.GOSSIP, StreamKind.HTTP})  # all a client-token peer may open
 DISCOVERY_TTL_SECS = 3 * HEARTBEAT_SECS  # a peer mentioned in gossip is worth dialing this long
 
 # (peer id, header, send stream, reader positioned after the header) -> None
@@ -41,6 +42,7 @@ class Link:
     peer_id: str
     incarnation: str
     dialer: str
+    client: bool = False  # admitted with a client token: API use only
     exchanging: bool = False  # a gossip exchange is in flight: don't stack another
 
 
@@ -74,8 +76,13 @@ class Mesh:
         self._spawn(self._accept_loop())
         self._spawn(self._heartbeat_loop())
 
-    def token(self) -> str:
-        return InviteToken(self.creds, self.my_id, self.me.addrs, self.me.relay or None).encode()
+    def token(self, kind: str = "member") -> str | None:
+        """An invite token to this node: a member's, or a client's (API use only). A node that
+        joined with a client token can hand out neither."""
+        if self.creds.kind != "member":
+            return None
+        creds = self.creds if kind == "member" else self.creds.for_clients()
+        return InviteToken(creds, self.my_id, self.me.addrs, self.me.relay or None).encode()
 
     async def close(self) -> None:
         """Graceful leave: peers see the connection close with reason 'leaving' at once."""
@@ -112,6 +119,13 @@ class Mesh:
 
     def members(self) -> list[Member]:
         return list(self.membership.members.values())
+
+    def is_client(self, peer_id: str) -> bool:
+        """A client may use the mesh's API and nothing else (no RPC, never a server): it came
+        with a client token, or says it is one. Unknown peers count as clients."""
+        link = self.links.get(peer_id)
+        member = self.membership.members.get(peer_id)
+        return link is None or link.client or member is None or member.record.role == "client"
 
     def update_self(self, **changes: Any) -> None:
         """Change this node's record and tell every member now rather than at the next heartbeat."""
@@ -177,7 +191,7 @@ class Mesh:
                 admitted = await handshake.with_timeout(handshake.dial_handshake(conn, self.creds, self.my_id, self.me))
             except (ProtocolError, iroh.IrohError) as exc:
                 raise handshake.Refused(f"mesh member {peer_id[:8]} broke the handshake: {describe(exc)}") from None
-            self._add_link(conn, admitted.record, dialer=self.me.id)
+            self._add_link(conn, admitted.record, dialer=self.me.id, client=admitted.kind == "client")
             conn = None
         except handshake.Refused as exc:
             self.membership.note_dial_failure(peer_id, time.monotonic())
@@ -214,7 +228,7 @@ class Mesh:
                 conn.close(1, b"bad handshake")
             return
         dialer = conn.remote_id().to_bytes().hex()
-        self._add_link(conn, admitted.record, dialer=dialer)
+        self._add_link(conn, admitted.record, dialer=dialer, client=admitted.kind == "client")
 
     @staticmethod
     async def _hang_up(conn: Any, told_peer: bool) -> None:
@@ -224,8 +238,10 @@ class Mesh:
                 await asyncio.wait_for(conn.closed(), 2)
         conn.close(1, b"refused")
 
-    def _add_link(self, conn: Any, record: PeerRecord, dialer: str) -> None:
-        link = Link(conn, record.id, record.incarnation, dialer)
+    def _add_link(self, conn: Any, record: PeerRecord, dialer: str, client: bool = False) -> None:
+        link = Link(conn, record.id, record.incarnation, dialer, client)
+        if client:
+            record = as_client(record)
         old = self.links.get(record.id)
         if old is not None:
             lower = min(self.me.id, record.id)
@@ -277,6 +293,8 @@ class Mesh:
                 await send.write_all(encode_frame(me_doc))
                 await send.finish()
                 return
+            if link.client and kind not in CLIENT_STREAMS:
+                raise ProtocolError(f"a client token does not allow {kind.name} streams")
             handler = self.handlers.get(kind)
             if handler is None:
                 raise ProtocolError(f"this node does not serve {kind.name} streams")
@@ -298,6 +316,8 @@ class Mesh:
             raise ProtocolError("gossip sender id does not match the connection")
         if self.links.get(link.peer_id) is not link:
             return
+        if link.client:  # a client serves nothing, and does not tell members whom to dial
+            record, known = as_client(record), []
         now = time.monotonic()
         self._emit(self.membership.heard_from(record, now, rtt_ms))
         for p in known:

@@ -165,6 +165,13 @@ class PeerRecord:
         )
 
 
+def as_client(record: PeerRecord) -> PeerRecord:
+    """A record as this node takes it from a peer admitted with a client token: a client, and
+    nothing it says about serving, lending or memory (it never enters plans or routes)."""
+    return PeerRecord(id=record.id, role="client", hostname=record.hostname, incarnation=record.incarnation,
+                      version=record.version, api_port=record.api_port, addrs=record.addrs, relay=record.relay)
+
+
 def _hosting(docs: list[Any]) -> tuple[HostedModel, ...]:
     hosted = tuple(HostedModel.from_wire(h) for h in docs)
     if len({h.name for h in hosted}) != len(hosted):

@@ -2,7 +2,9 @@
 
 A token is base64url (no padding) over a small JSON document, so it survives
 shells, URLs and chat apps. `v` is the format version; a newer token gets a
-clear "upgrade" error rather than a parse failure.
+clear "upgrade" error rather than a parse failure. Since v2 a token says its
+`kind`: a member token carries the mesh secret, a client token only the
+clients' secret (see identity.MeshCredentials). A v1 token is a member token.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import binascii
 import json
 from dataclasses import dataclass
 
-from mesh_llm.mesh.identity import MeshCredentials
+from mesh_llm.mesh.identity import KINDS, MeshCredentials
 
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2
 MAX_TOKEN_CHARS = 4096
 MAX_ADDRS = 32
 
@@ -33,6 +35,7 @@ class InviteToken:
     def encode(self) -> str:
         doc = {
             "v": TOKEN_VERSION,
+            "kind": self.mesh.kind,
             "mesh": self.mesh.mesh_id.hex(),
             "secret": self.mesh.secret.hex(),
             "id": self.endpoint_id.hex(),
@@ -74,7 +77,10 @@ def decode_token(text: str) -> InviteToken:
         raise TokenError(f"invite token format v{version} is newer than this mesh-llm understands (v{TOKEN_VERSION}): upgrade mesh-llm")
     if version < 1:
         raise garbled
-    mesh = MeshCredentials(_hex_field(doc, "mesh", 16), _hex_field(doc, "secret", 32))
+    kind = doc.get("kind", "member") if version >= 2 else "member"
+    if kind not in KINDS:
+        raise TokenError(f"invite token is damaged (unknown kind {str(kind)[:20]!r}): copy the whole token again")
+    mesh = MeshCredentials(_hex_field(doc, "mesh", 16), _hex_field(doc, "secret", 32), kind)
     endpoint_id = _hex_field(doc, "id", 32)
     addrs = doc.get("addrs", [])
     relay = doc.get("relay")
@@ -85,3 +91,8 @@ def decode_token(text: str) -> InviteToken:
     if not addrs and not relay:
         raise TokenError("invite token has no address to reach the mesh at: ask for a token from a member that is online")
     return InviteToken(mesh, endpoint_id, tuple(addrs), relay)
+
+
+def client_token(member: InviteToken) -> InviteToken:
+    """The client token to the same member: it admits its holder to the API only."""
+    return InviteToken(member.mesh.for_clients(), member.endpoint_id, member.addrs, member.relay_url)

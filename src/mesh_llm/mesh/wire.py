@@ -15,7 +15,7 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 ALPN = b"mesh-llm-py"
-PROTOCOL_VERSION = 2  # 2: several models per node (models_served derived from hosting, lending, free_bytes)
+PROTOCOL_VERSION = 3  # 2: several models per node; 3: member and client admission
 MAX_FRAME = 1 << 20  # 1 MiB: a gossip frame for a large mesh is a few tens of KiB
 _LEN = struct.Struct(">I")
 
@@ -24,7 +24,8 @@ class StreamKind(IntEnum):
     HELLO = 1  # admission handshake, the only kind allowed before it completes
     GOSSIP = 2  # one frame each way: peer records
     HTTP = 3  # header {model}, then raw HTTP/1.1 bytes to that model's llama-server
-    RPC = 4  # header {}, then raw bytes to the node's loopback rpc-server
+    RPC = 4  # header {model}, then raw bytes to the node's loopback rpc-server for that model
+    PROVE = 5  # header {model, nonce, ranges}; one frame back: {hash} or {error} (mesh/file_proof.py)
 
 
 class ProtocolError(Exception):

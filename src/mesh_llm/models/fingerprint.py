@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from mesh_llm.files import SHARED_READ, write_private
 from mesh_llm.models.gguf_file import GGUFInfo
 
 SAMPLES = 16
@@ -47,10 +47,7 @@ def cached_fingerprint(info: GGUFInfo, cache_file: Path) -> str:
     value = fingerprint(info)
     cache[key] = value
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
+        write_private(cache_file, json.dumps(cache), SHARED_READ)
     except OSError:
         pass  # a cache we cannot write only costs a re-read next time
     return value

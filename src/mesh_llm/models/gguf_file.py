@@ -11,10 +11,11 @@ come from the `gguf` package so new quantization types are known to it.
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import TypeGuard, TypeVar, overload
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -22,12 +23,35 @@ from mesh_llm.errors import UserError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 16
 MAX_DIMS = 8
 MAX_STRING = 1 << 24  # no legitimate key or tensor name is this long
+MAX_COUNT = 1_000_000  # tensors or metadata keys; the largest real models have a few thousand
+# The smallest encoding of one metadata entry (key length, type, a 1-byte value) and of one
+# tensor's index entry (name length, n_dims, type, offset): counts that need more bytes than
+# the file has are refused before any loop runs.
+_MIN_KV_BYTES, _MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
+# Architecture numbers that size lists and loops downstream (KV cache per layer, layer
+# splits): an integer within these bounds, or absent (then per-layer arrays apply).
+ARCH_INT_LIMITS = {
+    "block_count": 10_000,
+    "context_length": 1 << 32,
+    "embedding_length": 1 << 20,
+    "attention.head_count": 1 << 16,
+    "attention.head_count_kv": 1 << 16,
+    "attention.key_length": 1 << 20,
+    "attention.value_length": 1 << 20,
+    "expert_count": 1 << 16,
+    "expert_used_count": 1 << 16,
+}
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # architectures (llama, gemma3, qwen2moe, …) and tokenizer types (gpt2, …)
+_NAME_KEYS = ("general.architecture", "tokenizer.ggml.model")
 
 # GGUF metadata value types -> struct format of a scalar (None: variable size)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# arrays other code walks element by element (the draft check reads token texts): their element type is fixed
+_ARRAY_ELEMENT_TYPES = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.merges": _STRING}
 
 Scalar = bool | int | float  # what struct reads for a GGUF scalar type
 MetaValue = Scalar | str  # a metadata value as kept (array bodies are skipped)
@@ -35,7 +59,13 @@ _T = TypeVar("_T")
 
 
 class GGUFError(ValueError):
-    pass
+    """The file is not a whole, sane GGUF; the message is one line (file-supplied names are quoted)."""
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """A name read from the file, safe to put in a one-line message: quoted, escaped, shortened."""
+    quoted = repr(text[:limit] + ("…" if len(text) > limit else ""))
+    return quoted.encode("ascii", "backslashreplace").decode()
 
 
 @dataclass(frozen=True)
@@ -121,6 +151,8 @@ class _Cursor:
 
     def skip_strings(self, count: int) -> None:
         buf, pos, end = self.buf, self.pos, len(self.buf)
+        if count > (end - pos) // 8:  # each string takes at least its 8-byte length
+            raise GGUFError("file ends inside a string array")
         unpack = struct.unpack_from
         for _ in range(count):
             if pos + 8 > end:
@@ -139,6 +171,8 @@ class _Cursor:
         if vtype == _ARRAY:
             etype = int(self.unpack("<I"))
             count = int(self.unpack("<Q"))
+            if _ARRAY_ELEMENT_TYPES.get(key, etype) != etype:
+                raise GGUFError(f"{key} holds elements of type {etype}, not strings")
             info.array_lengths[key] = count
             info.array_offsets[key] = self.pos
             if etype == _STRING:
@@ -149,9 +183,9 @@ class _Cursor:
                     raise GGUFError("file ends inside an array")
                 self.pos += size
             else:
-                raise GGUFError(f"unsupported array element type {etype} for {key}")
+                raise GGUFError(f"unsupported array element type {etype} for {shown(key)}")
             return None
-        raise GGUFError(f"unknown metadata type {vtype} for {key}")
+        raise GGUFError(f"unknown metadata type {vtype} for {shown(key)}")
 
 
 def read_gguf(path: Path) -> GGUFInfo:
@@ -174,8 +208,8 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFInfo:
         raise GGUFError(f"unsupported GGUF version {version}")
     n_tensors = int(cur.unpack("<Q"))
     n_kv = int(cur.unpack("<Q"))
-    if n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise GGUFError("implausible tensor or metadata count")
+    if n_tensors > MAX_COUNT or n_kv > MAX_COUNT or n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > size - cur.pos:
+        raise GGUFError(f"implausible counts: {n_tensors} tensors and {n_kv} metadata keys in {size} bytes")
     info = GGUFInfo(path=path, version=version, file_size=size, data_offset=0)
     for _ in range(n_kv):
         key = cur.string()
@@ -188,21 +222,49 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFInfo:
         name = cur.string()
         n_dims = int(cur.unpack("<I"))
         if n_dims > MAX_DIMS:
-            raise GGUFError(f"tensor {name} has {n_dims} dimensions")
+            raise GGUFError(f"tensor {shown(name)} has {n_dims} dimensions")
         shape = tuple(int(cur.unpack("<Q")) for _ in range(n_dims))
         ggml_type = int(cur.unpack("<I"))
         offset = int(cur.unpack("<Q"))
         raw_tensors.append((name, shape, ggml_type, offset))
-    alignment = int(info.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"bad alignment {alignment}")
+    _check_metadata(info)
+    alignment = info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not _is_int(alignment) or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise GGUFError(f"bad alignment {_as_text(alignment)}: a power of two up to {MAX_ALIGNMENT} is needed")
     info.data_offset = (cur.pos + alignment - 1) // alignment * alignment
+    names: set[str] = set()
     for name, shape, ggml_type, offset in raw_tensors:
+        if name in names:
+            raise GGUFError(f"tensor {shown(name)} is listed twice")
+        names.add(name)
+        if offset % alignment:
+            raise GGUFError(f"tensor {shown(name)} starts at offset {offset}, not a multiple of the alignment {alignment}")
         t = TensorInfo(name, shape, ggml_type, offset, tensor_nbytes(ggml_type, shape))
         if info.data_offset + t.offset + t.n_bytes > size:
-            raise GGUFError(f"file is truncated: tensor {name} ends past the end of the file")
+            raise GGUFError(f"file is truncated: tensor {shown(name)} ends past the end of the file")
         info.tensors.append(t)
     return info
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_text(value: MetaValue) -> str:
+    return shown(value) if isinstance(value, str) else repr(value)
+
+
+def _check_metadata(info: GGUFInfo) -> None:
+    """The values the node computes with have the types and sizes it assumes."""
+    for key in _NAME_KEYS:  # printed in start lines and draft-pairing messages: plain names only
+        name = info.metadata.get(key, "unknown")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise GGUFError(f"bad {key} {_as_text(name)}")
+    arch = info.architecture
+    for key, limit in ARCH_INT_LIMITS.items():
+        value = info.metadata.get(f"{arch}.{key}")
+        if value is not None and not (_is_int(value) and 0 <= value <= limit):
+            raise GGUFError(f"{arch}.{key} is {_as_text(value)}: a whole number up to {limit} is needed")
 
 
 def inspect_model(path: Path) -> GGUFInfo:

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mesh_llm.errors import NotFound, UserError
+from mesh_llm.files import SHARED_READ, open_append, write_private
 from mesh_llm.models.catalog import shard_files
 
 DISK_MARGIN = 512 * 1024 * 1024  # keep this much free after a download
@@ -164,7 +165,7 @@ def download_file(repo: str, file: str, revision: str = "main", say: Callable[[s
             _drop_stale_partials(lock.parent, blob.parent, revision, file, meta.etag)
             if not blob.is_file():
                 note = lock.with_name(f"{meta.etag}.partial")  # whose partial this is, for the line above in a later run
-                note.write_text(_owner(revision, file))
+                write_private(note, _owner(revision, file), SHARED_READ)
                 _fetch_blob(meta.location, blob, meta.size, what, say, headers)
                 note.unlink(missing_ok=True)
             if not pointer.exists():
@@ -216,7 +217,7 @@ def _fetch_blob(url: str, blob: Path, size: int | None, what: str, say: Callable
             )
     total = f"{size / 1e9:.2f} GB" if size is not None else "unknown size"
     say(f"Downloading {what} ({total}) from {endpoint()}" + (f", resuming at {have / 1e9:.2f} GB" if have else "") + f" into {hub_cache()}")
-    with partial.open("ab") as f:
+    with open_append(partial) as f:  # a fixed name (huggingface_hub resumes it too): refuse a symlink there
         http_get(url, f, resume_size=have, headers=headers, expected_size=size, displayed_filename=Path(what).name)
     partial.replace(blob)
 

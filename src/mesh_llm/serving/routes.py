@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mesh_llm.api.proxy import Route, Server, UpstreamTable
 from mesh_llm.mesh.mesh import Mesh
-from mesh_llm.mesh.peers import Member
+from mesh_llm.mesh.peers import Member, PeerRecord
 from mesh_llm.mesh.tunnels import TunnelListener
 from mesh_llm.mesh.wire import StreamKind
 
@@ -65,8 +65,10 @@ class MeshRoutes:
     A tunnel stays while the peer still lists the model, ready or not: a model the peer is
     unloading takes no new requests from here, but the ones already running finish."""
 
-    def __init__(self, mesh: Mesh, table: UpstreamTable) -> None:
-        self.mesh, self.table = mesh, table
+    def __init__(self, mesh: Mesh, table: UpstreamTable, refusal: Callable[[PeerRecord, str], str | None] = lambda peer, model: None) -> None:
+        """`refusal(peer, model)`: why this node must not send that model's prompts to that peer
+        (it is then listed, not ready, with that reason), or None."""
+        self.mesh, self.table, self.refusal = mesh, table, refusal
         self._peers: dict[tuple[str, str], _PeerServer] = {}
         self._lock = asyncio.Lock()  # one rewrite at a time: two would open one tunnel twice
 
@@ -77,6 +79,7 @@ class MeshRoutes:
     async def _sync(self, local: dict[str, LocalRoute]) -> None:
         members = self.mesh.members()
         rtt = {m.record.id: m.rtt_ms for m in members}
+        records = {m.record.id: m.record for m in members}
         hosted = hosted_by_peers(members)
         listed = {(h.peer, h.model) for h in hosted}
         for key in [k for k in self._peers if k not in listed]:
@@ -88,11 +91,12 @@ class MeshRoutes:
             entry = self._peers.get((h.peer, h.model))
             if entry is None:
                 entry = self._peers[(h.peer, h.model)] = _peer_server(h.peer)
-            if h.ready and entry.tunnel is None:
+            refused = self.refusal(records[h.peer], h.model)
+            if h.ready and refused is None and entry.tunnel is None:
                 entry.tunnel = TunnelListener(self.mesh, h.peer, StreamKind.HTTP, {"model": h.model})
                 entry.server.base_url = f"http://127.0.0.1:{await entry.tunnel.start()}"
-            entry.ready = h.ready and entry.tunnel is not None
-            entry.words = h.words
+            entry.ready = h.ready and refused is None and entry.tunnel is not None
+            entry.words = refused or h.words
             entry.server.rtt_ms = _rtt_of(rtt, h.peer)
             route = routes.setdefault(h.model, Route(h.model, [], ()))
             route.servers.append(entry.server)

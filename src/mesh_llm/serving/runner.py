@@ -96,7 +96,8 @@ class ModelRunner:
         if isinstance(plan, Split):
             for peer in plan.workers:
                 traffic = RpcTraffic(self._weight_names)
-                tunnel = TunnelListener(self.mesh, peer, StreamKind.RPC, {"model": spec.model_id}, traffic=traffic, delay_s=settings.rpc_delay_s)
+                tunnel = TunnelListener(self.mesh, peer, StreamKind.RPC, {"model": spec.model_id}, traffic=traffic, delay_s=settings.rpc_delay_s,
+                                        on_refused=self._refused_by(peer))
                 await tunnel.start()
                 self.tunnels[peer] = (tunnel, traffic)
                 rpc.append(f"127.0.0.1:{tunnel.port}")
@@ -171,6 +172,11 @@ class ModelRunner:
             self.feed(ServerRestarting(self.key, f"exited with code {mp.last_exit}"))
         elif mp.state == ProcState.FAILED:
             self.feed(ServerDown(self.key, f"llama-server exited with code {mp.last_exit}"))
+
+    def _refused_by(self, peer: str) -> Callable[[str], None]:
+        def say(why: str) -> None:
+            self.mesh.log(f"{peer[:8]} refused the RPC stream for {self.spec.model_id} ({why}): llama-server cannot use that worker")
+        return say
 
     # -- what status pages see -------------------------------------------------
 

@@ -83,7 +83,7 @@ function render(st) {
   redraw("cluster", [steady, st.models], () => renderCluster(st));
   redraw("models", [st.models, st.mesh, st.api.url, me.id], () => renderModels(st));
   $("load-form").hidden = me.role === "client"; // a client runs no models
-  redraw("invite", [st.token, me.role], () => renderInvite(st));
+  redraw("invite", [st.token, st.client_token, me.role], () => renderInvite(st));
   redraw("agents", [st.models, st.api.port], () => renderAgents(st));
   redraw("nodes", st.nodes, () => renderNodes(st));
   syncChatModels(st);
@@ -151,15 +151,17 @@ function renderModels(st) {
 }
 
 function renderInvite(st) {
-  const line = $("join-cmd");
-  const button = $("copy-token");
-  if (st.token) {
-    line.textContent = `mesh-llm --join ${st.token}`;
-    line.title = st.token;
-    button.disabled = false;
-  } else {
-    line.textContent = st.node.role === "client" ? "A client cannot invite: copy the token from a serving node's console." : "The token is shown on this machine only.";
-    button.disabled = true;
+  for (const [lineId, buttonId, token] of [["join-cmd", "copy-token", st.token], ["client-join-cmd", "copy-client-token", st.client_token]]) {
+    const line = $(lineId);
+    const button = $(buttonId);
+    if (token) {
+      line.textContent = `mesh-llm --join ${token}`;
+      line.title = token;
+      button.disabled = false;
+    } else {
+      line.textContent = st.node.role === "client" ? "A client cannot invite: copy the token from a serving node's console." : "The token is shown on this machine only.";
+      button.disabled = true;
+    }
   }
 }
 
@@ -440,6 +442,7 @@ document.addEventListener("DOMContentLoaded", () => {
   setupChat();
   setupRuntime();
   $("copy-token").addEventListener("click", (e) => copyText($("join-cmd").textContent, e.currentTarget));
+  $("copy-client-token").addEventListener("click", (e) => copyText($("client-join-cmd").textContent, e.currentTarget));
   setInterval(tickLastSeen, 1000);
   follow(); // its first message is the whole status
 
