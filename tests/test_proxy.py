@@ -25,7 +25,7 @@ class FakeUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization")})
+        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization"), "x-api-key": request.headers.get("x-api-key")})
         if not body.get("stream"):
             return web.json_response({"choices": [{"message": {"content": "hi"}}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -203,3 +203,119 @@ async def test_requests_spread_over_servers_and_conversations_stick() -> None:
                 a.seen.set()
         finally:
             await proxy.close()
+
+
+async def test_full_servers_send_a_conversation_elsewhere_and_all_full_is_429() -> None:
+    async with FakeUpstream() as a, FakeUpstream() as c:
+        table = UpstreamTable()
+        servers = [Server("peer-a", f"http://127.0.0.1:{a.port}", lambda: True, rtt_ms=lambda: 2.0),
+                   Server("peer-c", f"http://127.0.0.1:{c.port}", lambda: True, rtt_ms=lambda: 3.0)]
+        table.set_routes([Route("m", servers)])
+        proxy = ApiProxy(table, max_inflight=1)
+        port = free_port()
+        await proxy.start("127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+                first = await client.post("/v1/chat/completions", json={"model": "m", "stream": True, "user": "carol"})
+                await first.content.readline()  # carol's conversation holds A's one slot
+                second = await client.post("/v1/chat/completions", json={"model": "m", "stream": True, "user": "carol"})
+                await second.content.readline()
+                assert (len(a.requests), len(c.requests)) == (1, 1)  # her next request went to C rather than wait
+                async with client.post("/v1/chat/completions", json={"model": "m"}) as r:
+                    assert r.status == 429 and r.headers["Retry-After"] == "2"
+                    body = await r.json()
+                assert body["error"]["type"] == "rate_limit_error" and "busy" in body["error"]["message"]
+                assert (len(a.requests), len(c.requests)) == (1, 1)  # refused here: nothing queued upstream
+                first.close()
+                second.close()
+                a.seen.set()
+                c.seen.set()
+        finally:
+            await proxy.close()
+
+
+async def test_connections_past_the_bound_get_503_and_the_bound_frees_up() -> None:
+    proxy = ApiProxy(UpstreamTable(), max_connections=2)
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+
+    async def health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # keep-alive: the connection stays open
+        await writer.drain()
+        return await reader.readuntil(b"\r\n\r\n")
+
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for reader, writer in held:
+            assert b" 503 " in await health(reader, writer)  # answered by the app (nothing served yet: loading)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 10)  # the whole reply, then the server's close
+        assert reply.startswith(b"HTTP/1.1 503") and b"connections open already" in reply and b"Retry-After: 5" in reply
+        writer.close()
+        held[0][1].close()
+        await held[0][1].wait_closed()
+
+        async def admitted() -> bool:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                return b"connections open already" not in await health(r, w) + await r.read(200)
+            finally:
+                w.close()
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await admitted():  # the server notices the close when its read ends
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        held[1][1].close()
+    finally:
+        await proxy.close()
+
+
+async def test_a_peer_that_never_answers_is_504_and_the_proxy_lives_on() -> None:
+    async def wedged(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)  # takes the request, never answers
+        await asyncio.Event().wait()
+
+    silent = await asyncio.start_server(wedged, "127.0.0.1", 0)
+    silent_port = silent.sockets[0].getsockname()[1]
+    async with FakeUpstream() as up:
+        table = UpstreamTable()
+        table.set_routes([Route("m", [Server("peer-x", f"http://127.0.0.1:{silent_port}", lambda: True)]),
+                          Route("ok", [Server("peer-y", f"http://127.0.0.1:{up.port}", lambda: True)])])
+        proxy = ApiProxy(table, upstream_timeout=0.5)
+        port = free_port()
+        await proxy.start("127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=aiohttp.ClientTimeout(total=30)) as client:  # a bound, not a threshold
+                async with client.post("/v1/chat/completions", json={"model": "m"}) as r:
+                    assert r.status == 504 and "did not start its answer within 0.5 s" in (await r.json())["error"]["message"]
+                assert table.get("m").servers[0].gate.in_flight == 0
+                async with client.post("/v1/chat/completions", json={"model": "ok"}) as r:
+                    assert r.status == 200
+        finally:
+            await proxy.close()
+            silent.close()
+
+
+
+async def test_with_keys_the_callers_key_is_not_relayed(tmp_path) -> None:
+    from mesh_llm.api.keys import KeyRing, create_key, store_path
+
+    key, _ = create_key(tmp_path)
+    async with FakeUpstream() as up:
+        table = UpstreamTable()
+        table.set_routes([Route("tiny", [Server("peer-a", f"http://127.0.0.1:{up.port}", lambda: True)])])
+        proxy = ApiProxy(table)
+        proxy.policy.keys = KeyRing(store_path(tmp_path))
+        port = free_port()
+        await proxy.start("127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+                async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"x-api-key": key}) as r:
+                    assert r.status == 200
+                async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200
+        finally:
+            await proxy.close()
+    assert [(r["auth"], r["x-api-key"]) for r in up.requests] == [(None, None), (None, None)]  # a peer never learns this node's keys

@@ -161,7 +161,7 @@ async def console_server(monkeypatch):
     proxy = ApiProxy(UpstreamTable())
     api_port, port = free_port(), free_port()
     await proxy.start("127.0.0.1", api_port)
-    console = WebConsole(feed, proxy, listen_all=False)
+    console = WebConsole(feed, proxy)
     await console.start("127.0.0.1", port)
     feed.start()
     async with aiohttp.ClientSession() as session:
@@ -200,7 +200,7 @@ async def test_closing_the_console_ends_open_event_streams(monkeypatch) -> None:
     monkeypatch.setattr(status_feed, "KEEPALIVE_SECS", 30.0)
     feed = StatusFeed(Board().build)
     proxy = ApiProxy(UpstreamTable())
-    console = WebConsole(feed, proxy, listen_all=False)
+    console = WebConsole(feed, proxy)
     port = free_port()
     await console.start("127.0.0.1", port)
     feed.start()
@@ -259,7 +259,7 @@ async def test_console_port_in_use_is_one_clear_error() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        console = WebConsole(StatusFeed(Board().build), ApiProxy(UpstreamTable()), listen_all=False)
+        console = WebConsole(StatusFeed(Board().build), ApiProxy(UpstreamTable()))
         with pytest.raises(UserError, match=f"console port {port} on 127.0.0.1 is already in use"):
             await console.start("127.0.0.1", port)
 

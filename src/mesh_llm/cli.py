@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to serve (repeatable): catalog name (fuzzy), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], Hugging Face URL, or path")
     p.add_argument("--port", type=int, default=9337, help="API port (default 9337)")
     p.add_argument("--listen-all", action="store_true", help="bind the API on 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example) call the API from a browser (repeatable); others get 403")
+    p.add_argument("--max-inflight", type=int, default=None, metavar="N",
+                   help="requests at once per server of a model, beyond which callers get 429 (default: llama-server's slots, 4)")
+    p.add_argument("--upstream-timeout", type=float, default=None, metavar="SECS",
+                   help="a peer must start answering within this, else the caller gets 504 (default 300)")
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                   help="also accept the API keys in PATH (one a line, # comments); with any key, /v1 needs one")
     p.add_argument("--allow-remote-runtime", action="store_true", help="let other machines use /api/runtime (load, unload) too, not only this one")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N", help="context size for llama-server (default: min(8192, model's))")
     p.add_argument("--console", type=int, nargs="?", const=DEFAULT_CONSOLE_PORT, default=None, metavar="PORT",
@@ -88,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     rot = sub.add_parser("rotate-key", help="replace this node's key (its mesh id changes; meshes see a new node)")
     rot.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR")
+    auth = sub.add_parser("auth", help="API keys for /v1: `auth key create [--label L]`, `auth key list`, `auth key revoke ID|LABEL`")
+    auth_what = auth.add_subparsers(dest="auth_what", metavar="key", required=True)
+    key_actions = auth_what.add_parser("key", help="create, list or revoke API keys").add_subparsers(dest="key_action", metavar="ACTION", required=True)
+    create = key_actions.add_parser("create", help="print a new key once; only its hash is stored (running nodes need a key from then on)")
+    create.add_argument("--label", default="", metavar="L", help="a name to tell the key by (e.g. laptop, ci)")
+    key_actions.add_parser("list", help="the keys: id, label, created (never the key)")
+    revoke = key_actions.add_parser("revoke", help="stop accepting a key (running nodes too)")
+    revoke.add_argument("ref", metavar="ID|LABEL")
+    for parser in key_actions.choices.values():
+        parser.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR")
     dl = sub.add_parser("download", help="download a model into the Hugging Face cache; no NAME lists the catalog")
     dl.add_argument("name", nargs="?", metavar="NAME", help="catalog name (fuzzy: 3b, Qwen3-8B), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT] or URL")
     dl.add_argument("--draft", action="store_true", help="also download the catalog's draft model for it")
@@ -173,6 +191,12 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         rotate_key(ensure_state_dir(state_dir))
         out.print(f"New node key written to {state_dir / 'key'}; restart the node for it to take effect.")
         return 0
+    if args.command == "auth":
+        from mesh_llm.api.keys import key_command
+
+        return key_command(args.key_action, ensure_state_dir(state_dir), getattr(args, "label", ""), getattr(args, "ref", None),
+                           lambda line: out.print(line, markup=False, highlight=False),
+                           lambda line: Console(stderr=True, soft_wrap=True).print(line, markup=False, highlight=False))
     if args.allow_remote_runtime and not args.listen_all:
         raise UserError("--allow-remote-runtime needs --listen-all: without it the API answers this machine only")
     if args.relay and args.no_relay:
@@ -190,6 +214,11 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     if args.client and args.draft:
         raise UserError("--client serves no model, so it runs no draft: drop --draft")
     tensor_split = parse_tensor_split(args.tensor_split) if args.tensor_split else None
+    cors_origins = tuple(parse_cors_origin(text) for text in args.cors_origin)
+    if args.max_inflight is not None and not 1 <= args.max_inflight <= 100_000:
+        raise UserError(f"--max-inflight {args.max_inflight} must be a number of requests from 1 to 100000")
+    if args.upstream_timeout is not None and not (math.isfinite(args.upstream_timeout) and args.upstream_timeout > 0):
+        raise UserError(f"--upstream-timeout {args.upstream_timeout:g} must be a positive number of seconds")
     from_files = [token for path in args.join_file for token in read_token_file(path.expanduser())]
     join = list(dict.fromkeys([*args.join, *from_files, *os.environ.get(TOKEN_ENV, "").split()]))
     ensure_state_dir(state_dir)
@@ -216,6 +245,10 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         draft_max=args.draft_max,
         no_draft=args.no_draft,
         transport=TransportConfig(relays=args.relay, no_relay=args.no_relay, bind_host=args.bind_host, bind_port=args.bind_port),
+        cors_origins=cors_origins,
+        max_inflight=args.max_inflight,
+        upstream_timeout=args.upstream_timeout,
+        api_key_file=args.api_key_file.expanduser() if args.api_key_file else None,
     )
     return run_node(cfg, out)
 
@@ -228,3 +261,12 @@ def parse_tensor_split(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(v) and 0 <= v <= 1e6 for v in values) or not any(v > 0 for v in values):
         raise UserError(f"--tensor-split {text!r} needs shares from 0 to 1000000, at least one above 0")
     return values
+
+
+def parse_cors_origin(text: str) -> str:
+    from mesh_llm.api.guard import parse_origin
+
+    try:
+        return parse_origin(text)
+    except ValueError as exc:
+        raise UserError(f"--cors-origin {exc}") from None

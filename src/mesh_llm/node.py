@@ -26,7 +26,9 @@ from rich.markup import escape
 from mesh_llm import __version__
 from mesh_llm.api.agents import agent_commands
 from mesh_llm.api.console import WebConsole, console_port_in_use
-from mesh_llm.api.proxy import ApiProxy, UpstreamTable, port_in_use
+from mesh_llm.api.http_guard import Policy
+from mesh_llm.api.keys import KeyRing, store_path
+from mesh_llm.api.proxy import UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
 from mesh_llm.api.status_feed import StatusFeed
@@ -75,6 +77,10 @@ class NodeConfig:
     draft_max: int = 8
     no_draft: bool = False
     transport: TransportConfig = field(default_factory=TransportConfig)
+    cors_origins: tuple[str, ...] = ()  # web apps (origins) a browser may call the API from, besides our own pages
+    max_inflight: int | None = None  # requests at once per server of a model; None: its llama-server's slots
+    upstream_timeout: float | None = None  # a peer's answer must start within this; None: UPSTREAM_START_SECS
+    api_key_file: Path | None = None  # keys accepted besides the state dir's (`mesh-llm auth key create`)
 
     @property
     def host(self) -> str:
@@ -113,6 +119,7 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
         raise UserError("--draft pairs with a single --model: with several, each uses its catalog pairing (or pass --no-draft)")
     if len(cfg.models) > 1 and cfg.tensor_split:
         raise UserError("--tensor-split sets the shares of one model: pass a single --model with it")
+    api_keys(cfg)  # a missing --api-key-file fails before slow work
     check_port_free(cfg.host, cfg.port)
     if cfg.console_port is not None:
         if cfg.console_port == cfg.port:
@@ -127,6 +134,10 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
         raise UserError("two --model references name the same file: pass each model once")
     engine = None if cfg.client else provide_engine(cfg.bin_dir, cfg.flavor, console)  # clients need no engine
     return asyncio.run(_serve(cfg, tokens, specs, engine, console))
+
+
+def api_keys(cfg: NodeConfig) -> KeyRing:
+    return KeyRing(store_path(cfg.state_dir), cfg.api_key_file)
 
 
 def decode_tokens(texts: list[str]) -> list[InviteToken]:
@@ -240,7 +251,11 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         atexit.register(supervisor.kill_all_now)  # belt and braces if we die on an exception
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
-        proxy = ApiProxy(table)
+        proxy = ApiProxy(table, max_inflight=cfg.max_inflight, upstream_timeout=cfg.upstream_timeout or UPSTREAM_START_SECS)
+        keys = api_keys(cfg)
+        proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins), keys=keys)
+        if cfg.listen_all and not keys.required():
+            warn("--listen-all with no API key: anyone who can reach this machine can use the API; make a key with `mesh-llm auth key create`")
         runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime, cfg.listen_all)
         proxy.extra_routes.append(runtime.install)
         await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
@@ -274,7 +289,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         if cfg.console_port is not None:
             feed = StatusFeed(build_status, warn)
             feed.start()  # before the first request: it serves the feed's latest document
-            web_console = WebConsole(feed, proxy, cfg.listen_all, runtime)
+            web_console = WebConsole(feed, proxy, runtime)
             await web_console.start(cfg.host, cfg.console_port)
             stack.push_async_callback(web_console.close)
             fleet.on_change = feed.poke

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from mesh_llm.api.proxy import MAX_BODY, ApiProxy, error_response, for_caller, host_allowed, listen
+from mesh_llm.api.http_guard import install_guard
+from mesh_llm.api.proxy import MAX_BODY, ApiProxy, for_caller, listen
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.errors import UserError
@@ -29,15 +29,18 @@ def console_port_in_use(host: str, port: int) -> UserError:
 
 
 class WebConsole:
-    def __init__(self, feed: StatusFeed, proxy: ApiProxy, listen_all: bool, runtime: RuntimeApi | None = None) -> None:
+    def __init__(self, feed: StatusFeed, proxy: ApiProxy, runtime: RuntimeApi | None = None) -> None:
         self.feed = feed
-        self.proxy = proxy
-        self.listen_all = listen_all
+        self.proxy = proxy  # its policy (--listen-all, --cors-origin, keys) is the console's too
         self.runtime = runtime  # load and unload from the page (same rules as on the API port)
+        self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY)
+        # The proxy's rules (Host, Origin, paths, keys), except that a caller on this machine chats
+        # without a key: the page is served to such callers only, so a key would guard nothing more.
+        install_guard(app, self.proxy.policy, wrong_host_hint=f"open the console at http://localhost:{self.port or ''}", local_without_key=True)
         app.router.add_get("/", self.index)
         app.router.add_get("/static/{name}", self.asset)
         app.router.add_get("/api/status", self.status)
@@ -49,13 +52,9 @@ class WebConsole:
         app.router.add_route("*", "/{tail:.*}", self.proxy.not_found)
         return app
 
-    @web.middleware
-    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not host_allowed(request.host, self.listen_all):
-            return error_response(403, f"host {request.host!r} is not served here: open the console at http://localhost:{request.url.port or ''}", "forbidden")
-        return await handler(request)
-
     async def start(self, host: str, port: int) -> None:
+        self.port = port
+        self.proxy.policy.ports.add(port)  # the page's own origin: its chat posts here
         self._runner = await listen(self.app(), host, port, console_port_in_use)
 
     async def close(self) -> None:

@@ -7,6 +7,11 @@ flight. They are relayed byte for byte: streamed responses (SSE) are written
 chunk by chunk as they arrive, never buffered, and a client that disconnects
 cancels the upstream request (handler cancellation closes the upstream
 connection, which llama-server treats as a cancelled task).
+
+Load is bounded: a server takes as many requests as it has slots (--max-inflight), a
+request finding every ready server full gets 429 rather than a place in an endless queue,
+a port holds at most MAX_CONNECTIONS clients, and a peer must start its answer within
+--upstream-timeout (504). Who may call at all is api.http_guard's business.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mesh_llm.api.guard import LOOPBACK_ADDRS, api_path, is_cors_header
+from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console and tests use it from here
+from mesh_llm.api.http_guard import Policy, install_guard
 from mesh_llm.api.routing import Match, ServerView, choose_server, match_model, request_doc, requested_model, session_of
 from mesh_llm.errors import UserError
 
@@ -32,11 +40,15 @@ HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
 }
-LOOPBACK_ADDRS = {"127.0.0.1", "::1"}
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
+# llama-server's slots: the runner passes no --parallel, so llama-server runs its automatic 4
+# (server.cpp: n_parallel = -1 → 4). A peer's server is one of ours too, so the same for it.
+SERVER_SLOTS = 4
+MAX_CONNECTIONS = 256  # client connections at once per port; more get a 503 and are closed
+UPSTREAM_START_SECS = 300.0  # a peer must start its answer within this (non-streamed CPU generations are slow)
+RETRY_AFTER = {429: "2", 503: "5"}
 
 
 class Gate:
@@ -79,6 +91,7 @@ class Server:
     status: Callable[[], str] = lambda: "ready"
     rtt_ms: Callable[[], float | None] = lambda: 0.0
     gate: Gate = field(default_factory=Gate)
+    slots: int = SERVER_SLOTS  # requests it works on at once; more would only queue there
 
     def url(self) -> str:
         return self.base_url() if callable(self.base_url) else self.base_url
@@ -127,11 +140,61 @@ def port_in_use(host: str, port: int) -> UserError:
     return UserError(f"port {port} on {host} is already in use: stop the other process or pass --port N")
 
 
-async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError]) -> web.AppRunner:
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 5\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class _TooManyConnections(asyncio.Protocol):
+    """A connection past the bound: a 503 JSON once the request starts to arrive, then closed.
+    What the client sends meanwhile is read and dropped, so the close is not a reset."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"this node has {limit} connections open already; retry shortly"
+        body = json.dumps({"error": {"message": message, "type": "unavailable_error", "code": 503}}).encode()
+        self.reply = BUSY % (len(body), body)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        asyncio.get_running_loop().call_later(5.0, transport.close)  # a client that never sends or closes
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is not None and self.reply:
+            self.transport.write(self.reply)
+            self.reply = b""
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
+
+
+class BoundedTCPSite(web.TCPSite):
+    """aiohttp's TCPSite with at most `max_connections` client connections at once: aiohttp itself
+    has no such bound, so the protocol factory it hands to asyncio counts its open connections."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int) -> None:
+        super().__init__(runner, host, port, reuse_address=True)  # see check_port_free
+        self.max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; TCPSite.start would pass the bare factory
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self.max_connections:
+                return _TooManyConnections(self.max_connections)
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(protocol, self._host, self._port, reuse_address=True)
+
+
+async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError],
+                 max_connections: int = MAX_CONNECTIONS) -> web.AppRunner:
     """Serve `app` on host:port; a port that is taken becomes the one-line `in_use` error."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECS)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)  # see check_port_free
+    site = BoundedTCPSite(runner, host, port, max_connections)
     try:
         await site.start()
     except OSError as exc:
@@ -140,15 +203,6 @@ async def listen(app: web.Application, host: str, port: int, in_use: Callable[[s
             raise in_use(host, port) from None
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return runner
-
-
-def host_allowed(host_header: str, listen_all: bool) -> bool:
-    """On loopback, only requests addressed to a loopback name: a page whose own name was
-    re-pointed at 127.0.0.1 (DNS rebinding) gets no answers from us."""
-    if listen_all:
-        return True
-    name = host_header if host_header.endswith("]") else host_header.rsplit(":", 1)[0]
-    return name.lower() in LOOPBACK_NAMES
 
 
 def is_local(request: web.Request) -> bool:
@@ -163,7 +217,7 @@ def for_caller(status: dict[str, Any], request: web.Request) -> dict[str, Any]:
 
 def error_response(status: int, message: str, kind: str, **extra: object) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
-    headers = {"Retry-After": "5"} if status == 503 else None
+    headers = {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else None
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -180,17 +234,23 @@ ExtraRoutes = Callable[[web.Application], None]
 
 
 class ApiProxy:
-    def __init__(self, table: UpstreamTable, *, created: int | None = None) -> None:
+    def __init__(self, table: UpstreamTable, *, created: int | None = None, max_inflight: int | None = None,
+                 upstream_timeout: float = UPSTREAM_START_SECS, max_connections: int = MAX_CONNECTIONS) -> None:
         self.table = table
+        self.max_inflight = max_inflight  # requests in flight per server (--max-inflight); None: its slots
+        self.upstream_timeout = upstream_timeout  # a peer's answer must start within this (--upstream-timeout)
+        self.max_connections = max_connections
         self.status_source: Callable[[], dict[str, Any]] | None = None  # the node's status document
         self.extra_routes: list[ExtraRoutes] = []  # e.g. the runtime API, added before start
         self.created = created or int(time.time())
+        self.policy = Policy()  # Host, Origin and key rules; the node sets its own before start
         self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
+        install_guard(app, self.policy, wrong_host_hint="call the API by a loopback name (127.0.0.1, localhost) or start the node with --listen-all")
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
@@ -212,8 +272,9 @@ class ApiProxy:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
+        self.policy.ports.add(port)
         try:
-            self._runner = await listen(self.app(), host, port, port_in_use)
+            self._runner = await listen(self.app(), host, port, port_in_use, self.max_connections)
         except UserError:
             await self.close()
             raise
@@ -261,9 +322,13 @@ class ApiProxy:
         listing = ", ".join(served) if served else "none yet"
         return error_response(404, f"model {requested!r} is not served here; available: {listing}", "model_not_found", available=served)
 
+    def has_room(self, server: Server) -> bool:
+        return server.gate.in_flight < (self.max_inflight or server.slots)
+
     def _choose(self, route: Route, session: str | None) -> Server | None:
-        """The server for this request; a conversation is remembered where it started."""
-        views = [ServerView(s.id, s.is_ready(), s.gate.in_flight, s.rtt_ms()) for s in route.servers]
+        """The server for this request, among the ready ones with a free slot; a conversation
+        is remembered where it started (and goes elsewhere while that server is full)."""
+        views = [ServerView(s.id, s.is_ready() and self.has_room(s), s.gate.in_flight, s.rtt_ms()) for s in route.servers]
         key = (route.model, session) if session else None
         chosen = choose_server(views, self.sessions.get(key) if key else None)
         if chosen is None:
@@ -276,6 +341,9 @@ class ApiProxy:
         return next(s for s in route.servers if s.id == chosen.id)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        path = api_path(request.path)
+        if path is None:  # llama-server's other endpoints (slots, props, metrics) are not the mesh's API
+            return await self.not_found(request)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -287,22 +355,37 @@ class ApiProxy:
             return self._unknown_model(wanted, found)
         route = self.table.get(found.model)
         server = self._choose(route, session_of(doc, request.headers))
+        if server is None and route.status() == "ready":  # every ready server is full: say so rather than queue without end
+            limits = sorted({self.max_inflight or s.slots for s in route.servers if s.is_ready()})
+            return error_response(429, f"model {route.model} is busy: its servers already take {'/'.join(map(str, limits))} request(s) each; retry shortly",
+                                  "rate_limit_error")
         if server is None:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error")
         server.gate.enter()
         try:
-            return await self._relay(request, route.model, server, body)
+            return await self._relay(request, route.model, server, path, body)
         finally:
             server.gate.leave()
 
-    async def _relay(self, request: web.Request, model: str, upstream: Server, body: bytes) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        url = upstream.url() + request.path_qs
+        if self.policy.keys is not None and self.policy.keys.required():  # the caller's key is ours: no peer learns it
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
+        url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
         response: web.StreamResponse | None = None
+        # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
+        # once it streams, a long generation is legitimate. This node's own llama-server is trusted.
+        start_within = None if upstream.id == "local" else self.upstream_timeout
         try:
-            async with self._session.request(request.method, url, data=body, headers=headers) as up:
-                out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
+            try:
+                started = await asyncio.wait_for(self._session.request(request.method, url, data=body, headers=headers), start_within)
+            except TimeoutError as exc:
+                if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect timeout: a failed relay, below
+                    raise
+                return error_response(504, f"the peer serving {model} did not start its answer within {start_within:g} s", "upstream_timeout")
+            async with started as up:
+                out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS and not is_cors_header(k)}
                 response = web.StreamResponse(status=up.status, reason=up.reason, headers=out_headers)
                 if up.content_length is not None:
                     response.content_length = up.content_length

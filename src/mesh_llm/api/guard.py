@@ -1,0 +1,107 @@
+"""Who may talk to the node's HTTP ports, and which paths reach llama-server (pure).
+
+Browsers are the danger on loopback: any page the user opens can send requests to
+127.0.0.1, and a page whose own name was re-pointed at 127.0.0.1 (DNS rebinding)
+can even read the answers. So a request must name a loopback host, a browser request
+(it carries `Origin`) must come from one of this node's own pages or from an origin
+the user allowed with --cors-origin, and only the API routes the product serves are
+relayed: llama-server's other endpoints (slots, props, metrics) stay out of reach.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+LOOPBACK_ADDRS = frozenset({"127.0.0.1", "::1"})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+# What the proxy relays to a model's server (POST); everything else under /v1 is ours or a 404.
+API_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens"})
+CORS_HEADERS = "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta"
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_MAX_AGE = "600"
+
+
+def host_allowed(host_header: str, listen_all: bool) -> bool:
+    """On loopback, only requests addressed to a loopback name: a page whose own name was
+    re-pointed at 127.0.0.1 (DNS rebinding) gets no answers from us."""
+    if listen_all:
+        return True
+    name = host_header if host_header.endswith("]") else host_header.rsplit(":", 1)[0]
+    return name.lower() in LOOPBACK_NAMES
+
+
+def api_path(path: str) -> str | None:
+    """The relayed route a request path names once normalised (`/v1/../slots` is not one), else None."""
+    if not path.startswith("/"):
+        return None
+    normal = posixpath.normpath(path)
+    if normal.startswith("//"):  # POSIX keeps a leading double slash; no route has one
+        normal = "/" + normal.lstrip("/")
+    return normal if normal in API_PATHS else None
+
+
+def parse_origin(text: str) -> str:
+    """A web origin as browsers send it (scheme://host[:port], lower case, no path);
+    ValueError names what is wrong."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an origin: give scheme and host, e.g. https://app.example or http://localhost:5173")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{text!r} is not an origin: drop the path, e.g. {parts.scheme}://{parts.netloc}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not an origin: its port is not a number from 1 to 65535") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 80 if parts.scheme == "http" else 443
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def loopback_origins(ports: Iterable[int]) -> frozenset[str]:
+    """The origins of pages this node itself serves on loopback (the console, and the API port)."""
+    return frozenset(f"http://{name}:{port}" for port in ports for name in ("localhost", "127.0.0.1", "[::1]"))
+
+
+class Origin(enum.Enum):
+    ABSENT = "absent"  # not a browser (curl, SDKs, agents): nothing to decide here
+    OWN = "own"  # one of this node's own pages
+    ALLOWED = "allowed"  # a web app the user allowed with --cors-origin: gets CORS headers
+    REFUSED = "refused"
+
+
+def judge_origin(origin: str | None, own: frozenset[str], allowed: frozenset[str], host_header: str = "", listen_all: bool = False) -> Origin:
+    """Where a browser request comes from. With --listen-all a page served under the name the
+    request is addressed to (the console opened by the machine's LAN name) is our own too."""
+    if origin is None:
+        return Origin.ABSENT
+    normal = origin.strip().lower()
+    if normal in own or (listen_all and host_header and normal == f"http://{host_header.lower()}"):
+        return Origin.OWN
+    if normal in allowed:
+        return Origin.ALLOWED
+    return Origin.REFUSED
+
+
+def local_caller(remote: str | None, host_header: str, origin: Origin) -> bool:
+    """A caller on this machine addressing it by a loopback name, not a foreign page: one the
+    console's page is served to anyway, so its chat needs no key."""
+    return remote in LOOPBACK_ADDRS and host_allowed(host_header, False) and origin in (Origin.ABSENT, Origin.OWN)
+
+
+def cors_headers(origin: str, preflight: bool) -> dict[str, str]:
+    """What an allowed cross-origin caller gets: its origin echoed, and for a preflight
+    the methods and headers the API takes (auth included: a user-approved app may send a key)."""
+    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if preflight:
+        headers |= {"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
+                    "Access-Control-Max-Age": CORS_MAX_AGE}
+    return headers
+
+
+def is_cors_header(name: str) -> bool:
+    """Headers the upstream (llama-server reflects any Origin) must not decide for us."""
+    return name.lower().startswith("access-control-")
