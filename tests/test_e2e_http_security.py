@@ -167,3 +167,60 @@ def test_api_keys_with_the_official_clients(engine, tiny_model: Path, start_node
     assert call(console, "GET", "/v1/models")[0] == 200
     assert call(node.port, "POST", "/v1/chat/completions", CHAT, {"Origin": f"http://localhost:{console}"})[0] == 401
     assert call(node.port, "GET", "/api/status")[0] == 200  # its own rules: the token for local callers only
+
+
+async def _through_tunnel(rogue, node_id: str, model: str, raw: bytes) -> bytes:  # type: ignore[no-untyped-def]
+    send, recv = await rogue.open_stream(node_id, StreamKind.HTTP, {"model": model})
+    await send.write_all(raw)
+    return bytes(await asyncio.wait_for(recv.read_to_end(1 << 20), 30))
+
+
+def _post(path: str, body: bytes, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_a_member_reaches_only_the_api_routes_through_the_http_tunnel(engine, tiny_model: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+    a = start_node("--model", str(tiny_model), "--ctx-size", "256", *LOCAL)
+    a.wait_ready()
+    token = a.token()
+    rogue = make_mesh(decode_token(token).mesh, name="rogue")
+    await rogue.start()
+    try:
+        await rogue.join([decode_token(token)])
+        node, model = a.node_id(), "tiny-llama"
+        chat = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+        # What a peer's proxy sends: answered, once.
+        ok = await _through_tunnel(rogue, node, model, _post("/v1/chat/completions", chat))
+        assert ok.startswith(b"HTTP/1.1 200") and b"choices" in ok
+        # llama-server's other endpoints, however spelled, and other methods: refused before it sees them.
+        for raw in (_post("/slots/0?action=erase", b"{}"), _post("/v1/../slots/0?action=erase", b"{}"), b"GET /props HTTP/1.1\r\nHost: x\r\n\r\n",
+                    _post("/v1//../metrics", b"")):
+            answer = await _through_tunnel(rogue, node, model, raw)
+            assert answer.startswith(b"HTTP/1.1 404") and b"not_found_error" in answer, answer[:200]
+        # A second request behind the first (keep-alive) is dropped: one stream, one request.
+        answer = await _through_tunnel(rogue, node, model, _post("/v1/chat/completions", chat) + b"GET /props HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 ") == 1 and b"default_generation_settings" not in answer
+        chunked = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        assert (await _through_tunnel(rogue, node, model, chunked)).startswith(b"HTTP/1.1 400")
+        assert "/slots" not in a.llama_log()  # nothing of the above reached llama-server
+    finally:
+        await rogue.close()
+
+
+async def test_a_member_cannot_queue_past_the_servers_cap_through_the_tunnel(engine, tiny_model: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+    a = start_node("--model", str(tiny_model), "--ctx-size", "256", "--max-inflight", "1", *LOCAL)
+    a.wait_ready()
+    token = a.token()
+    rogue = make_mesh(decode_token(token).mesh, name="rogue")
+    await rogue.start()
+    try:
+        await rogue.join([decode_token(token)])
+        long = json.dumps({"prompt": "go", "max_tokens": 15000, "ignore_eos": True, "stream": True}).encode()
+        send, recv = await rogue.open_stream(a.node_id(), StreamKind.HTTP, {"model": "tiny-llama"})
+        await send.write_all(_post("/v1/completions", long))
+        assert (await asyncio.wait_for(recv.read(4096), 30)).startswith(b"HTTP/1.1 200")  # holds the one place
+        second = await _through_tunnel(rogue, a.node_id(), "tiny-llama", _post("/v1/completions", long))
+        assert second.startswith(b"HTTP/1.1 429") and b"Retry-After" in second
+        await send.reset(0)
+    finally:
+        await rogue.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh_llm.api.guard import Origin, api_path, cors_headers, host_allowed, judge_origin, local_caller, loopback_origins, parse_origin
+from mesh_llm.api.guard import Origin, RequestRefused, api_path, cors_headers, host_allowed, judge_origin, local_caller, loopback_origins, parse_origin, tunnelled_request
 
 OWN = loopback_origins([9337, 3131])
 
@@ -88,3 +88,32 @@ def test_cors_headers_echo_the_origin_and_list_what_a_preflight_may_send() -> No
     for header in ("Authorization", "Content-Type", "x-api-key", "anthropic-version", "anthropic-beta"):
         assert header in preflight["Access-Control-Allow-Headers"]
     assert "POST" in preflight["Access-Control-Allow-Methods"]
+
+
+def _head(line: str, *headers: str) -> bytes:
+    return ("\r\n".join([line, *headers]) + "\r\n\r\n").encode()
+
+
+def test_a_tunnelled_request_is_one_api_call_with_a_counted_body() -> None:
+    head, length = tunnelled_request(_head("POST /v1//messages?beta=true HTTP/1.1", "Host: x", "Connection: keep-alive", "Content-Length: 12"), 100)
+    assert length == 12
+    assert head == b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (_head("POST /slots/0?action=erase HTTP/1.1", "Content-Length: 0"), 404),
+    (_head("POST /v1/../slots/0 HTTP/1.1", "Content-Length: 0"), 404),
+    (_head("GET /v1/chat/completions HTTP/1.1"), 404),
+    (_head("POST /v1/completions HTTP/1.1", "Transfer-Encoding: chunked"), 400),
+    (_head("POST /v1/completions HTTP/1.1"), 400),  # no length
+    (_head("POST /v1/completions HTTP/1.1", "Content-Length: 1", "Content-Length: 2"), 400),
+    (_head("POST /v1/completions HTTP/1.1", "Content-Length: -1"), 400),
+    (_head("POST /v1/completions HTTP/1.1", "Content-Length: 101"), 413),
+    (_head("POST /v1/completions HTTP/1.1", " Content-Length: 1"), 400),  # folded line
+    (_head("POST /v1/completions HTTP/2", "Content-Length: 1"), 400),
+    ("POST /v1/completions HTTP/1.1\r\nContent-Length: 1\r\nX: \u00e9\r\n\r\n".encode(), 400),
+])
+def test_anything_else_through_the_tunnel_is_refused(head: bytes, status: int) -> None:
+    with pytest.raises(RequestRefused) as refused:
+        tunnelled_request(head, 100)
+    assert refused.value.status == status

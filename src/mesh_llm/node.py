@@ -28,7 +28,7 @@ from mesh_llm.api.agents import agent_commands
 from mesh_llm.api.console import WebConsole, console_port_in_use
 from mesh_llm.api.http_guard import Policy
 from mesh_llm.api.keys import KeyRing, store_path
-from mesh_llm.api.proxy import UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
+from mesh_llm.api.proxy import SERVER_SLOTS, UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
 from mesh_llm.api.status_feed import StatusFeed
@@ -38,12 +38,13 @@ from mesh_llm.engine.source import LLAMA_CPP
 from mesh_llm.engine.supervisor import ManagedProcess, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.handshake import Refused
+from mesh_llm.mesh.http_tunnel import serve_http_tunnels
 from mesh_llm.mesh.identity import MeshCredentials, load_last_port, load_mesh, load_or_create_key, new_secret_key, save_last_port, save_mesh
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.transport import TransportConfig
-from mesh_llm.mesh.tunnels import serve_http_tunnels, serve_rpc_tunnels
+from mesh_llm.mesh.tunnels import serve_rpc_tunnels
 from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory, system_memory_bytes
 from mesh_llm.plan.split import Solo
 from mesh_llm.serving.fleet import Fleet, Loaded, SplitOptions, describe
@@ -298,7 +299,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             feed.follow(events)  # joins, leaves, record changes
         serve_rpc_tunnels(mesh, fleet.lent_port, warn)
         serve_file_proofs(mesh, fleet.model_path, warn)
-        serve_http_tunnels(mesh, fleet.local_server)
+        serve_http_tunnels(mesh, fleet.local_server, lambda gate: gate.in_flight < (cfg.max_inflight or SERVER_SLOTS))
         if tokens:
             with console.status("Joining the mesh…"):
                 try:

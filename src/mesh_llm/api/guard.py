@@ -105,3 +105,61 @@ def cors_headers(origin: str, preflight: bool) -> dict[str, str]:
 def is_cors_header(name: str) -> bool:
     """Headers the upstream (llama-server reflects any Origin) must not decide for us."""
     return name.lower().startswith("access-control-")
+
+
+# -- requests that arrive through the mesh's HTTP tunnel (from a peer's proxy) --------------
+
+MAX_TUNNEL_HEAD = 64 * 1024  # request line and headers of one tunnelled request
+_DROPPED_UPSTREAM = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect"})
+
+
+class RequestRefused(Exception):
+    """A tunnelled request llama-server must not see; `status` and the message go back to the peer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def tunnelled_request(head: bytes, max_body: int) -> tuple[bytes, int]:
+    """Check the head of a request a peer sends through the tunnel (up to and including the
+    blank line) and rewrite it for llama-server: one of the API routes (as the proxy relays
+    them), a Content-Length body, and `Connection: close` so the stream carries exactly one
+    request. Returns (head to send, body length); RequestRefused otherwise. A peer's proxy
+    only ever sends such requests; anything else is someone reaching for llama-server's
+    other endpoints (slots, props) or queueing more than it is counted for."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise RequestRefused(400, "request head is not ASCII") from None
+    if not text.endswith("\r\n\r\n"):
+        raise RequestRefused(400, "request head does not end with a blank line")
+    request_line, *header_lines = text[:-4].split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise RequestRefused(400, "malformed request line")
+    method, target, version = parts
+    path, _, query = target.partition("?")
+    route = api_path(path)
+    if method != "POST" or route is None:
+        raise RequestRefused(404, f"no route for {method[:16]} {path[:100]} through the mesh")
+    kept, lengths = [], []
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[:1] in (" ", "\t"):
+            raise RequestRefused(400, "malformed header line")
+        lower = name.lower()
+        if lower == "transfer-encoding":
+            raise RequestRefused(400, "only Content-Length bodies are relayed")
+        if lower == "content-length":
+            lengths.append(value.strip())
+        if lower not in _DROPPED_UPSTREAM:
+            kept.append(line)
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        raise RequestRefused(400, "one Content-Length is needed")
+    body_length = int(lengths[0])
+    if body_length > max_body:
+        raise RequestRefused(413, f"request body exceeds {max_body} bytes")
+    target = route + (f"?{query}" if query else "")
+    rebuilt = "\r\n".join([f"POST {target} {version}", *kept, "Connection: close"]) + "\r\n\r\n"
+    return rebuilt.encode("ascii"), body_length

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from mesh_llm.mesh.mesh import Mesh, PeerGone
 from mesh_llm.mesh.rpc_traffic import RpcTraffic
@@ -171,45 +170,6 @@ class TunnelListener:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-
-
-UNAVAILABLE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 5\r\nContent-Length: %d\r\n\r\n%s"
-)
-
-
-def _unavailable(model: str) -> bytes:
-    """The reply a peer's proxy passes on as is: the same JSON error shape as the proxy's own."""
-    message = f"model {model[:200]} is not served by this node right now; retry shortly"
-    body = json.dumps({"error": {"message": message, "type": "unavailable_error", "code": 503}}).encode()
-    return UNAVAILABLE % (len(body), body)
-
-
-class Counter(Protocol):
-    """Counts the requests at a server (see api.proxy.Gate)."""
-
-    def enter(self) -> None: ...
-    def leave(self) -> None: ...
-
-
-def serve_http_tunnels(mesh: Mesh, local_server: Callable[[str], tuple[int, Counter] | None]) -> None:
-    """Answer HTTP streams with the named model's local llama-server (counted at its gate)."""
-
-    async def handler(peer_id: str, header: dict[str, Any], send: Any, reader: FramedReader) -> None:
-        model = get_str(header, "model", 256)
-        server = local_server(model)
-        if server is None:
-            await send.write_all(_unavailable(model))
-            await send.finish()
-            return
-        port, gate = server
-        gate.enter()
-        try:
-            await _connect_and_relay(port, send, reader)
-        finally:
-            gate.leave()
-
-    mesh.on_stream(StreamKind.HTTP, handler)
 
 
 FIRST_COMMAND_SECS = 10.0  # an admitted RPC stream must send its first command within this
