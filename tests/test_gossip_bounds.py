@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from rich.console import Console
@@ -129,7 +132,8 @@ def nested(depth: int) -> bytes:
 def test_frames_nested_too_deep_are_protocol_errors_not_recursion() -> None:
     assert not nesting_exceeds(nested(MAX_DEPTH)) and nesting_exceeds(nested(MAX_DEPTH + 1))
     assert not nesting_exceeds(b'{"s":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{"}')  # brackets in strings
-    assert nesting_exceeds(b"[[]" * 40 + b"]" * 40)  # deep without a run of openers
+    assert nesting_exceeds(b"[[]," * 40 + b"[]" + b"]" * 40)  # deep without a run of openers
+    assert nesting_exceeds(b"[" * 100_000 + b"]" * 100_000)  # past json's own recursion limit
     for payload in (nested(MAX_DEPTH + 1), b"[" * 200_000 + b"]" * 200_000, b"[" * 500_000):
         dec = FrameDecoder()
         dec.feed(struct.pack(">I", len(payload)) + payload)
@@ -212,3 +216,20 @@ def test_a_node_advertises_only_addresses_its_peers_accept() -> None:
     assert own_dial_addrs(["[::1]:5", "bogus", *many]) == tuple(many[:MAX_DIAL_ADDRS])
     rec = PeerRecord(id=pid(1), addrs=own_dial_addrs(["[::1]:5", *many]), hosting=(HostedModel("m", "ready"),))
     assert PeerRecord.from_wire(json.loads(json.dumps(rec.to_wire()))) == rec
+
+
+def test_no_frame_can_make_decoding_take_long() -> None:
+    # Patterns over raw bytes can be driven quadratic (an unclosed string of escaped quotes took
+    # minutes per MiB). Decode such frames in a child with a bound a thousand times what they
+    # take (milliseconds): a quadratic decoder would take hours, not fail by a hair.
+    code = textwrap.dedent("""
+        from mesh_llm.mesh.wire import MAX_FRAME, ProtocolError, decode_payload
+        for payload in (b'"' + b'\\\\"' * (MAX_FRAME // 2 - 1), b'{"a":"' + b'\\\\' * (MAX_FRAME - 8) + b'"}', b'[' * MAX_FRAME, b'{"a":[' * (MAX_FRAME // 6)):
+            try:
+                decode_payload(payload)
+            except ProtocolError:
+                pass
+        print("done")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "done", out.stderr

@@ -10,7 +10,6 @@ that stream only.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from enum import IntEnum
 from typing import Any, Protocol
@@ -20,10 +19,6 @@ PROTOCOL_VERSION = 3  # 2: several models per node; 3: member and client admissi
 MAX_FRAME = 1 << 20  # 1 MiB: a gossip frame for a large mesh is a few tens of KiB
 MAX_DEPTH = 32  # nesting of arrays/objects in one frame; ours nest 4 deep
 _LEN = struct.Struct(">I")
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_AS_SQUARE = bytes.maketrans(b"{}", b"[]")  # depth is depth, whichever bracket
-_INNERMOST = re.compile(rb"\[\]")
 
 
 class StreamKind(IntEnum):
@@ -56,29 +51,42 @@ def parse_kind(byte: int) -> StreamKind:
         raise ProtocolError(f"unknown stream kind {byte}") from None
 
 
+def depth_exceeds(doc: Any, max_depth: int = MAX_DEPTH) -> bool:
+    """Whether a decoded document nests arrays/objects deeper than `max_depth` (iterative:
+    no recursion, and each value is visited once)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def nesting_exceeds(payload: bytes, max_depth: int = MAX_DEPTH) -> bool:
-    """Whether a JSON document nests arrays/objects deeper than `max_depth` (or its brackets
-    do not pair up). Runs at C speed: strings out, brackets only, then peel one level of
-    innermost pairs per round, so a deep document costs `max_depth` passes, never recursion."""
-    brackets = _JSON_STRING.sub(b"", payload).translate(_AS_SQUARE, _NOT_BRACKETS)
-    too_deep = b"[" * (max_depth + 1)  # the common deep document: found in one pass
-    for _ in range(max_depth):
-        if not brackets:
-            return False
-        if too_deep in brackets:
-            return True
-        brackets = _INNERMOST.sub(b"", brackets)
-    return bool(brackets)
+    """Whether a JSON document nests deeper than `max_depth`. json's C parser guards its own
+    recursion (RecursionError past about a thousand levels, in linear time), so parse first
+    and measure after; no pattern over the raw bytes (those can be made to take quadratic time)."""
+    try:
+        return depth_exceeds(json.loads(payload), max_depth)
+    except RecursionError:
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:
     """One frame's JSON object; anything else (bad JSON, too deep, not an object) is a ProtocolError."""
-    if nesting_exceeds(payload):
-        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except RecursionError:
+        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError):
         raise ProtocolError("frame is not valid JSON") from None
+    if depth_exceeds(doc):
+        raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
     if not isinstance(doc, dict):
         raise ProtocolError("frame is not a JSON object")
     return doc
