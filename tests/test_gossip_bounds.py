@@ -14,6 +14,7 @@ from rich.console import Console
 
 from mesh_llm.mesh.admission import LogLimiter
 from mesh_llm.mesh.peers import (
+    MAX_CLIENTS,
     MAX_DIAL_ADDRS,
     MAX_MEMBERS,
     MAX_PEERS_PER_FRAME,
@@ -153,6 +154,16 @@ def test_membership_is_capped_and_a_full_node_dials_nobody_new() -> None:
     assert ms.to_dial([DialHint(pid(10_000), addrs=("10.0.0.1:5",))], 0.0) == []
     ms.remove(pid(1), "left")
     assert [h.id for h in ms.to_dial([DialHint(pid(10_000), addrs=("10.0.0.1:5",)), DialHint(pid(10_001), addrs=("10.0.0.1:5",))], 0.0)] == [pid(10_000)]
+
+
+def test_clients_have_their_own_cap_and_never_take_a_members_place() -> None:
+    ms = Membership(self_id=pid(0))
+    for i in range(1, MAX_CLIENTS + 1):
+        assert ms.has_room_for(pid(i), client=True)
+        ms.admit(PeerRecord(id=pid(i), role="client"), 0.0)
+    assert not ms.has_room_for(pid(10_000), client=True)  # the clients' pool is full...
+    assert ms.has_room_for(pid(10_000))  # ...and members still fit
+    assert [h.id for h in ms.to_dial([DialHint(pid(10_001), addrs=("10.0.0.1:5",))], 0.0)] == [pid(10_001)]
 
 
 def test_dial_failures_of_throw_away_ids_do_not_pile_up() -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from mesh_llm.mesh import auth
 from mesh_llm.mesh.admission import HANDSHAKE_MAX_FRAME, HELLO_MAX_FRAME
 from mesh_llm.mesh.identity import KINDS, MeshCredentials
-from mesh_llm.mesh.peers import MAX_MEMBERS, PeerRecord
+from mesh_llm.mesh.peers import MAX_CLIENTS, MAX_MEMBERS, PeerRecord
 from mesh_llm.mesh.wire import PROTOCOL_VERSION, FramedReader, ProtocolError, StreamKind, encode_frame, get_hex, get_int, get_str, stream_prefix
 from mesh_llm.text import printable
 
@@ -96,7 +96,7 @@ async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, 
 
 
 async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord,
-                           has_room: Callable[[str], bool] = lambda peer_id: True) -> Admitted:
+                           has_room: Callable[[str, bool], bool] = lambda peer_id, client: True) -> Admitted:
     peer_id = conn.remote_id().to_bytes()
     bi = await conn.accept_bi()
     send, reader = bi.send(), FramedReader(bi.recv(), HELLO_MAX_FRAME)  # a stranger's first words: small
@@ -134,8 +134,10 @@ async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials
     record = PeerRecord.from_wire(answer.get("record"))
     if record.id != peer_id.hex():
         raise ProtocolError("peer record id does not match its TLS identity")
-    if not has_room(record.id):
-        raise await refuse(f"this node already has {MAX_MEMBERS} members, the most a mesh node admits", f"mesh full ({MAX_MEMBERS} members)")
+    client = kind == "client" or record.role == "client"
+    if not has_room(record.id, client):
+        what = f"{MAX_CLIENTS} clients" if client else f"{MAX_MEMBERS} members"
+        raise await refuse(f"this node already has {what}, the most a mesh node admits", f"mesh full ({what})")
     await _send(send, {"ok": True, "record": me.to_wire()})
     await send.finish()
     return Admitted(record, kind)

@@ -19,7 +19,6 @@ from mesh_llm.mesh.admission import ADMISSION_SECS, MAX_PENDING_HANDSHAKES, LogL
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.peers import (
     HEARTBEAT_SECS,
-    MAX_MEMBERS,
     DialHint,
     DialLimiter,
     EventKind,
@@ -294,8 +293,8 @@ class Mesh:
         conn.close(1, b"refused")
 
     def _add_link(self, conn: Any, record: PeerRecord, dialer: str, client: bool = False) -> None:
-        if not self.membership.has_room_for(record.id):
-            self._say_limited("full", f"Refused {record.id[:8]}: this node already has {MAX_MEMBERS} members")
+        if not self.membership.has_room_for(record.id, client or record.role == "client"):
+            self._say_limited("full", f"Refused {record.id[:8]}: this node already has as many {'clients' if client or record.role == 'client' else 'members'} as it admits")
             conn.close(4, b"mesh full")
             return
         link = Link(conn, record.id, record.incarnation, dialer, client)

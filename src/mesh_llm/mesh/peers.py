@@ -22,7 +22,8 @@ HEARTBEAT_SECS = 1.5  # gossip with every member this often
 DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
 REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often than this
 MAX_PEERS_PER_FRAME = 256
-MAX_MEMBERS = 256  # other nodes one node admits; past this, admission is refused with a reason
+MAX_MEMBERS = 256  # other serving nodes one node admits; past this, admission is refused with a reason
+MAX_CLIENTS = 256  # clients, counted apart: a client-token holder with many identities cannot crowd members out
 GOSSIP_BUDGET = MAX_FRAME - 4096  # encoded bytes of one gossip frame, with headroom for framing
 
 # What a peer may say about itself: ASCII addresses, printable names, all of bounded length,
@@ -388,9 +389,13 @@ class Membership:
     def note_dial_failure(self, peer_id: str, now: float) -> None:
         self.dial_failed_at[peer_id] = now
 
-    def has_room_for(self, peer_id: str) -> bool:
-        """Whether admitting `peer_id` keeps this node within MAX_MEMBERS (a known member always fits)."""
-        return peer_id in self.members or len(self.members) < MAX_MEMBERS
+    def has_room_for(self, peer_id: str, client: bool = False) -> bool:
+        """Whether admitting `peer_id` keeps this node within MAX_MEMBERS, or for a client
+        within MAX_CLIENTS (a known member always fits)."""
+        if peer_id in self.members:
+            return True
+        clients = sum(1 for m in self.members.values() if m.record.role == "client")
+        return clients < MAX_CLIENTS if client else len(self.members) - clients < MAX_MEMBERS
 
     def to_dial(self, discovered: list[DialHint], now: float) -> list[DialHint]:
         """Peers learned from gossip that this node should connect to (full mesh).
@@ -401,7 +406,7 @@ class Membership:
         # throw-away ids must not pile up here: a failure older than the backoff says nothing
         self.dial_failed_at = {pid: at for pid, at in self.dial_failed_at.items() if now - at < REDIAL_BACKOFF_SECS}
         out: dict[str, DialHint] = {}
-        room = MAX_MEMBERS - len(self.members)
+        room = MAX_MEMBERS - sum(1 for m in self.members.values() if m.record.role != "client")
         for p in discovered:
             if len(out) >= room:
                 break
