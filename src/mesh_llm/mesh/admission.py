@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 MAX_PENDING_HANDSHAKES = 32  # unauthenticated connections in admission at once; more are refused at once
 ADMISSION_SECS = 10.0  # accept + handshake, the whole of it (not each step)
+HELLO_SECS = 3.0  # from the first stream to its HELLO: an honest dialer sends it at once; a silent stranger frees its slot
 HELLO_MAX_FRAME = 4096  # the first HELLO frame: {v, mesh, nonce} is ~150 bytes
 HANDSHAKE_MAX_FRAME = 256 * 1024  # later handshake frames carry a record (bounded fields: well under this)
 REFUSAL_LOG_SECS = 10.0  # at most one log line per kind of refusal this often

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from mesh_llm.mesh import auth
-from mesh_llm.mesh.admission import HANDSHAKE_MAX_FRAME, HELLO_MAX_FRAME
+from mesh_llm.mesh.admission import HANDSHAKE_MAX_FRAME, HELLO_MAX_FRAME, HELLO_SECS
 from mesh_llm.mesh.identity import KINDS, MeshCredentials
 from mesh_llm.mesh.peers import MAX_CLIENTS, MAX_MEMBERS, PeerRecord
 from mesh_llm.mesh.wire import PROTOCOL_VERSION, FramedReader, ProtocolError, StreamKind, encode_frame, get_hex, get_int, get_str, stream_prefix
@@ -98,11 +98,18 @@ async def dial_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, 
 async def accept_handshake(conn: iroh.ConnectionProtocol, creds: MeshCredentials, my_id: bytes, me: PeerRecord,
                            has_room: Callable[[str, bool], bool] = lambda peer_id, client: True) -> Admitted:
     peer_id = conn.remote_id().to_bytes()
-    bi = await conn.accept_bi()
-    send, reader = bi.send(), FramedReader(bi.recv(), HELLO_MAX_FRAME)  # a stranger's first words: small
-    if await reader.read_kind() != StreamKind.HELLO:
-        raise ProtocolError("first stream is not a HELLO")
-    hello = await reader.read_frame()
+
+    async def first_words() -> tuple[iroh.SendStreamProtocol, FramedReader, dict]:
+        bi = await conn.accept_bi()
+        send, reader = bi.send(), FramedReader(bi.recv(), HELLO_MAX_FRAME)  # a stranger's first words: small
+        if await reader.read_kind() != StreamKind.HELLO:
+            raise ProtocolError("first stream is not a HELLO")
+        return send, reader, await reader.read_frame()
+
+    try:  # an honest dialer sends its HELLO at once: a silent stranger gives its slot back soon
+        send, reader, hello = await asyncio.wait_for(first_words(), HELLO_SECS)
+    except TimeoutError:
+        raise Refused(f"no HELLO within {HELLO_SECS:.0f} s") from None
     reader.decoder.max_frame = HANDSHAKE_MAX_FRAME  # the proof frame carries the dialer's record
 
     async def refuse(why: str, log_line: str) -> Refused:
