@@ -180,10 +180,19 @@ async def test_file_proofs_pass_for_the_same_file_only(tmp_path: Path) -> None:
     proofs.ask(records[bad], MODEL, mine, "fp")  # a failure is not asked again at once either
     await asyncio.sleep(0.2)
     assert results[0] == 3
+    # A prover whose file went away answers that it cannot read it (no traceback), and so does a
+    # challenger whose own copy is gone.
+    gone = tmp_path / "gone.gguf"
+    serve_file_proofs(none, lambda m: gone if m == MODEL else None, logs["none"].append)
+    proofs.keep_only({(good.me.id, records[good].incarnation), (bad.me.id, records[bad].incarnation)})
+    proofs.ask(records[none], MODEL, mine, "fp")
+    await wait_until(lambda: results[0] == 4)
+    assert any("it says: this node cannot read its copy" in line for line in warned), warned
+    assert await proofs._verify(good.me.id, MODEL, gone) is not None
     proofs.keep_only({(bad.me.id, records[bad].incarnation)})  # the others left (or restarted)
     assert not proofs.proven(records[good], "fp")
     proofs.ask(records[good], MODEL, mine, "fp")  # and are asked again when they come back
-    await wait_until(lambda: results[0] == 4 and proofs.proven(records[good], "fp"))
+    await wait_until(lambda: results[0] == 5 and proofs.proven(records[good], "fp"))
     await proofs.close()
     for m in (good, bad, none, w):
         await m.close()

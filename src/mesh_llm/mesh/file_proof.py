@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_llm.mesh.wire import ProtocolError, get_hex, get_list, get_str
+from mesh_llm.text import is_name
 
 RANGES = 8  # a challenge asks for this many ranges ...
 RANGE_BYTES = 4096  # ... of this many bytes each
@@ -43,6 +44,8 @@ class Challenge:
     def from_doc(doc: dict[str, Any]) -> Challenge:
         """The challenge in a request, bounded (at most MAX_RANGES of at most MAX_RANGE_BYTES each)."""
         model = get_str(doc, "model", 256)
+        if not is_name(model, 256):  # it is looked up and named in log lines
+            raise ProtocolError("the challenged model must be named in printable text")
         nonce = get_hex(doc, "nonce", NONCE_BYTES)
         ranges = []
         for item in get_list(doc, "ranges", MAX_RANGES):

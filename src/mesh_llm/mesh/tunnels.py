@@ -20,6 +20,7 @@ from mesh_llm.mesh.mesh import Mesh, PeerGone
 from mesh_llm.mesh.rpc_traffic import RpcTraffic
 from mesh_llm.mesh.transport import describe, iroh
 from mesh_llm.mesh.wire import FramedReader, StreamKind, get_str
+from mesh_llm.text import printable
 
 CHUNK = 256 * 1024
 
@@ -221,7 +222,7 @@ def serve_rpc_tunnels(mesh: Mesh, lent_port: Callable[[str, str], int | str | No
     attached = RpcAttachments()
 
     async def handler(peer_id: str, header: dict[str, Any], send: Any, reader: FramedReader) -> None:
-        model = get_str(header, "model", 256, "")
+        model = printable(get_str(header, "model", 256, ""), 100)  # it goes into log lines
         if mesh.is_client(peer_id):
             refusal: str | None = "a client may not use RPC workers"
             port = None

@@ -23,6 +23,7 @@ from mesh_llm.mesh.mesh import Mesh, PeerGone
 from mesh_llm.mesh.peers import PeerRecord
 from mesh_llm.mesh.transport import describe, iroh
 from mesh_llm.mesh.wire import FramedReader, ProtocolError, StreamKind, encode_frame, get_str
+from mesh_llm.text import printable
 
 PROVE_SECS = 10.0  # a peer has this long to answer a challenge
 RETRY_SECS = 60.0  # a peer that failed is asked again after this long
@@ -75,8 +76,11 @@ class FileProofs:
 
     async def _verify(self, peer: str, model: str, path: Path) -> str | None:
         """None if `peer` proved it holds our file for `model`, else why not."""
-        challenge = new_challenge(model, path.stat().st_size)
-        expected = await asyncio.to_thread(answer_from_file, path, challenge, peer)
+        try:
+            challenge = new_challenge(model, path.stat().st_size)
+            expected = await asyncio.to_thread(answer_from_file, path, challenge, peer)
+        except OSError as exc:
+            return f"this node cannot read its own copy ({exc.strerror or exc})"
         try:
             send, recv = await self.mesh.open_stream(peer, StreamKind.PROVE, challenge.to_doc())
             await send.finish()
@@ -86,7 +90,7 @@ class FileProofs:
         except (TimeoutError, ProtocolError, iroh.IrohError) as exc:
             return f"no answer ({describe(exc)})"
         if "error" in reply:
-            return f"it says: {get_str(reply, 'error', 300)}"
+            return f"it says: {printable(get_str(reply, 'error', 300))}"
         if get_str(reply, "hash", 64, "") != expected:
             return "its answer does not match this node's copy"
         return None
@@ -110,14 +114,17 @@ def serve_file_proofs(mesh: Mesh, path_of: Callable[[str], Path | None], log: Ca
         elif path is None:
             error = f"this node has no {challenge.model[:100]}"
             log(f"peer {peer_id[:8]} challenged this node for {challenge.model[:100]}, a file it does not have: not proven")
-        elif (error := out_of_file(challenge.ranges, path.stat().st_size)) is not None:
-            log(f"peer {peer_id[:8]} challenged this node for {challenge.model[:100]}: {error}, so the copies differ: not proven")
-        if error is None and path is not None:
-            async with answering:
-                digest = await asyncio.to_thread(answer_from_file, path, challenge, mesh.me.id)
-            reply: dict[str, Any] = {"hash": digest}
         else:
-            reply = {"error": error}
+            try:
+                if (error := out_of_file(challenge.ranges, path.stat().st_size)) is not None:
+                    log(f"peer {peer_id[:8]} challenged this node for {challenge.model[:100]}: {error}, so the copies differ: not proven")
+                else:
+                    async with answering:
+                        digest = await asyncio.to_thread(answer_from_file, path, challenge, mesh.me.id)
+            except OSError as exc:  # the file went away or became unreadable under us
+                error = f"this node cannot read its copy of {challenge.model[:100]} ({exc.strerror or exc})"
+                log(f"peer {peer_id[:8]} challenged this node for {challenge.model[:100]}: {error}")
+        reply: dict[str, Any] = {"error": error} if error is not None else {"hash": digest}
         with contextlib.suppress(iroh.IrohError):
             await send.write_all(encode_frame(reply))
             await send.finish()
