@@ -367,6 +367,10 @@ class Mesh:
                 await bi.recv().stop(1)
         except iroh.IrohError:
             pass  # the peer reset the stream or went away; the connection watcher handles the latter
+        except (OSError, ValueError, RuntimeError) as exc:  # a handler's local trouble ends that stream only, in one line
+            self._say_limited("stream failed", f"A {link.peer_id[:8]} stream failed here: {describe(exc)}")
+            with contextlib.suppress(Exception):
+                await send.reset(1)
 
     # -- gossip -----------------------------------------------------------------
 
