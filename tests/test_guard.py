@@ -54,6 +54,17 @@ def test_with_listen_all_the_page_served_under_the_requested_name_is_ours() -> N
     assert judge_origin("http://192.0.2.7:3131", OWN, frozenset(), "192.0.2.7:3131", listen_all=True) is Origin.OWN
     assert judge_origin("http://192.0.2.7:3131", OWN, frozenset(), "192.0.2.7:3131", listen_all=False) is Origin.REFUSED
     assert judge_origin("http://evil.example", OWN, frozenset(), "192.0.2.7:3131", listen_all=True) is Origin.REFUSED
+    assert judge_origin("http://[2001:db8::7]:3131", OWN, frozenset(), "[2001:db8::7]:3131", listen_all=True) is Origin.OWN
+    names = frozenset({"box", "box.lan"})
+    for host in ("box:3131", "BOX.lan:3131", "box.lan.:3131"):
+        assert judge_origin(f"http://{host.lower()}", OWN, frozenset(), host, listen_all=True, own_names=names) is Origin.OWN, host
+
+
+def test_with_listen_all_a_rebinding_page_under_a_foreign_name_is_refused() -> None:
+    # evil.example re-pointed at this machine: its page is served under that name and sends it as Host and Origin alike
+    names = frozenset({"box", "box.lan"})
+    for host in ("evil.example:9337", "evil.example", "box.evil.example:3131", "localhost.evil:3131"):
+        assert judge_origin(f"http://{host}", OWN, frozenset(), host, listen_all=True, own_names=names) is Origin.REFUSED, host
 
 
 @pytest.mark.parametrize(("text", "origin"), [

@@ -11,6 +11,7 @@ relayed: llama-server's other endpoints (slots, props, metrics) stay out of reac
 from __future__ import annotations
 
 import enum
+import ipaddress
 import posixpath
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -73,13 +74,36 @@ class Origin(enum.Enum):
     REFUSED = "refused"
 
 
-def judge_origin(origin: str | None, own: frozenset[str], allowed: frozenset[str], host_header: str = "", listen_all: bool = False) -> Origin:
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port (an IPv6 literal keeps its brackets)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rsplit(":", 1)[0]
+
+
+def names_this_machine(name: str, own_names: frozenset[str]) -> bool:
+    """An IP literal, or one of this machine's own names: no page elsewhere can be served under
+    it. Any other DNS name may be an attacker's, re-pointed at us (DNS rebinding)."""
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return bool(name) and name.rstrip(".") in own_names
+    return True
+
+
+def judge_origin(origin: str | None, own: frozenset[str], allowed: frozenset[str], host_header: str = "", listen_all: bool = False,
+                 own_names: frozenset[str] = frozenset()) -> Origin:
     """Where a browser request comes from. With --listen-all a page served under the name the
-    request is addressed to (the console opened by the machine's LAN name) is our own too."""
+    request is addressed to (the console opened by the machine's LAN address or its own host
+    name, `own_names`: lower case) is our own too; under another DNS name it is not, since a
+    rebinding page is served under its own name and sends that as Host and Origin alike."""
     if origin is None:
         return Origin.ABSENT
     normal = origin.strip().lower()
-    if normal in own or (listen_all and host_header and normal == f"http://{host_header.lower()}"):
+    if normal in own:
+        return Origin.OWN
+    if listen_all and host_header and normal == f"http://{host_header.strip().lower()}" and names_this_machine(host_name(host_header), own_names):
         return Origin.OWN
     if normal in allowed:
         return Origin.ALLOWED

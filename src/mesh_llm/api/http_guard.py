@@ -37,6 +37,7 @@ class Policy:
     cors_origins: frozenset[str] = frozenset()
     ports: set[int] = field(default_factory=set)  # the API's and the console's: pages there are ours
     keys: KeyCheck | None = None
+    own_names: frozenset[str] = frozenset()  # this machine's host names (lower case): see guard.judge_origin
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -86,7 +87,7 @@ def guard_middleware(policy: Policy, *, wrong_host_hint: str, local_without_key:
 
 
 def origin_of(request: web.Request, policy: Policy) -> Origin:
-    return judge_origin(request.headers.get("Origin"), loopback_origins(policy.ports), policy.cors_origins, request.host, policy.listen_all)
+    return judge_origin(request.headers.get("Origin"), loopback_origins(policy.ports), policy.cors_origins, request.host, policy.listen_all, policy.own_names)
 
 
 def cors_signal(policy: Policy) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
