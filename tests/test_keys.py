@@ -89,7 +89,14 @@ async def test_the_guard_asks_for_a_key_on_v1_only_and_the_console_lets_local_ca
     assert await _verdict(policy, "/v1/messages", remote, {"x-api-key": key}) == 200
     assert await _verdict(policy, "/v1/messages", remote, {"x-api-key": key + "x"}) == 401
     assert await _verdict(policy, "/health", remote, {}) == 200
-    assert await _verdict(policy, "/api/status", remote, {}) == 200  # governed by its own rules (token for local callers only)
+    # The node's control routes: another machine needs a key (--listen-all --allow-remote-runtime), this one does not (mesh-llm load/status).
+    for path in ("/api/status", "/api/events", "/api/runtime", "/api/runtime/models", "/api/runtime/models/x", "/api//runtime/./models", "/api/x/../runtime"):
+        assert await _verdict(policy, path, remote, {}) == 401, path
+        assert await _verdict(policy, path, remote, {"Authorization": f"Bearer {key}"}) == 200, path
+        assert await _verdict(policy, path, local, {}) == 200, path
+        assert await _verdict(policy, path, local, {}, console=True) == 200, path
+        assert await _verdict(policy, path, local, {"Host": "rebound.example:3131"}) == 401, path
+    assert await _verdict(policy, "/", remote, {}) == 200  # the console's page itself
     # The console: its own page on this machine chats without a key; another machine, or a rebinding name, needs one.
     assert await _verdict(policy, "/v1/chat/completions", local, {"Origin": "http://localhost:3131"}, console=True) == 200
     assert await _verdict(policy, "/v1/chat/completions", local, {}, console=True) == 200
