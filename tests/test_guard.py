@@ -109,6 +109,9 @@ def test_a_tunnelled_request_is_one_api_call_with_a_counted_body() -> None:
     head, length = tunnelled_request(_head("POST /v1//messages?beta=true HTTP/1.1", "Host: x", "Connection: keep-alive", "Content-Length: 12"), 100)
     assert length == 12
     assert head == b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"
+    head, _ = tunnelled_request(_head("POST /v1/messages HTTP/1.1", "Host: x", "Authorization: Bearer sk-real", "X-Api-Key: sk-real",
+                                      "Cookie: a=b", "Proxy-Authorization: Basic eDp5", "Content-Length: 0"), 100)
+    assert head == b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"  # no credentials reach llama-server
 
 
 @pytest.mark.parametrize(("head", "status"), [

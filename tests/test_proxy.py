@@ -25,7 +25,9 @@ class FakeUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization"), "x-api-key": request.headers.get("x-api-key")})
+        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization"), "x-api-key": request.headers.get("x-api-key"),
+                              "cookie": request.headers.get("Cookie"), "proxy-auth": request.headers.get("Proxy-Authorization"),
+                              "raw_path": request.raw_path, "anthropic-version": request.headers.get("anthropic-version")})
         if not body.get("stream"):
             return web.json_response({"choices": [{"message": {"content": "hi"}}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -84,9 +86,9 @@ async def test_stream_is_relayed_event_by_event(proxied) -> None:
 
 async def test_non_streaming_and_headers_pass_through(proxied) -> None:
     up, client, _, _ = proxied
-    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": "Bearer k"}) as r:
+    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"anthropic-version": "2023-06-01"}) as r:
         assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "hi"
-    assert up.requests[-1]["auth"] == "Bearer k" and up.requests[-1]["body"] == {"model": "tiny"}
+    assert up.requests[-1]["anthropic-version"] == "2023-06-01" and up.requests[-1]["body"] == {"model": "tiny"}
 
 
 async def test_client_disconnect_cancels_upstream(proxied) -> None:
@@ -297,6 +299,14 @@ async def test_a_peer_that_never_answers_is_504_and_the_proxy_lives_on() -> None
             await proxy.close()
             silent.close()
 
+
+
+async def test_without_keys_the_callers_own_credentials_are_not_relayed_either(proxied) -> None:
+    up, client, _, _ = proxied
+    sent = {"Authorization": "Bearer sk-ant-the-users-real-key", "x-api-key": "sk-the-users-real-key", "Cookie": "session=1", "Proxy-Authorization": "Basic eDp5"}
+    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers=sent) as r:
+        assert r.status == 200
+    assert [(r["auth"], r["x-api-key"], r["cookie"], r["proxy-auth"]) for r in up.requests] == [(None, None, None, None)]
 
 
 async def test_with_keys_the_callers_key_is_not_relayed(tmp_path) -> None:

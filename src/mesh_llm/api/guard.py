@@ -134,7 +134,9 @@ def is_cors_header(name: str) -> bool:
 # -- requests that arrive through the mesh's HTTP tunnel (from a peer's proxy) --------------
 
 MAX_TUNNEL_HEAD = 64 * 1024  # request line and headers of one tunnelled request
-_DROPPED_UPSTREAM = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect"})
+_DROPPED_UPSTREAM = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect",
+                               # credentials: the sending proxy drops them already; a peer's own code may not
+                               "authorization", "x-api-key", "cookie", "proxy-authorization"})
 
 
 class RequestRefused(Exception):

@@ -22,7 +22,7 @@ import errno
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,10 @@ HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
 }
+# Credentials are never relayed: a key for this node is ours (no peer learns it), and the key a
+# caller sends for its usual provider (Claude Code, the SDKs send the user's real one) is none of a
+# peer's business. llama-server runs without --api-key, so nothing upstream needs them.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization"})
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
@@ -134,6 +138,11 @@ class UpstreamTable:
     def ready_servers(self) -> dict[str, list[str]]:
         """For each model, the servers ready to answer it now ("local", or a peer's id)."""
         return {m: [s.id for s in r.servers if s.is_ready()] for m, r in self._by_model.items()}
+
+
+def relayed_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A request's headers as they go upstream: no hop-by-hop ones, no credentials."""
+    return {k: v for k, v in headers if k.lower() not in HOP_HEADERS and k.lower() not in CREDENTIAL_HEADERS}
 
 
 def port_in_use(host: str, port: int) -> UserError:
@@ -369,9 +378,7 @@ class ApiProxy:
 
     async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        if self.policy.keys is not None and self.policy.keys.required():  # the caller's key is ours: no peer learns it
-            headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
+        headers = relayed_headers(request.headers.items())
         url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
         response: web.StreamResponse | None = None
         # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
