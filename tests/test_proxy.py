@@ -91,6 +91,20 @@ async def test_non_streaming_and_headers_pass_through(proxied) -> None:
     assert up.requests[-1]["anthropic-version"] == "2023-06-01" and up.requests[-1]["body"] == {"model": "tiny"}
 
 
+async def test_the_query_reaches_upstream_byte_for_byte(proxied) -> None:
+    up, client, _, _ = proxied
+    port = client._base_url.port
+    for query in ("beta=true", "beta=true&x=%0d%0a+a%20b%23frag%26y=1&z=%2F..%2Fslots", "a=%E2%82%AC&b=&&c"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"model": "tiny"}'
+        writer.write(b"POST /v1/chat/completions?%s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (query.encode(), len(body), body))
+        reply = await reader.read()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert up.requests[-1]["raw_path"] == f"/v1/chat/completions?{query}"
+
+
 async def test_client_disconnect_cancels_upstream(proxied) -> None:
     up, client, _, _ = proxied
     r = await client.post("/v1/chat/completions", json={"model": "tiny", "stream": True, "hang": True})

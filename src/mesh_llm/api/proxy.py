@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from mesh_llm.api.guard import LOOPBACK_ADDRS, api_path, is_cors_header
 from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console and tests use it from here
@@ -379,7 +380,10 @@ class ApiProxy:
     async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
         assert self._session is not None
         headers = relayed_headers(request.headers.items())
-        url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
+        # The query as the caller encoded it, byte for byte (Claude Code sends ?beta=true): decoded and
+        # re-encoded, %23 would become a fragment and %26 a new parameter.
+        query = request.rel_url.raw_query_string
+        url = URL(upstream.url() + path + (f"?{query}" if query else ""), encoded=True)
         response: web.StreamResponse | None = None
         # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
         # once it streams, a long generation is legitimate. This node's own llama-server is trusted.
