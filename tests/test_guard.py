@@ -94,11 +94,24 @@ def test_local_callers_of_the_console() -> None:
 
 def test_cors_headers_echo_the_origin_and_list_what_a_preflight_may_send() -> None:
     simple = cors_headers("https://app.example", preflight=False)
-    assert simple == {"Access-Control-Allow-Origin": "https://app.example", "Vary": "Origin"}
+    assert simple == {"Access-Control-Allow-Origin": "https://app.example", "Vary": "Origin", "Access-Control-Expose-Headers": "Retry-After"}
     preflight = cors_headers("https://app.example", preflight=True)
     for header in ("Authorization", "Content-Type", "x-api-key", "anthropic-version", "anthropic-beta"):
         assert header in preflight["Access-Control-Allow-Headers"]
     assert "POST" in preflight["Access-Control-Allow-Methods"]
+
+
+def test_a_preflight_gets_the_headers_it_asks_for_when_they_are_a_list_of_names() -> None:
+    sdk = "x-stainless-os, X-Stainless-Lang,authorization ,anthropic-dangerous-direct-browser-access,content-type"
+    allow = cors_headers("https://app.example", preflight=True, requested=sdk)["Access-Control-Allow-Headers"]
+    names = [n.strip() for n in allow.split(",")]
+    for header in ("Authorization", "Content-Type", "x-api-key", "x-stainless-os", "X-Stainless-Lang", "anthropic-dangerous-direct-browser-access"):
+        assert header in names, header
+    assert len(names) == len({n.lower() for n in names})  # authorization once
+    fixed = cors_headers("https://app.example", preflight=True)["Access-Control-Allow-Headers"]
+    for bad in ("x-a\r\nSet-Cookie: a=b", "x-a, , x-b", "x a", "x-a;b", "(x)", "x-é", "x" * 2049, ",".join(["x"] * 65), ""):
+        assert cors_headers("https://app.example", preflight=True, requested=bad)["Access-Control-Allow-Headers"] == fixed, bad
+    assert cors_headers("https://app.example", preflight=True, requested=",".join(["x-a"] * 64))["Access-Control-Allow-Headers"] == fixed + ", x-a"
 
 
 def _head(line: str, *headers: str) -> bytes:

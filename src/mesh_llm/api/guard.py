@@ -116,13 +116,39 @@ def local_caller(remote: str | None, host_header: str, origin: Origin) -> bool:
     return remote in LOOPBACK_ADDRS and host_allowed(host_header, False) and origin in (Origin.ABSENT, Origin.OWN)
 
 
-def cors_headers(origin: str, preflight: bool) -> dict[str, str]:
+MAX_REQUESTED_HEADERS = 2048  # characters of Access-Control-Request-Headers we echo
+MAX_REQUESTED_NAMES = 64
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
+EXPOSED_HEADERS = "Retry-After"  # a 429/503 says when to come back
+
+
+def requested_headers(text: str | None) -> list[str] | None:
+    """The header names of an Access-Control-Request-Headers value (a comma-separated list of
+    HTTP tokens, bounded), or None when it is anything else."""
+    if text is None or len(text) > MAX_REQUESTED_HEADERS:
+        return None
+    names = [n.strip(" \t") for n in text.split(",")]
+    if len(names) > MAX_REQUESTED_NAMES or not all(names) or not all(set(n) <= _TOKEN_CHARS for n in names):
+        return None
+    return names
+
+
+def cors_headers(origin: str, preflight: bool, requested: str | None = None) -> dict[str, str]:
     """What an allowed cross-origin caller gets: its origin echoed, and for a preflight
-    the methods and headers the API takes (auth included: a user-approved app may send a key)."""
+    the methods and headers the API takes (auth included: a user-approved app may send a key),
+    plus the ones its preflight asks for when they are a well-formed list: the official SDKs
+    send their own (X-Stainless-*, anthropic-dangerous-direct-browser-access)."""
     headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
     if preflight:
-        headers |= {"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
+        allow = CORS_HEADERS
+        known = {n.strip().lower() for n in CORS_HEADERS.split(",")}
+        extra = [n for n in requested_headers(requested) or [] if n.lower() not in known]
+        if extra:
+            allow += ", " + ", ".join(dict.fromkeys(extra))
+        headers |= {"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": allow,
                     "Access-Control-Max-Age": CORS_MAX_AGE}
+    else:
+        headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
     return headers
 
 

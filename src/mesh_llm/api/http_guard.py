@@ -109,7 +109,7 @@ def cors_signal(policy: Policy) -> Callable[[web.Request, web.StreamResponse], A
             del response.headers[name]
         if origin_of(request, policy) is Origin.ALLOWED and _is_api(request.path):
             preflight = request.method == "OPTIONS" and response.status == 204
-            response.headers.update(cors_headers(request.headers["Origin"], preflight))
+            response.headers.update(cors_headers(request.headers["Origin"], preflight, request.headers.get("Access-Control-Request-Headers")))
 
     return own_cors_headers
 
