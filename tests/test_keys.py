@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 from mesh_llm.api.http_guard import Policy, guard_middleware
 from mesh_llm.api.keys import KeyRing, create_key, key_hash, load_store, parse_key_file, revoke_key, store_path
 from mesh_llm.errors import UserError
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, free_port, run_cli
 
 
 def test_a_created_key_is_stored_as_a_hash_privately(tmp_path: Path) -> None:
@@ -67,6 +67,22 @@ def test_no_keys_means_none_required_and_bad_files_stop_the_start(tmp_path: Path
     with pytest.raises(UserError, match="not a key list"):
         KeyRing(store_path(tmp_path))
     assert parse_key_file("a\n#b\n c \n\n") == ["a", "c"]
+
+
+def test_a_key_file_others_may_write_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("team-key\n")
+    for mode in (0o620, 0o602, 0o666):
+        key_file.chmod(mode)
+        with pytest.raises(UserError, match="writable by others.*chmod 600"):
+            KeyRing(store_path(tmp_path), key_file)
+    key_file.chmod(0o644)  # readable by all is the owner's business; writable by the owner only is what counts
+    assert KeyRing(store_path(tmp_path), key_file).accepts("team-key")
+    link = tmp_path / "mounted"
+    link.symlink_to(key_file)  # mounted secrets (Kubernetes) are symlinks
+    assert KeyRing(store_path(tmp_path), link).accepts("team-key")
+    key_file.chmod(0o666)
+    assert_one_line_error(run_cli("--model", str(tmp_path / "m.gguf"), "--api-key-file", str(key_file), "--port", str(free_port()), "--state-dir", str(tmp_path / "state")), "writable by others")
 
 
 async def _verdict(policy: Policy, path: str, remote: str, headers: dict[str, str], console: bool = False) -> int:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -100,8 +102,19 @@ def parse_key_file(text: str) -> list[str]:
 
 
 def read_key_file(path: Path) -> list[str]:
+    """The keys in a --api-key-file. It may be a symlink (mounted secrets are) and anyone's to
+    read, but only its owner (you, or root) may write it: a key planted there would open the API."""
     try:
-        return parse_key_file(path.read_text())
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"--api-key-file {path} is not a regular file")
+            if st.st_uid not in (os.geteuid(), 0):
+                raise UserError(f"--api-key-file {path} is owned by uid {st.st_uid}, who could plant keys in it: use a file of yours (chmod 600)")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise UserError(f"--api-key-file {path} is writable by others, who could plant keys in it: chmod 600 {path}")
+            text = f.read(1 << 20).decode()
+        return parse_key_file(text)
     except FileNotFoundError:
         raise UserError(f"--api-key-file {path} does not exist: write one key per line there, or drop the option") from None
     except (OSError, UnicodeDecodeError) as exc:
