@@ -59,6 +59,21 @@ def test_the_key_ring_follows_its_files_and_fails_closed(tmp_path: Path) -> None
     assert ring.required() and ring.accepts("file-key-3")
 
 
+def test_a_removed_key_list_keeps_its_keys_until_restart_and_says_so(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    key, _ = create_key(tmp_path)
+    ring = KeyRing(store_path(tmp_path), warn=warnings.append)
+    assert ring.required() and ring.accepts(key)
+    store_path(tmp_path).unlink()  # deleted by mistake: the running node must not open /v1
+    assert ring.required() and ring.accepts(key) and ring.accepts(key)
+    assert len(warnings) == 1 and "until the node restarts" in warnings[0]
+    later, _ = create_key(tmp_path)  # a new list counts again
+    assert ring.accepts(later) and not ring.accepts(key)
+    revoke_key(tmp_path, later)  # revoking the last key is the way to open it
+    assert not ring.required()
+    assert not KeyRing(store_path(tmp_path / "fresh")).required()  # a node started with no list: open, as before
+
+
 def test_no_keys_means_none_required_and_bad_files_stop_the_start(tmp_path: Path) -> None:
     assert not KeyRing(store_path(tmp_path)).required()
     with pytest.raises(UserError, match="does not exist"):

@@ -143,8 +143,8 @@ def machine_names() -> frozenset[str]:
     return frozenset(n.lower().rstrip(".") for n in names if n)
 
 
-def api_keys(cfg: NodeConfig) -> KeyRing:
-    return KeyRing(store_path(cfg.state_dir), cfg.api_key_file)
+def api_keys(cfg: NodeConfig, warn: Callable[[str], None] = lambda line: None) -> KeyRing:
+    return KeyRing(store_path(cfg.state_dir), cfg.api_key_file, warn)
 
 
 def decode_tokens(texts: list[str]) -> list[InviteToken]:
@@ -259,7 +259,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
         proxy = ApiProxy(table, max_inflight=cfg.max_inflight, upstream_timeout=cfg.upstream_timeout or UPSTREAM_START_SECS)
-        keys = api_keys(cfg)
+        keys = api_keys(cfg, warn)
         own_names = await asyncio.to_thread(machine_names) if cfg.listen_all else frozenset()
         proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins), keys=keys, own_names=own_names)
         if cfg.listen_all and not keys.required():

@@ -131,11 +131,14 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 class KeyRing:
     """The keys a running node accepts: the state dir's list and the --api-key-file, each
-    re-read when its file changes. A file that turns unreadable keeps the keys it had
-    (failing closed: a half-written or removed-by-mistake file never opens the API)."""
+    re-read when its file changes. A file that turns unreadable or is removed keeps the keys
+    it had (failing closed: a half-written or removed-by-mistake file never opens the API
+    of a running node; `warn` says so once). Revoking the last key (an empty list) does open
+    it; so does a node started with no key file or an empty one."""
 
-    def __init__(self, store: Path, key_file: Path | None = None) -> None:
-        self.store, self.key_file = store, key_file
+    def __init__(self, store: Path, key_file: Path | None = None, warn: Callable[[str], None] = lambda line: None) -> None:
+        self.store, self.key_file, self.warn = store, key_file, warn
+        self._warned: set[Path] = set()
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self._hashes: dict[Path, frozenset[bytes]] = {}
         load_store(store)  # a broken or unreadable file is a start-up error, not a silent "no keys"
@@ -149,6 +152,11 @@ class KeyRing:
                 continue
             stamp = _stamp(path)
             if path in self._stamps and stamp == self._stamps[path]:
+                continue
+            if stamp is None and self._hashes.get(path):  # it had keys: gone by mistake, or moved away to open the API?
+                if path not in self._warned:
+                    self._warned.add(path)
+                    self.warn(f"{path} is gone: its keys still count until the node restarts (revoke keys with mesh-llm auth key revoke)")
                 continue
             try:
                 if path == self.key_file:
