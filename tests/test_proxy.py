@@ -343,3 +343,25 @@ async def test_with_keys_the_callers_key_is_not_relayed(tmp_path) -> None:
         finally:
             await proxy.close()
     assert [(r["auth"], r["x-api-key"]) for r in up.requests] == [(None, None), (None, None)]  # a peer never learns this node's keys
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",  # HTTP/1.1 needs a Host: aiohttp's parser refuses it
+    b"GET /health HTTP/1.0\r\n\r\n",  # HTTP/1.0 may omit it: the guard refuses it
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\nConnection: close\r\n\r\n",
+])
+async def test_a_request_without_host_or_with_a_broken_head_is_a_json_400_without_a_traceback(request_head: bytes, caplog) -> None:
+    proxy = ApiProxy(UpstreamTable())
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_head)
+        reply = await reader.read()
+        writer.close()
+    finally:
+        await proxy.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400" and b"application/json" in head, reply
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.levelno >= 40 or r.exc_info], caplog.records

@@ -73,6 +73,8 @@ def guard_middleware(policy: Policy, *, wrong_host_hint: str, local_without_key:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if "Host" not in request.headers:  # HTTP/1.0 may omit it (aiohttp then asks DNS for our own name): every client sends one
+            return _error(400, "a Host header is needed", "invalid_request_error")
         if not host_allowed(request.host, policy.listen_all):
             return _error(403, f"host {request.host!r} is not served here: {wrong_host_hint}", "forbidden")
         origin = request.headers.get("Origin")

@@ -28,6 +28,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from mesh_llm.api.guard import LOOPBACK_ADDRS, api_path, is_cors_header
@@ -178,6 +181,23 @@ class _TooManyConnections(asyncio.Protocol):
                 self.transport.close()
 
 
+class _JsonErrors(RequestHandler):
+    """aiohttp's protocol, but a request it cannot parse (no Host on HTTP/1.1, a bad header line)
+    gets our JSON error and a debug line, not a text/plain reply and a logged traceback."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        self.logger.debug("bad request from %s: %s", request.remote, exc.message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response is sent already")
+        response = error_response(status, f"bad request: {exc.message.strip() or 'malformed HTTP'}", "invalid_request_error")
+        response.force_close()
+        return response
+
+
 class BoundedTCPSite(web.TCPSite):
     """aiohttp's TCPSite with at most `max_connections` client connections at once: aiohttp itself
     has no such bound, so the protocol factory it hands to asyncio counts its open connections."""
@@ -194,7 +214,7 @@ class BoundedTCPSite(web.TCPSite):
         def protocol() -> asyncio.BaseProtocol:
             if len(server.connections) >= self.max_connections:
                 return _TooManyConnections(self.max_connections)
-            return server()
+            return _JsonErrors(server, loop=asyncio.get_running_loop(), **server._kwargs)  # as server() would, with our errors
 
         self._server = await asyncio.get_running_loop().create_server(protocol, self._host, self._port, reuse_address=True)
 
