@@ -365,3 +365,76 @@ async def test_a_request_without_host_or_with_a_broken_head_is_a_json_400_withou
     assert head.split(b" ")[1] == b"400" and b"application/json" in head, reply
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
     assert not [r for r in caplog.records if r.levelno >= 40 or r.exc_info], caplog.records
+
+
+async def test_a_burst_of_connections_cannot_overshoot_the_bound() -> None:
+    import socket
+
+    proxy = ApiProxy(UpstreamTable(), max_connections=2)
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+    # Ten connections the kernel completes before the loop runs again: asyncio accepts them in one batch.
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    try:
+        streams = [await asyncio.open_connection(sock=s) for s in socks]
+        replies = []
+        for reader, writer in streams:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # keep-alive: admitted ones stay open
+            await writer.drain()
+            replies.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) + await reader.read(200))
+        assert sum(b"connections open already" not in r for r in replies) == 2, replies
+    finally:
+        for _, writer in streams:
+            writer.close()
+        await proxy.close()
+
+
+def test_a_connection_past_the_bound_is_closed_once_its_503_is_written() -> None:
+    from mesh_llm.api.proxy import _TooManyConnections
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.written, self.closed = b"", False
+
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            self.written += data
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def run() -> None:
+        over = _TooManyConnections(2)
+        transport = Transport()
+        over.connection_made(transport)
+        over.data_received(b"GET / HTTP/1.1\r\n")
+        assert transport.written.startswith(b"HTTP/1.1 503") and transport.closed
+        over.data_received(b"Host: x\r\n\r\n")  # the rest of its request: no second reply
+        assert transport.written.count(b"HTTP/1.1") == 1
+
+    asyncio.run(run())
+
+
+async def test_idle_connections_are_closed_but_a_long_stream_is_not_cut(proxied, monkeypatch) -> None:
+    import mesh_llm.api.proxy as proxy_module
+
+    monkeypatch.setattr(proxy_module, "KEEPALIVE_SECS", 0.2)
+    up, _, _, table = proxied
+    proxy = ApiProxy(table)
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # connects, never sends: closed, not held
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            async with client.post("/v1/chat/completions", json={"model": "tiny", "stream": True}) as r:
+                events = []
+                async for line in r.content:
+                    if line.startswith(b"data:"):
+                        events.append(line)
+                        await asyncio.sleep(0.5)  # longer than the idle timeout, mid-response
+                        up.seen.set()
+                assert events[-1].strip() == b"data: [DONE]" and len(events) == 4
+    finally:
+        await proxy.close()
