@@ -4,7 +4,8 @@
 key's first characters as its id, and when it was made) in the state dir's api-keys.json,
 written privately (0600) and atomically. `--api-key-file PATH` adds keys kept elsewhere,
 one a line. A running node re-reads both files when they change (a stat per request), so
-keys made or revoked while it runs count at once. Once any key exists, /v1 needs one.
+keys made or revoked while it runs count at once. Once any key exists, /v1 needs one, and so
+do the runtime API, /api/status and /api/events for callers not on this machine.
 """
 
 from __future__ import annotations
