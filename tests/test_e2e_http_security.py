@@ -224,3 +224,35 @@ async def test_a_member_cannot_queue_past_the_servers_cap_through_the_tunnel(eng
         await send.reset(0)
     finally:
         await rogue.close()
+
+
+def test_listen_all_rebinding_names_are_refused_and_remote_control_needs_a_key(engine, tiny_model: Path, start_node, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("team-key-0123456789\n")
+    key_file.chmod(0o600)
+    node = start_node("--model", str(tiny_model), "--listen-all", "--allow-remote-runtime", "--api-key-file", str(key_file), "--cors-origin", APP)
+    node.wait_ready()
+    port, bearer = node.port, {"Authorization": "Bearer team-key-0123456789"}
+
+    # A rebinding page: its own name, re-pointed here, as Host and Origin alike. Refused whatever it sends.
+    rebound = f"evil.example:{port}"
+    for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/api/runtime", None), ("POST", "/api/runtime/models", {"model": "x"})):
+        status, _, reply = call(port, method, path, body, {"Host": rebound, "Origin": f"http://{rebound}", **bearer})
+        assert status == 403 and "origin" in json.loads(reply)["error"]["message"], (path, reply)
+
+    # Another machine (here: the LAN address as Host) needs the key for the runtime API and the status too.
+    lan = {"Host": f"192.0.2.7:{port}"}
+    for path in ("/api/runtime", "/api/status"):
+        assert call(port, "GET", path, None, lan)[0] == 401, path
+        assert call(port, "GET", path, None, {**lan, **bearer})[0] == 200, path
+    assert call(port, "DELETE", "/api/runtime/models/nothing-loaded", None, lan)[0] == 401
+    assert call(port, "DELETE", "/api/runtime/models/nothing-loaded", None, {**lan, **bearer})[0] == 404
+    # A caller on this machine (mesh-llm status/load/unload) needs none.
+    assert call(port, "GET", "/api/runtime")[0] == 200 and call(port, "GET", "/api/status")[0] == 200
+
+    # The official JS SDKs' own headers pass the allowed app's preflight.
+    status, headers, _ = call(port, "OPTIONS", "/v1/chat/completions", None,
+                              {"Origin": APP, "Access-Control-Request-Method": "POST",
+                               "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,anthropic-dangerous-direct-browser-access"})
+    assert status == 204 and "x-stainless-os" in headers["Access-Control-Allow-Headers"], headers
+    assert "anthropic-dangerous-direct-browser-access" in headers["Access-Control-Allow-Headers"]

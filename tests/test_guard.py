@@ -54,6 +54,17 @@ def test_with_listen_all_the_page_served_under_the_requested_name_is_ours() -> N
     assert judge_origin("http://192.0.2.7:3131", OWN, frozenset(), "192.0.2.7:3131", listen_all=True) is Origin.OWN
     assert judge_origin("http://192.0.2.7:3131", OWN, frozenset(), "192.0.2.7:3131", listen_all=False) is Origin.REFUSED
     assert judge_origin("http://evil.example", OWN, frozenset(), "192.0.2.7:3131", listen_all=True) is Origin.REFUSED
+    assert judge_origin("http://[2001:db8::7]:3131", OWN, frozenset(), "[2001:db8::7]:3131", listen_all=True) is Origin.OWN
+    names = frozenset({"box", "box.lan"})
+    for host in ("box:3131", "BOX.lan:3131", "box.lan.:3131"):
+        assert judge_origin(f"http://{host.lower()}", OWN, frozenset(), host, listen_all=True, own_names=names) is Origin.OWN, host
+
+
+def test_with_listen_all_a_rebinding_page_under_a_foreign_name_is_refused() -> None:
+    # evil.example re-pointed at this machine: its page is served under that name and sends it as Host and Origin alike
+    names = frozenset({"box", "box.lan"})
+    for host in ("evil.example:9337", "evil.example", "box.evil.example:3131", "localhost.evil:3131"):
+        assert judge_origin(f"http://{host}", OWN, frozenset(), host, listen_all=True, own_names=names) is Origin.REFUSED, host
 
 
 @pytest.mark.parametrize(("text", "origin"), [
@@ -83,11 +94,24 @@ def test_local_callers_of_the_console() -> None:
 
 def test_cors_headers_echo_the_origin_and_list_what_a_preflight_may_send() -> None:
     simple = cors_headers("https://app.example", preflight=False)
-    assert simple == {"Access-Control-Allow-Origin": "https://app.example", "Vary": "Origin"}
+    assert simple == {"Access-Control-Allow-Origin": "https://app.example", "Vary": "Origin", "Access-Control-Expose-Headers": "Retry-After"}
     preflight = cors_headers("https://app.example", preflight=True)
     for header in ("Authorization", "Content-Type", "x-api-key", "anthropic-version", "anthropic-beta"):
         assert header in preflight["Access-Control-Allow-Headers"]
     assert "POST" in preflight["Access-Control-Allow-Methods"]
+
+
+def test_a_preflight_gets_the_headers_it_asks_for_when_they_are_a_list_of_names() -> None:
+    sdk = "x-stainless-os, X-Stainless-Lang,authorization ,anthropic-dangerous-direct-browser-access,content-type"
+    allow = cors_headers("https://app.example", preflight=True, requested=sdk)["Access-Control-Allow-Headers"]
+    names = [n.strip() for n in allow.split(",")]
+    for header in ("Authorization", "Content-Type", "x-api-key", "x-stainless-os", "X-Stainless-Lang", "anthropic-dangerous-direct-browser-access"):
+        assert header in names, header
+    assert len(names) == len({n.lower() for n in names})  # authorization once
+    fixed = cors_headers("https://app.example", preflight=True)["Access-Control-Allow-Headers"]
+    for bad in ("x-a\r\nSet-Cookie: a=b", "x-a, , x-b", "x a", "x-a;b", "(x)", "x-é", "x" * 2049, ",".join(["x"] * 65), ""):
+        assert cors_headers("https://app.example", preflight=True, requested=bad)["Access-Control-Allow-Headers"] == fixed, bad
+    assert cors_headers("https://app.example", preflight=True, requested=",".join(["x-a"] * 64))["Access-Control-Allow-Headers"] == fixed + ", x-a"
 
 
 def _head(line: str, *headers: str) -> bytes:
@@ -98,6 +122,9 @@ def test_a_tunnelled_request_is_one_api_call_with_a_counted_body() -> None:
     head, length = tunnelled_request(_head("POST /v1//messages?beta=true HTTP/1.1", "Host: x", "Connection: keep-alive", "Content-Length: 12"), 100)
     assert length == 12
     assert head == b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"
+    head, _ = tunnelled_request(_head("POST /v1/messages HTTP/1.1", "Host: x", "Authorization: Bearer sk-real", "X-Api-Key: sk-real",
+                                      "Cookie: a=b", "Proxy-Authorization: Basic eDp5", "Content-Length: 0"), 100)
+    assert head == b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"  # no credentials reach llama-server
 
 
 @pytest.mark.parametrize(("head", "status"), [

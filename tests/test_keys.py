@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 from mesh_llm.api.http_guard import Policy, guard_middleware
 from mesh_llm.api.keys import KeyRing, create_key, key_hash, load_store, parse_key_file, revoke_key, store_path
 from mesh_llm.errors import UserError
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, free_port, run_cli
 
 
 def test_a_created_key_is_stored_as_a_hash_privately(tmp_path: Path) -> None:
@@ -59,6 +59,21 @@ def test_the_key_ring_follows_its_files_and_fails_closed(tmp_path: Path) -> None
     assert ring.required() and ring.accepts("file-key-3")
 
 
+def test_a_removed_key_list_keeps_its_keys_until_restart_and_says_so(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    key, _ = create_key(tmp_path)
+    ring = KeyRing(store_path(tmp_path), warn=warnings.append)
+    assert ring.required() and ring.accepts(key)
+    store_path(tmp_path).unlink()  # deleted by mistake: the running node must not open /v1
+    assert ring.required() and ring.accepts(key) and ring.accepts(key)
+    assert len(warnings) == 1 and "until the node restarts" in warnings[0]
+    later, _ = create_key(tmp_path)  # a new list counts again
+    assert ring.accepts(later) and not ring.accepts(key)
+    revoke_key(tmp_path, later)  # revoking the last key is the way to open it
+    assert not ring.required()
+    assert not KeyRing(store_path(tmp_path / "fresh")).required()  # a node started with no list: open, as before
+
+
 def test_no_keys_means_none_required_and_bad_files_stop_the_start(tmp_path: Path) -> None:
     assert not KeyRing(store_path(tmp_path)).required()
     with pytest.raises(UserError, match="does not exist"):
@@ -67,6 +82,22 @@ def test_no_keys_means_none_required_and_bad_files_stop_the_start(tmp_path: Path
     with pytest.raises(UserError, match="not a key list"):
         KeyRing(store_path(tmp_path))
     assert parse_key_file("a\n#b\n c \n\n") == ["a", "c"]
+
+
+def test_a_key_file_others_may_write_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("team-key\n")
+    for mode in (0o620, 0o602, 0o666):
+        key_file.chmod(mode)
+        with pytest.raises(UserError, match="writable by others.*chmod 600"):
+            KeyRing(store_path(tmp_path), key_file)
+    key_file.chmod(0o644)  # readable by all is the owner's business; writable by the owner only is what counts
+    assert KeyRing(store_path(tmp_path), key_file).accepts("team-key")
+    link = tmp_path / "mounted"
+    link.symlink_to(key_file)  # mounted secrets (Kubernetes) are symlinks
+    assert KeyRing(store_path(tmp_path), link).accepts("team-key")
+    key_file.chmod(0o666)
+    assert_one_line_error(run_cli("--model", str(tmp_path / "m.gguf"), "--api-key-file", str(key_file), "--port", str(free_port()), "--state-dir", str(tmp_path / "state")), "writable by others")
 
 
 async def _verdict(policy: Policy, path: str, remote: str, headers: dict[str, str], console: bool = False) -> int:
@@ -89,7 +120,14 @@ async def test_the_guard_asks_for_a_key_on_v1_only_and_the_console_lets_local_ca
     assert await _verdict(policy, "/v1/messages", remote, {"x-api-key": key}) == 200
     assert await _verdict(policy, "/v1/messages", remote, {"x-api-key": key + "x"}) == 401
     assert await _verdict(policy, "/health", remote, {}) == 200
-    assert await _verdict(policy, "/api/status", remote, {}) == 200  # governed by its own rules (token for local callers only)
+    # The node's control routes: another machine needs a key (--listen-all --allow-remote-runtime), this one does not (mesh-llm load/status).
+    for path in ("/api/status", "/api/events", "/api/runtime", "/api/runtime/models", "/api/runtime/models/x", "/api//runtime/./models", "/api/x/../runtime"):
+        assert await _verdict(policy, path, remote, {}) == 401, path
+        assert await _verdict(policy, path, remote, {"Authorization": f"Bearer {key}"}) == 200, path
+        assert await _verdict(policy, path, local, {}) == 200, path
+        assert await _verdict(policy, path, local, {}, console=True) == 200, path
+        assert await _verdict(policy, path, local, {"Host": "rebound.example:3131"}) == 401, path
+    assert await _verdict(policy, "/", remote, {}) == 200  # the console's page itself
     # The console: its own page on this machine chats without a key; another machine, or a rebinding name, needs one.
     assert await _verdict(policy, "/v1/chat/completions", local, {"Origin": "http://localhost:3131"}, console=True) == 200
     assert await _verdict(policy, "/v1/chat/completions", local, {}, console=True) == 200

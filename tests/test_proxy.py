@@ -25,7 +25,9 @@ class FakeUpstream:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization"), "x-api-key": request.headers.get("x-api-key")})
+        self.requests.append({"path": request.path, "body": body, "auth": request.headers.get("Authorization"), "x-api-key": request.headers.get("x-api-key"),
+                              "cookie": request.headers.get("Cookie"), "proxy-auth": request.headers.get("Proxy-Authorization"),
+                              "raw_path": request.raw_path, "anthropic-version": request.headers.get("anthropic-version")})
         if not body.get("stream"):
             return web.json_response({"choices": [{"message": {"content": "hi"}}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -84,9 +86,23 @@ async def test_stream_is_relayed_event_by_event(proxied) -> None:
 
 async def test_non_streaming_and_headers_pass_through(proxied) -> None:
     up, client, _, _ = proxied
-    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": "Bearer k"}) as r:
+    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers={"anthropic-version": "2023-06-01"}) as r:
         assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "hi"
-    assert up.requests[-1]["auth"] == "Bearer k" and up.requests[-1]["body"] == {"model": "tiny"}
+    assert up.requests[-1]["anthropic-version"] == "2023-06-01" and up.requests[-1]["body"] == {"model": "tiny"}
+
+
+async def test_the_query_reaches_upstream_byte_for_byte(proxied) -> None:
+    up, client, _, _ = proxied
+    port = client._base_url.port
+    for query in ("beta=true", "beta=true&x=%0d%0a+a%20b%23frag%26y=1&z=%2F..%2Fslots", "a=%E2%82%AC&b=&&c"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"model": "tiny"}'
+        writer.write(b"POST /v1/chat/completions?%s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (query.encode(), len(body), body))
+        reply = await reader.read()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert up.requests[-1]["raw_path"] == f"/v1/chat/completions?{query}"
 
 
 async def test_client_disconnect_cancels_upstream(proxied) -> None:
@@ -299,6 +315,14 @@ async def test_a_peer_that_never_answers_is_504_and_the_proxy_lives_on() -> None
 
 
 
+async def test_without_keys_the_callers_own_credentials_are_not_relayed_either(proxied) -> None:
+    up, client, _, _ = proxied
+    sent = {"Authorization": "Bearer sk-ant-the-users-real-key", "x-api-key": "sk-the-users-real-key", "Cookie": "session=1", "Proxy-Authorization": "Basic eDp5"}
+    async with client.post("/v1/chat/completions", json={"model": "tiny"}, headers=sent) as r:
+        assert r.status == 200
+    assert [(r["auth"], r["x-api-key"], r["cookie"], r["proxy-auth"]) for r in up.requests] == [(None, None, None, None)]
+
+
 async def test_with_keys_the_callers_key_is_not_relayed(tmp_path) -> None:
     from mesh_llm.api.keys import KeyRing, create_key, store_path
 
@@ -319,3 +343,98 @@ async def test_with_keys_the_callers_key_is_not_relayed(tmp_path) -> None:
         finally:
             await proxy.close()
     assert [(r["auth"], r["x-api-key"]) for r in up.requests] == [(None, None), (None, None)]  # a peer never learns this node's keys
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",  # HTTP/1.1 needs a Host: aiohttp's parser refuses it
+    b"GET /health HTTP/1.0\r\n\r\n",  # HTTP/1.0 may omit it: the guard refuses it
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\nConnection: close\r\n\r\n",
+])
+async def test_a_request_without_host_or_with_a_broken_head_is_a_json_400_without_a_traceback(request_head: bytes, caplog) -> None:
+    proxy = ApiProxy(UpstreamTable())
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_head)
+        reply = await reader.read()
+        writer.close()
+    finally:
+        await proxy.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400" and b"application/json" in head, reply
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.levelno >= 40 or r.exc_info], caplog.records
+
+
+async def test_a_burst_of_connections_cannot_overshoot_the_bound() -> None:
+    import socket
+
+    proxy = ApiProxy(UpstreamTable(), max_connections=2)
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+    # Ten connections the kernel completes before the loop runs again: asyncio accepts them in one batch.
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    try:
+        streams = [await asyncio.open_connection(sock=s) for s in socks]
+        replies = []
+        for reader, writer in streams:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # keep-alive: admitted ones stay open
+            await writer.drain()
+            replies.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) + await reader.read(200))
+        assert sum(b"connections open already" not in r for r in replies) == 2, replies
+    finally:
+        for _, writer in streams:
+            writer.close()
+        await proxy.close()
+
+
+def test_a_connection_past_the_bound_is_closed_once_its_503_is_written() -> None:
+    from mesh_llm.api.proxy import _TooManyConnections
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.written, self.closed = b"", False
+
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            self.written += data
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def run() -> None:
+        over = _TooManyConnections(2)
+        transport = Transport()
+        over.connection_made(transport)
+        over.data_received(b"GET / HTTP/1.1\r\n")
+        assert transport.written.startswith(b"HTTP/1.1 503") and transport.closed
+        over.data_received(b"Host: x\r\n\r\n")  # the rest of its request: no second reply
+        assert transport.written.count(b"HTTP/1.1") == 1
+
+    asyncio.run(run())
+
+
+async def test_idle_connections_are_closed_but_a_long_stream_is_not_cut(proxied, monkeypatch) -> None:
+    import mesh_llm.api.proxy as proxy_module
+
+    monkeypatch.setattr(proxy_module, "KEEPALIVE_SECS", 0.2)
+    up, _, _, table = proxied
+    proxy = ApiProxy(table)
+    port = free_port()
+    await proxy.start("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # connects, never sends: closed, not held
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+            async with client.post("/v1/chat/completions", json={"model": "tiny", "stream": True}) as r:
+                events = []
+                async for line in r.content:
+                    if line.startswith(b"data:"):
+                        events.append(line)
+                        await asyncio.sleep(0.5)  # longer than the idle timeout, mid-response
+                        up.seen.set()
+                assert events[-1].strip() == b"data: [DONE]" and len(events) == 4
+    finally:
+        await proxy.close()

@@ -137,8 +137,14 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
     return asyncio.run(_serve(cfg, tokens, specs, engine, console))
 
 
-def api_keys(cfg: NodeConfig) -> KeyRing:
-    return KeyRing(store_path(cfg.state_dir), cfg.api_key_file)
+def machine_names() -> frozenset[str]:
+    """This machine's host names (a console opened as http://NAME:3131 is ours); getfqdn may ask DNS."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    return frozenset(n.lower().rstrip(".") for n in names if n)
+
+
+def api_keys(cfg: NodeConfig, warn: Callable[[str], None] = lambda line: None) -> KeyRing:
+    return KeyRing(store_path(cfg.state_dir), cfg.api_key_file, warn)
 
 
 def decode_tokens(texts: list[str]) -> list[InviteToken]:
@@ -253,8 +259,9 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
         proxy = ApiProxy(table, max_inflight=cfg.max_inflight, upstream_timeout=cfg.upstream_timeout or UPSTREAM_START_SECS)
-        keys = api_keys(cfg)
-        proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins), keys=keys)
+        keys = api_keys(cfg, warn)
+        own_names = await asyncio.to_thread(machine_names) if cfg.listen_all else frozenset()
+        proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins), keys=keys, own_names=own_names)
         if cfg.listen_all and not keys.required():
             warn("--listen-all with no API key: anyone who can reach this machine can use the API; make a key with `mesh-llm auth key create`")
         runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime, cfg.listen_all)

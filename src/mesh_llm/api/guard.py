@@ -11,6 +11,7 @@ relayed: llama-server's other endpoints (slots, props, metrics) stay out of reac
 from __future__ import annotations
 
 import enum
+import ipaddress
 import posixpath
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -73,13 +74,36 @@ class Origin(enum.Enum):
     REFUSED = "refused"
 
 
-def judge_origin(origin: str | None, own: frozenset[str], allowed: frozenset[str], host_header: str = "", listen_all: bool = False) -> Origin:
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port (an IPv6 literal keeps its brackets)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rsplit(":", 1)[0]
+
+
+def names_this_machine(name: str, own_names: frozenset[str]) -> bool:
+    """An IP literal, or one of this machine's own names: no page elsewhere can be served under
+    it. Any other DNS name may be an attacker's, re-pointed at us (DNS rebinding)."""
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return bool(name) and name.rstrip(".") in own_names
+    return True
+
+
+def judge_origin(origin: str | None, own: frozenset[str], allowed: frozenset[str], host_header: str = "", listen_all: bool = False,
+                 own_names: frozenset[str] = frozenset()) -> Origin:
     """Where a browser request comes from. With --listen-all a page served under the name the
-    request is addressed to (the console opened by the machine's LAN name) is our own too."""
+    request is addressed to (the console opened by the machine's LAN address or its own host
+    name, `own_names`: lower case) is our own too; under another DNS name it is not, since a
+    rebinding page is served under its own name and sends that as Host and Origin alike."""
     if origin is None:
         return Origin.ABSENT
     normal = origin.strip().lower()
-    if normal in own or (listen_all and host_header and normal == f"http://{host_header.lower()}"):
+    if normal in own:
+        return Origin.OWN
+    if listen_all and host_header and normal == f"http://{host_header.strip().lower()}" and names_this_machine(host_name(host_header), own_names):
         return Origin.OWN
     if normal in allowed:
         return Origin.ALLOWED
@@ -92,13 +116,39 @@ def local_caller(remote: str | None, host_header: str, origin: Origin) -> bool:
     return remote in LOOPBACK_ADDRS and host_allowed(host_header, False) and origin in (Origin.ABSENT, Origin.OWN)
 
 
-def cors_headers(origin: str, preflight: bool) -> dict[str, str]:
+MAX_REQUESTED_HEADERS = 2048  # characters of Access-Control-Request-Headers we echo
+MAX_REQUESTED_NAMES = 64
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
+EXPOSED_HEADERS = "Retry-After"  # a 429/503 says when to come back
+
+
+def requested_headers(text: str | None) -> list[str] | None:
+    """The header names of an Access-Control-Request-Headers value (a comma-separated list of
+    HTTP tokens, bounded), or None when it is anything else."""
+    if text is None or len(text) > MAX_REQUESTED_HEADERS:
+        return None
+    names = [n.strip(" \t") for n in text.split(",")]
+    if len(names) > MAX_REQUESTED_NAMES or not all(names) or not all(set(n) <= _TOKEN_CHARS for n in names):
+        return None
+    return names
+
+
+def cors_headers(origin: str, preflight: bool, requested: str | None = None) -> dict[str, str]:
     """What an allowed cross-origin caller gets: its origin echoed, and for a preflight
-    the methods and headers the API takes (auth included: a user-approved app may send a key)."""
+    the methods and headers the API takes (auth included: a user-approved app may send a key),
+    plus the ones its preflight asks for when they are a well-formed list: the official SDKs
+    send their own (X-Stainless-*, anthropic-dangerous-direct-browser-access)."""
     headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
     if preflight:
-        headers |= {"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
+        allow = CORS_HEADERS
+        known = {n.strip().lower() for n in CORS_HEADERS.split(",")}
+        extra = [n for n in requested_headers(requested) or [] if n.lower() not in known]
+        if extra:
+            allow += ", " + ", ".join(dict.fromkeys(extra))
+        headers |= {"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": allow,
                     "Access-Control-Max-Age": CORS_MAX_AGE}
+    else:
+        headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
     return headers
 
 
@@ -110,7 +160,9 @@ def is_cors_header(name: str) -> bool:
 # -- requests that arrive through the mesh's HTTP tunnel (from a peer's proxy) --------------
 
 MAX_TUNNEL_HEAD = 64 * 1024  # request line and headers of one tunnelled request
-_DROPPED_UPSTREAM = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect"})
+_DROPPED_UPSTREAM = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect",
+                               # credentials: the sending proxy drops them already; a peer's own code may not
+                               "authorization", "x-api-key", "cookie", "proxy-authorization"})
 
 
 class RequestRefused(Exception):

@@ -4,7 +4,8 @@
 key's first characters as its id, and when it was made) in the state dir's api-keys.json,
 written privately (0600) and atomically. `--api-key-file PATH` adds keys kept elsewhere,
 one a line. A running node re-reads both files when they change (a stat per request), so
-keys made or revoked while it runs count at once. Once any key exists, /v1 needs one.
+keys made or revoked while it runs count at once. Once any key exists, /v1 needs one, and so
+do the runtime API, /api/status and /api/events for callers not on this machine.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -100,8 +103,19 @@ def parse_key_file(text: str) -> list[str]:
 
 
 def read_key_file(path: Path) -> list[str]:
+    """The keys in a --api-key-file. It may be a symlink (mounted secrets are) and anyone's to
+    read, but only its owner (you, or root) may write it: a key planted there would open the API."""
     try:
-        return parse_key_file(path.read_text())
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"--api-key-file {path} is not a regular file")
+            if st.st_uid not in (os.geteuid(), 0):
+                raise UserError(f"--api-key-file {path} is owned by uid {st.st_uid}, who could plant keys in it: use a file of yours (chmod 600)")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise UserError(f"--api-key-file {path} is writable by others, who could plant keys in it: chmod 600 {path}")
+            text = f.read(1 << 20).decode()
+        return parse_key_file(text)
     except FileNotFoundError:
         raise UserError(f"--api-key-file {path} does not exist: write one key per line there, or drop the option") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -118,11 +132,14 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 class KeyRing:
     """The keys a running node accepts: the state dir's list and the --api-key-file, each
-    re-read when its file changes. A file that turns unreadable keeps the keys it had
-    (failing closed: a half-written or removed-by-mistake file never opens the API)."""
+    re-read when its file changes. A file that turns unreadable or is removed keeps the keys
+    it had (failing closed: a half-written or removed-by-mistake file never opens the API
+    of a running node; `warn` says so once). Revoking the last key (an empty list) does open
+    it; so does a node started with no key file or an empty one."""
 
-    def __init__(self, store: Path, key_file: Path | None = None) -> None:
-        self.store, self.key_file = store, key_file
+    def __init__(self, store: Path, key_file: Path | None = None, warn: Callable[[str], None] = lambda line: None) -> None:
+        self.store, self.key_file, self.warn = store, key_file, warn
+        self._warned: set[Path] = set()
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self._hashes: dict[Path, frozenset[bytes]] = {}
         load_store(store)  # a broken or unreadable file is a start-up error, not a silent "no keys"
@@ -136,6 +153,11 @@ class KeyRing:
                 continue
             stamp = _stamp(path)
             if path in self._stamps and stamp == self._stamps[path]:
+                continue
+            if stamp is None and self._hashes.get(path):  # it had keys: gone by mistake, or moved away to open the API?
+                if path not in self._warned:
+                    self._warned.add(path)
+                    self.warn(f"{path} is gone: its keys still count until the node restarts (revoke keys with mesh-llm auth key revoke)")
                 continue
             try:
                 if path == self.key_file:

@@ -22,12 +22,16 @@ import errno
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from yarl import URL
 
 from mesh_llm.api.guard import LOOPBACK_ADDRS, api_path, is_cors_header
 from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console and tests use it from here
@@ -40,6 +44,10 @@ HOP_HEADERS = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
 }
+# Credentials are never relayed: a key for this node is ours (no peer learns it), and the key a
+# caller sends for its usual provider (Claude Code, the SDKs send the user's real one) is none of a
+# peer's business. llama-server runs without --api-key, so nothing upstream needs them.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization"})
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
 MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
@@ -47,6 +55,11 @@ MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten
 # (server.cpp: n_parallel = -1 → 4). A peer's server is one of ours too, so the same for it.
 SERVER_SLOTS = 4
 MAX_CONNECTIONS = 256  # client connections at once per port; more get a 503 and are closed
+OVER_CAP_WAIT_SECS = 2.0  # a connection past the bound that sends nothing is closed after this
+# An idle connection (before its first request, or between two; never during a response, however
+# long it streams) is closed after this, so idle clients cannot hold the bound. Clients' pools
+# drop theirs sooner (httpx 5 s, Node's 4 s), so none sends into a closing socket.
+KEEPALIVE_SECS = 15.0
 UPSTREAM_START_SECS = 300.0  # a peer must start its answer within this (non-streamed CPU generations are slow)
 RETRY_AFTER = {429: "2", 503: "5"}
 
@@ -136,6 +149,11 @@ class UpstreamTable:
         return {m: [s.id for s in r.servers if s.is_ready()] for m, r in self._by_model.items()}
 
 
+def relayed_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A request's headers as they go upstream: no hop-by-hop ones, no credentials."""
+    return {k: v for k, v in headers if k.lower() not in HOP_HEADERS and k.lower() not in CREDENTIAL_HEADERS}
+
+
 def port_in_use(host: str, port: int) -> UserError:
     return UserError(f"port {port} on {host} is already in use: stop the other process or pass --port N")
 
@@ -144,8 +162,9 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
 
 
 class _TooManyConnections(asyncio.Protocol):
-    """A connection past the bound: a 503 JSON once the request starts to arrive, then closed.
-    What the client sends meanwhile is read and dropped, so the close is not a reset."""
+    """A connection past the bound: a 503 JSON once the request starts to arrive, then closed at
+    once (the request read so far was taken, so the close is no reset). One that sends nothing
+    is closed after OVER_CAP_WAIT_SECS; either way it holds its descriptor briefly."""
 
     def __init__(self, limit: int) -> None:
         message = f"this node has {limit} connections open already; retry shortly"
@@ -156,43 +175,79 @@ class _TooManyConnections(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        asyncio.get_running_loop().call_later(5.0, transport.close)  # a client that never sends or closes
+        asyncio.get_running_loop().call_later(OVER_CAP_WAIT_SECS, transport.close)  # a client that never sends or closes
 
     def data_received(self, data: bytes) -> None:
         if self.transport is not None and self.reply:
             self.transport.write(self.reply)
             self.reply = b""
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.transport.close()
+            self.transport.close()  # sends what is buffered, then closes
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's protocol, but a request it cannot parse (no Host on HTTP/1.1, a bad header line)
+    gets our JSON error and a debug line, not a text/plain reply and a logged traceback; and
+    `on_lost` is told once when the connection ends (the site's count of open connections)."""
+
+    __slots__ = ("_on_lost",)
+
+    def __init__(self, server: web.Server, on_lost: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._on_lost: Callable[[], None] | None = on_lost
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            lost, self._on_lost = self._on_lost, None
+            if lost is not None:
+                lost()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        self.logger.debug("bad request from %s: %s", request.remote, exc.message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response is sent already")
+        response = error_response(status, f"bad request: {exc.message.strip() or 'malformed HTTP'}", "invalid_request_error")
+        response.force_close()
+        return response
 
 
 class BoundedTCPSite(web.TCPSite):
     """aiohttp's TCPSite with at most `max_connections` client connections at once: aiohttp itself
-    has no such bound, so the protocol factory it hands to asyncio counts its open connections."""
+    has no such bound, so the protocol factory it hands to asyncio counts the connections it
+    admits, as it admits them (asyncio calls the factory for each accepted socket, before any
+    connection_made runs: a burst of accepts cannot overshoot), until each one is lost."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int) -> None:
         super().__init__(runner, host, port, reuse_address=True)  # see check_port_free
         self.max_connections = max_connections
+        self.open_connections = 0
+
+    def _lost(self) -> None:
+        self.open_connections -= 1
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site; TCPSite.start would pass the bare factory
         server = self._runner.server
         assert server is not None
+        loop = asyncio.get_running_loop()
 
         def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self.max_connections:
+            if self.open_connections >= self.max_connections:
                 return _TooManyConnections(self.max_connections)
-            return server()
+            handler = _JsonErrors(server, self._lost, loop=loop, **server._kwargs)  # as server() builds it, with our errors and count
+            self.open_connections += 1
+            return handler
 
-        self._server = await asyncio.get_running_loop().create_server(protocol, self._host, self._port, reuse_address=True)
+        self._server = await loop.create_server(protocol, self._host, self._port, reuse_address=True)
 
 
 async def listen(app: web.Application, host: str, port: int, in_use: Callable[[str, int], UserError],
                  max_connections: int = MAX_CONNECTIONS) -> web.AppRunner:
     """Serve `app` on host:port; a port that is taken becomes the one-line `in_use` error."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECS)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECS, keepalive_timeout=KEEPALIVE_SECS)
     await runner.setup()
     site = BoundedTCPSite(runner, host, port, max_connections)
     try:
@@ -369,10 +424,11 @@ class ApiProxy:
 
     async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        if self.policy.keys is not None and self.policy.keys.required():  # the caller's key is ours: no peer learns it
-            headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
-        url = upstream.url() + path + (f"?{request.query_string}" if request.query_string else "")  # Claude Code sends ?beta=true
+        headers = relayed_headers(request.headers.items())
+        # The query as the caller encoded it, byte for byte (Claude Code sends ?beta=true): decoded and
+        # re-encoded, %23 would become a fragment and %26 a new parameter.
+        query = request.rel_url.raw_query_string
+        url = URL(upstream.url() + path + (f"?{query}" if query else ""), encoded=True)
         response: web.StreamResponse | None = None
         # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
         # once it streams, a long generation is legitimate. This node's own llama-server is trusted.

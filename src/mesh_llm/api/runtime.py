@@ -11,7 +11,7 @@
 On the API port and the console's. Only callers on this machine (addressing it by a
 loopback name, so a DNS-rebinding page is no caller) may use it, unless the node was
 started with --listen-all and --allow-remote-runtime; even then a file is loaded by path
-only for callers on this machine. A POST must be JSON, which a cross-origin page cannot
+only for callers on this machine, and once API keys exist the others need one (api.http_guard). A POST must be JSON, which a cross-origin page cannot
 send without a preflight this server never grants.
 """
 
