@@ -5,7 +5,8 @@ port, then alternates direct and proxied streaming requests (same prompts,
 order flipped every round) and reports, from the client's side:
   - decode tok/s through the proxy ÷ direct (median of per-request rates),
   - time to first token added by the proxy (median proxied − median direct),
-  - 16 concurrent streams through the proxy, errors counted.
+  - 16 concurrent streams through the proxy: served, refused with 429 (past the in-flight
+    cap, llama-server's 4 slots by default: they would only queue there) and other errors.
 The last line is one JSON object.
 
     .venv/bin/python bench/proxy.py [--model gemma-3-270m] [--rounds 12] [--tokens 64]
@@ -35,12 +36,18 @@ PROMPTS = [
 ]
 
 
+class Refused429(RuntimeError):
+    pass
+
+
 async def stream_once(session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     t0 = time.perf_counter()
     stamps: list[float] = []
     done = False
     async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status == 429 and r.headers.get("Retry-After"):
+            raise Refused429(await r.text())
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
         async for line in r.content:
@@ -65,15 +72,17 @@ def find_llama_port(node_pid: int) -> int:
     raise RuntimeError("llama-server child not found")
 
 
-async def concurrent(url: str, model: str, n: int, tokens: int) -> tuple[int, float]:
+async def concurrent(url: str, model: str, n: int, tokens: int) -> tuple[int, int, int, float]:
+    """(served, refused with 429 and Retry-After, other errors, seconds) for `n` streams at once."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(stream_once(s, url, model, PROMPTS[i % len(PROMPTS)], tokens) for i in range(n)), return_exceptions=True)
         elapsed = time.perf_counter() - t0
-    errors = [r for r in results if isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, Refused429)]
+    errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, Refused429)]
     for e in errors[:3]:
         print(f"  concurrent error: {e!r}")
-    return len(errors), elapsed
+    return n - len(refused) - len(errors), len(refused), len(errors), elapsed
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -104,8 +113,8 @@ async def run(args: argparse.Namespace) -> dict:
         med = {name: {k: statistics.median(x[k] for x in xs) for k in ("ttft", "tps")} for name, xs in samples.items()}
         for name in ("direct", "proxy"):
             print(f"{name:>6}: decode {med[name]['tps']:.1f} tok/s, TTFT {med[name]['ttft'] * 1000:.2f} ms (medians of {len(samples[name])})")
-        errors, elapsed = await concurrent(proxy_url, model, 16, args.tokens // 2)
-        print(f"16 concurrent streams through the proxy: {errors} errors, {elapsed:.1f} s")
+        served, refused, errors, elapsed = await concurrent(proxy_url, model, 16, args.tokens // 2)
+        print(f"16 concurrent streams through the proxy: {served} served, {refused} refused with 429 (in-flight cap), {errors} errors, {elapsed:.1f} s")
         return {
             "model": model,
             "tps_direct": round(med["direct"]["tps"], 2),
@@ -115,6 +124,8 @@ async def run(args: argparse.Namespace) -> dict:
             "ttft_proxy_ms": round(med["proxy"]["ttft"] * 1000, 3),
             "ttft_added_ms": round((med["proxy"]["ttft"] - med["direct"]["ttft"]) * 1000, 3),
             "concurrent_streams": 16,
+            "concurrent_served": served,
+            "concurrent_429": refused,
             "concurrent_errors": errors,
         }
     finally:
