@@ -1,0 +1,47 @@
+"""Churn around a running split: members that do not touch it never restart it (real processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import LOCAL, wait_for
+from tests.test_e2e_split import CTX, complete, need_gb, serving
+
+pytestmark = pytest.mark.engine
+
+
+def test_clients_standbys_and_spares_coming_and_going_never_restart_a_split(start_node, split_model) -> None:  # type: ignore[no-untyped-def]
+    need = need_gb(split_model)
+    host_cap, worker_cap = f"{0.40 * need:.6f}", f"{0.35 * need:.6f}"
+    a = start_node("--model", str(split_model), *CTX, "--max-vram", host_cap, *LOCAL)
+    a.wait_output("Waiting for more peers")
+    token = a.token()
+    start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
+    start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
+    state = wait_for(lambda: serving(a)["state"] == "ready" and serving(a), timeout=60, what="3-node split ready")
+    pid, workers, weights = a.llama_server().pid, state["split"]["workers"], state["split"]["tensor_split"]
+    text = complete(a.port, "hello")
+
+    def unchanged(after: str) -> None:
+        now = serving(a)
+        assert (a.llama_server().pid, now["split"]["workers"], now["split"]["tensor_split"]) == (pid, workers, weights), after
+        assert complete(a.port, "hello") == text, after
+
+    client = start_node("--join", a.wait_output("Client token: ").split("Client token: ", 1)[1].split()[0], *LOCAL)  # a client token
+    client.wait_ready()
+    assert complete(client.port, "hello") == text
+    unchanged("a client joined")
+    standby = start_node("--join", token, *LOCAL)  # no model: a standby
+    standby.wait_output("ready")
+    wait_for(lambda: standby.node_id() in a.peer_ids(), what="A sees the standby")
+    unchanged("a standby joined")
+    spare = start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
+    spare.wait_output("hosts the split")
+    spare_id = spare.node_id()
+    wait_for(lambda: spare_id in serving(a)["split"]["spares"], what="A plans with the spare")
+    unchanged("a spare joined")
+    for node, what in ((client, "the client"), (standby, "the standby"), (spare, "the spare")):
+        gone = node.node_id()
+        node.stop()
+        wait_for(lambda gone=gone: gone not in a.peer_ids(), what=f"{what} gone")
+        unchanged(f"{what} left")
