@@ -134,6 +134,7 @@ def test_api_keys_with_the_official_clients(engine, tiny_model: Path, start_node
     console = free_port()
     node = start_node("--model", str(tiny_model), "--console", str(console), "--api-key-file", str(key_file))
     node.wait_ready()  # /health needs no key
+    node.wait_output("API keys are on: put one of yours where the commands above say mesh or dummy")
     api = node.base_url + "/v1"
 
     good = openai.OpenAI(base_url=api, api_key="team-key-0123456789", max_retries=0)

@@ -332,6 +332,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
                 model, life = failed[0]
                 raise UserError(f"{model.name}: {life.detail}")
             print_ready(console, cfg, loaded, engine)
+            if keys.required():  # the commands above carry placeholder keys
+                say("API keys are on: put one of yours where the commands above say mesh or dummy (`mesh-llm auth key create` makes one)")
         else:
             await fleet.sync_routes()
             print_passive_ready(console, cfg, table)
