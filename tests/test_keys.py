@@ -121,7 +121,7 @@ async def test_the_guard_asks_for_a_key_on_v1_only_and_the_console_lets_local_ca
     assert await _verdict(policy, "/v1/messages", remote, {"x-api-key": key + "x"}) == 401
     assert await _verdict(policy, "/health", remote, {}) == 200
     # The node's control routes: another machine needs a key (--listen-all --allow-remote-runtime), this one does not (mesh-llm load/status).
-    for path in ("/api/status", "/api/events", "/api/runtime", "/api/runtime/models", "/api/runtime/models/x", "/api//runtime/./models", "/api/x/../runtime"):
+    for path in ("/api/status", "/api/events", "/metrics", "/api/runtime", "/api/runtime/models", "/api/runtime/models/x", "/api//runtime/./models", "/api/x/../runtime"):
         assert await _verdict(policy, path, remote, {}) == 401, path
         assert await _verdict(policy, path, remote, {"Authorization": f"Bearer {key}"}) == 200, path
         assert await _verdict(policy, path, local, {}) == 200, path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import os
 import signal
@@ -28,6 +29,7 @@ from mesh_llm.api.agents import agent_commands
 from mesh_llm.api.console import WebConsole, console_port_in_use
 from mesh_llm.api.http_guard import Policy
 from mesh_llm.api.keys import KeyRing, store_path
+from mesh_llm.api.metrics import NodeMetrics
 from mesh_llm.api.proxy import SERVER_SLOTS, UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
@@ -259,6 +261,11 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(supervisor.stop_all)
         table = UpstreamTable()
         proxy = ApiProxy(table, max_inflight=cfg.max_inflight, upstream_timeout=cfg.upstream_timeout or UPSTREAM_START_SECS)
+
+        def peers_by_role() -> dict[str, int]:
+            return dict(collections.Counter(m.record.role for m in mesh.members())) if mesh is not None else {}
+
+        proxy.metrics = NodeMetrics(lambda: {m: sum(s.gate.in_flight for s in table.get(m).servers) for m in table.models()}, peers_by_role)
         keys = api_keys(cfg, warn)
         own_names = await asyncio.to_thread(machine_names) if cfg.listen_all else frozenset()
         proxy.policy = Policy(listen_all=cfg.listen_all, cors_origins=frozenset(cfg.cors_origins), keys=keys, own_names=own_names)

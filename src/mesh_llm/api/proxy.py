@@ -36,6 +36,8 @@ from yarl import URL
 from mesh_llm.api.guard import LOOPBACK_ADDRS, api_path, is_cors_header
 from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console and tests use it from here
 from mesh_llm.api.http_guard import Policy, install_guard
+from mesh_llm.api.meter import ResponseMeter
+from mesh_llm.api.metrics import NodeMetrics
 from mesh_llm.api.routing import Match, ServerView, choose_server, match_model, request_doc, requested_model, session_of
 from mesh_llm.errors import UserError
 
@@ -300,6 +302,7 @@ class ApiProxy:
         self.created = created or int(time.time())
         self.policy = Policy()  # Host, Origin and key rules; the node sets its own before start
         self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
+        self.metrics: NodeMetrics | None = None  # /metrics; the node sets it before start
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -311,6 +314,7 @@ class ApiProxy:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/api/status", self.status)
+        app.router.add_get("/metrics", self.metrics_page)
         app.router.add_post("/v1/{tail:.*}", self.forward)
         for add in self.extra_routes:
             add(app)
@@ -395,34 +399,51 @@ class ApiProxy:
                 self.sessions.popitem(last=False)
         return next(s for s in route.servers if s.id == chosen.id)
 
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            return error_response(503, "the node is starting; retry shortly", "unavailable_error")
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def forward(self, request: web.Request) -> web.StreamResponse:
         path = api_path(request.path)
         if path is None:  # llama-server's other endpoints (slots, props, metrics) are not the mesh's API
             return await self.not_found(request)
+        answer, model = await self._answer(request, path, time.monotonic())
+        if self.metrics is not None:
+            self.metrics.answered(model, answer.status)
+        return answer
+
+    async def _answer(self, request: web.Request, path: str, arrived: float) -> tuple[web.StreamResponse, str | None]:
+        """The response, and the served model it was for (None: the request named none)."""
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"request body exceeds {MAX_BODY // (1024 * 1024)} MiB", "invalid_request_error")
+            return error_response(413, f"request body exceeds {MAX_BODY // (1024 * 1024)} MiB", "invalid_request_error"), None
         doc = request_doc(body)
         wanted = requested_model(doc)
         found = match_model(wanted, self.table.names())
         if found.model is None:
-            return self._unknown_model(wanted, found)
+            return self._unknown_model(wanted, found), None
         route = self.table.get(found.model)
         server = self._choose(route, session_of(doc, request.headers))
         if server is None and route.status() == "ready":  # every ready server is full: say so rather than queue without end
             limits = sorted({self.max_inflight or s.slots for s in route.servers if s.is_ready()})
             return error_response(429, f"model {route.model} is busy: its servers already take {'/'.join(map(str, limits))} request(s) each; retry shortly",
-                                  "rate_limit_error")
+                                  "rate_limit_error"), route.model
         if server is None:
-            return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error")
+            return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error"), route.model
         server.gate.enter()
         try:
-            return await self._relay(request, route.model, server, path, body)
+            return await self._relay(request, route.model, server, path, body, arrived), route.model
         finally:
             server.gate.leave()
 
-    async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> web.StreamResponse:
+    def _failed(self, model: str, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.failed(model, kind)
+
+    async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes, arrived: float) -> web.StreamResponse:
         assert self._session is not None
         headers = relayed_headers(request.headers.items())
         # The query as the caller encoded it, byte for byte (Claude Code sends ?beta=true): decoded and
@@ -439,6 +460,7 @@ class ApiProxy:
             except TimeoutError as exc:
                 if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect timeout: a failed relay, below
                     raise
+                self._failed(model, "upstream_timeout")
                 return error_response(504, f"the peer serving {model} did not start its answer within {start_within:g} s", "upstream_timeout")
             async with started as up:
                 out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS and not is_cors_header(k)}
@@ -446,9 +468,14 @@ class ApiProxy:
                 if up.content_length is not None:
                     response.content_length = up.content_length
                 await response.prepare(request)
+                meter = ResponseMeter(arrived, "text/event-stream" in (up.headers.get("Content-Type") or "")) if up.status == 200 else None
                 async for chunk in up.content.iter_any():
                     await response.write(chunk)
+                    if meter is not None:
+                        meter.feed(chunk, time.monotonic())
                 await response.write_eof()
+                if meter is not None and self.metrics is not None:
+                    self.metrics.measured(model, meter.finish())
                 return response
         except (TimeoutError, aiohttp.ClientError) as exc:
             message = f"upstream for {model} failed: {exc.__class__.__name__}: {exc}"
@@ -456,6 +483,7 @@ class ApiProxy:
             if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
                 code, kind = 503, "unavailable_error"
                 message = f"model {model} is {upstream.status()}; retry shortly ({message})"
+            self._failed(model, kind if response is None else "cut_mid_answer")
             if response is None:
                 return error_response(code, message, kind)
             # Mid-stream: tell an SSE client in-band, then end the stream.
