@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from tests.conftest import LOCAL, wait_for
 from tests.test_e2e_split import CTX, complete, need_gb, serving
+from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.engine
 
@@ -16,8 +19,7 @@ def test_clients_standbys_and_spares_coming_and_going_never_restart_a_split(star
     a = start_node("--model", str(split_model), *CTX, "--max-vram", host_cap, *LOCAL)
     a.wait_output("Waiting for more peers")
     token = a.token()
-    start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
-    start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
+    workers_of = [start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL) for _ in range(2)]
     state = wait_for(lambda: serving(a)["state"] == "ready" and serving(a), timeout=60, what="3-node split ready")
     pid, workers, weights = a.llama_server().pid, state["split"]["workers"], state["split"]["tensor_split"]
     text = complete(a.port, "hello")
@@ -35,13 +37,22 @@ def test_clients_standbys_and_spares_coming_and_going_never_restart_a_split(star
     standby.wait_output("ready")
     wait_for(lambda: standby.node_id() in a.peer_ids(), what="A sees the standby")
     unchanged("a standby joined")
-    spare = start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL)
-    spare.wait_output("hosts the split")
-    spare_id = spare.node_id()
-    wait_for(lambda: spare_id in serving(a)["split"]["spares"], what="A plans with the spare")
-    unchanged("a spare joined")
-    for node, what in ((client, "the client"), (standby, "the standby"), (spare, "the spare")):
+    spares = [start_node("--model", str(split_model), *CTX, "--max-vram", worker_cap, "--join", token, *LOCAL) for _ in range(2)]
+    for spare in spares:
+        spare.wait_output("hosts the split")
+        wait_for(lambda spare=spare: spare.node_id() in serving(a)["split"]["spares"], what="A plans with the spare")
+    unchanged("two spares joined")
+    for node, what in ((client, "the client"), (standby, "the standby"), (spares[0], "a spare")):
         gone = node.node_id()
         node.stop()
         wait_for(lambda gone=gone: gone not in a.peer_ids(), what=f"{what} gone")
         unchanged(f"{what} left")
+    assert not [k for k in scrape(a.port) if k[0] == "mesh_llm_plan_restarts_total"]  # and /metrics says so
+
+    # Losing a worker does change the split: the spare steps in, and /metrics names the cause.
+    victim = next(n for n in workers_of if n.node_id() in workers)
+    victim.proc.send_signal(signal.SIGKILL)
+    wait_for(lambda: serving(a)["state"] == "ready" and spares[1].node_id() in serving(a)["split"]["workers"], timeout=90, what="the spare took over")
+    restarts = {dict(k[1])["cause"]: v for k, v in scrape(a.port).items() if k[0] == "mesh_llm_plan_restarts_total"}
+    assert restarts == {"workers changed": 1}, restarts
+    assert complete(a.port, "hello") == text

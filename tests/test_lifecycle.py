@@ -128,3 +128,18 @@ def test_what_is_routed_and_advertised() -> None:
     assert Phase.STANDBY not in ROUTED and Phase.UNLOADING not in ROUTED and Phase.GONE not in ROUTED
     assert Phase.UNLOADING in ADVERTISED and Phase.STANDBY not in ADVERTISED
     assert {Phase.READY, Phase.WAITING, Phase.STARTING, Phase.FAILED, Phase.PLANNING} <= ROUTED
+
+
+def test_a_restart_is_named_by_what_changed() -> None:
+    from mesh_llm.plan.split import LayerRange, Solo, Split
+    from mesh_llm.serving.lifecycle import restart_cause
+
+    def split(workers: tuple[str, ...], weights: tuple[float, ...]) -> Split:
+        return Split("h", workers, weights, tuple(LayerRange(n, 0, 0, False) for n in (*workers, "h")))
+
+    assert restart_cause(split(("a", "b"), (1, 1, 1)), split(("a", "c"), (1, 1, 1))) == "workers changed"
+    assert restart_cause(split(("a", "b"), (1, 1, 1)), split(("a", "b"), (2, 1, 1))) == "shares changed"
+    assert restart_cause(split(("a",), (1, 1)), split(("a",), (1, 1))) == "retry"
+    assert restart_cause(Solo(), Solo()) == "retry"
+    assert restart_cause(Solo(), split(("a",), (1, 1))) == "solo to split"
+    assert restart_cause(split(("a",), (1, 1)), Solo()) == "split to solo"

@@ -297,6 +297,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             delay_s = float(os.environ.get(RPC_DELAY_ENV, "0") or 0) / 1000
             settings = EngineSettings(engine, gpu=offer.device != "CPU", device=cfg.device, log_dir=cfg.state_dir / "logs", rpc_delay_s=delay_s)
         fleet = Fleet(mesh, supervisor, table, offer=offer.bytes, engine_version=engine_id, settings=settings, say=say, warn=warn)
+        if proxy.metrics is not None:
+            fleet.on_restart = proxy.metrics.restarted
         fleet.start()
         stack.push_async_callback(fleet.close)
         runtime.fleet = fleet

@@ -1,7 +1,8 @@
 """/metrics: this node's API in Prometheus text format (prometheus-client).
 
 Counted where requests pass this node's proxy: answers by model and status, failures after a
-server was chosen, tokens generated, time to first token and decode speed; read live at each
+server was chosen, tokens generated, time to first token and decode speed; by the fleet: each
+time a model's llama-server starts again, with its cause; read live at each
 scrape: requests in flight per model and the mesh's other nodes by role. One registry per
 node (not the library's global one), so several nodes in one process never share counts.
 """
@@ -47,7 +48,12 @@ class NodeMetrics:
         self.ttft = Histogram("mesh_llm_time_to_first_token_seconds", "From a streamed request's arrival to its first token", ["model"],
                               buckets=TTFT_BUCKETS, registry=self.registry)
         self.speed = Histogram("mesh_llm_tokens_per_second", "Decode speed of an answer", ["model"], buckets=SPEED_BUCKETS, registry=self.registry)
+        self.restarts = Counter("mesh_llm_plan_restarts", "llama-server started again for a model this node serves, by cause", ["model", "cause"],
+                                registry=self.registry)
         self.registry.register(_Live(in_flight, peers))
+
+    def restarted(self, model: str, cause: str) -> None:
+        self.restarts.labels(model, cause).inc()
 
     def answered(self, model: str | None, status: int) -> None:
         self.requests.labels(model or UNKNOWN_MODEL, str(status)).inc()

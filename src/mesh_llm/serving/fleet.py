@@ -27,7 +27,7 @@ from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import MAX_DETAIL, MAX_HOSTED, HostedModel, MeshEvent, PeerRecord, Slice
 from mesh_llm.plan.budget import ledger
 from mesh_llm.plan.placement import Placement, Unplannable, Wanted, peer_candidates, place
-from mesh_llm.plan.split import Solo, Split, Standby, Waiting, format_tensor_split
+from mesh_llm.plan.split import Plan, Solo, Split, Standby, Waiting, format_tensor_split
 from mesh_llm.serving.lifecycle import (
     ADVERTISED,
     ROUTED,
@@ -42,10 +42,12 @@ from mesh_llm.serving.lifecycle import (
     RetryDue,
     RetryIn,
     ServerDown,
+    ServerRestarting,
     Stop,
     Stopped,
     UnloadAsked,
     plan_key,
+    restart_cause,
     step,
 )
 from mesh_llm.serving.proofs import FileProofs
@@ -89,6 +91,7 @@ class Loaded:
     here_bytes: int = 0
     task: asyncio.Task[None] | None = None
     retry: asyncio.TimerHandle | None = None
+    launched: Plan | None = None  # the plan its server last ran under (restarts are counted against it)
 
     @property
     def name(self) -> str:
@@ -106,6 +109,7 @@ class Fleet:
         self.loaded: dict[str, Loaded] = {}  # in the order they were loaded: earlier models keep their memory
         self.placement = Placement({}, {}, offer)
         self.on_change: Callable[[], None] = lambda: None  # the console's status feed listens here
+        self.on_restart: Callable[[str, str], None] = lambda model, cause: None  # a server started again, and why (metrics)
         self.announced = False  # the start-up banner is out: later models announce themselves
         self._unwilling: dict[tuple[str, str], float] = {}  # (model, worker) -> since when it failed to lend
         self._kick = asyncio.Event()
@@ -243,6 +247,12 @@ class Fleet:
         loaded.life, actions = step(loaded.life, event)
         for action in actions:
             loaded.actions.put_nowait(action)
+            if isinstance(action, Launch):
+                if loaded.launched is not None:
+                    self.on_restart(name, restart_cause(loaded.launched, action.plan))
+                loaded.launched = action.plan
+        if isinstance(event, ServerRestarting) and event.key == before.running:
+            self.on_restart(name, "crashed")
         if loaded.life.phase is Phase.STARTING and loaded.life.running is None:
             loaded.awaiting_workers_since = loaded.awaiting_workers_since or time.monotonic()
         else:

@@ -192,3 +192,15 @@ def _planned(life: Life, event: Planned) -> tuple[Life, list[Action]]:
         return Life(Phase.STARTING, plan, None, f"starting the {len(plan.workers)} worker(s) of the split", None, life.failures), stop
     words = "loading" if isinstance(plan, Solo) else f"loading split over {len(plan.layers)} nodes"
     return Life(Phase.STARTING, plan, key, words, None, life.failures), [*stop, Launch(plan)]
+
+
+def restart_cause(last: Plan, plan: Plan) -> str:
+    """Why a model whose server ran before under `last` is launched again under `plan`
+    (a few fixed words: a metrics label)."""
+    if isinstance(last, Split) and isinstance(plan, Split):
+        if last.workers != plan.workers:
+            return "workers changed"
+        return "shares changed" if last.weights != plan.weights else "retry"
+    if isinstance(last, Solo) and isinstance(plan, Solo):
+        return "retry"
+    return "solo to split" if isinstance(plan, Split) else "split to solo"
