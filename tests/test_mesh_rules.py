@@ -31,6 +31,14 @@ def test_silent_members_are_reported_after_the_bound() -> None:
     assert m.silent(DEAD_AFTER_SECS + 0.1) == [rec(1).id]
 
 
+def test_time_this_node_was_held_up_is_not_its_members_silence() -> None:
+    m = Membership(self_id=rec(0).id)
+    m.admit(rec(1), 0.0)
+    m.excuse(10.0)  # our own loop was blocked for 10 s: nobody could be heard
+    assert m.silent(10.0 + DEAD_AFTER_SECS - 0.1) == []
+    assert m.silent(10.0 + DEAD_AFTER_SECS + 0.1) == [rec(1).id]
+
+
 def test_to_dial_skips_self_members_clients_and_recent_failures() -> None:
     m = Membership(self_id=rec(0).id)
     m.admit(rec(1), 0.0)

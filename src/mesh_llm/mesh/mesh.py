@@ -424,12 +424,15 @@ class Mesh:
             link.exchanging = False
 
     async def _heartbeat_loop(self) -> None:
-        last_rejoin = time.monotonic()
+        last_rejoin = last_tick = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_SECS)
+            now = time.monotonic()
+            if (late := now - last_tick - HEARTBEAT_SECS) > HEARTBEAT_SECS:  # we were held up, not our peers
+                self.membership.excuse(late)
+            last_tick = now
             for link in list(self.links.values()):
                 self._exchange_soon(link)
-            now = time.monotonic()
             for pid in self.membership.silent(now):
                 silent = self.links.get(pid)
                 if silent is not None:

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 from mesh_llm.mesh.wire import MAX_FRAME, ProtocolError, get_bool, get_float, get_hex, get_int, get_list, get_str, get_str_list
 from mesh_llm.text import is_name, printable
 
-HEARTBEAT_SECS = 1.5  # gossip with every member this often
-DEAD_AFTER_SECS = 6.0  # a member silent this long is dropped: at most ~7.5 s after it died (bound: 10 s)
+HEARTBEAT_SECS = 0.5  # gossip with every member this often
+DEAD_AFTER_SECS = 1.5  # a member silent this long (three heartbeats missed) is dropped: at most ~2 s after it died
 REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often than this
 MAX_PEERS_PER_FRAME = 256
 MAX_MEMBERS = 256  # other serving nodes one node admits; past this, admission is refused with a reason
@@ -382,6 +382,12 @@ class Membership:
     def remove(self, peer_id: str, reason: str) -> MeshEvent | None:
         m = self.members.pop(peer_id, None)
         return MeshEvent(EventKind.LEFT, m.record, reason) if m else None
+
+    def excuse(self, secs: float) -> None:
+        """This node itself was held up for `secs` (its loop blocked, its process starved): its
+        members could not be heard meanwhile, so that time does not count as their silence."""
+        for m in self.members.values():
+            m.last_seen += secs
 
     def silent(self, now: float, limit: float = DEAD_AFTER_SECS) -> list[str]:
         return [pid for pid, m in self.members.items() if now - m.last_seen > limit]
