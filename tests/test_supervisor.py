@@ -62,6 +62,23 @@ async def test_start_waits_for_health_and_stop_kills_group(tmp_path: Path) -> No
     assert mp.state == ProcState.STOPPED
 
 
+async def test_a_process_that_ignores_sigterm_is_killed_once_its_grace_is_over(tmp_path: Path) -> None:
+    # A split's llama-server cut off from its workers is stopped with a short grace (runner.SPLIT_STOP_GRACE_SECS).
+    ready = tmp_path / "ready"
+    code = f"""
+        import pathlib, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        pathlib.Path({str(ready)!r}).touch()
+        time.sleep(300)
+    """
+    s = Supervisor(report=lambda m: None)
+    mp = await s.start(ProcessSpec("stubborn", py(code), tmp_path / "s.log", health=file_health(ready)))
+    proc = mp.proc
+    assert proc is not None
+    await s.stop(mp, grace=0.2)
+    assert proc.returncode == -9  # it sat out the SIGTERM; the SIGKILL after the grace ended it
+
+
 async def test_exit_before_ready_raises_with_log_tail(tmp_path: Path) -> None:
     s = Supervisor(report=lambda m: None)
     spec = ProcessSpec("bad", py("import sys; print('error: model is broken'); sys.exit(3)"), tmp_path / "bad.log", health=file_health(tmp_path / "never"))

@@ -130,12 +130,13 @@ class Supervisor:
         mp._task = asyncio.create_task(self._watch(mp), name=f"watch-{spec.name}")
         return mp
 
-    async def stop(self, mp: ManagedProcess) -> None:
+    async def stop(self, mp: ManagedProcess, grace: float = 5.0) -> None:
+        """SIGTERM, and SIGKILL if it is still there after `grace` seconds."""
         if mp._task:
             mp._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await mp._task
-        await self._terminate(mp)
+        await self._terminate(mp, grace)
         self._set(mp, ProcState.STOPPED)
         if mp in self._procs:
             self._procs.remove(mp)

@@ -26,6 +26,8 @@ from mesh_llm.plan.split import Solo, Split, format_tensor_split
 from mesh_llm.serving.lifecycle import Event, ServerDown, ServerRestarting, ServerUp, plan_key
 from mesh_llm.serving.workers import RpcWorkers
 
+SPLIT_STOP_GRACE_SECS = 0.5  # a split's llama-server stopped for a re-plan: SIGKILL after this
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -145,6 +147,10 @@ class ModelRunner:
     async def stop(self) -> None:
         """Stop llama-server and close the split's tunnels (closing them first ends a stuck server at once)."""
         self.key = None
+        # A split's llama-server whose workers are cut off can sit out a whole SIGTERM grace
+        # (measured: 5 s of the 7 s from a worker's kill -9 to serving again); nothing in it is
+        # worth waiting for, so it gets a short one.
+        grace = SPLIT_STOP_GRACE_SECS if self.tunnels else 5.0
         for tunnel, _ in self.tunnels.values():
             await tunnel.close()
         self.tunnels.clear()
@@ -156,7 +162,7 @@ class ModelRunner:
         try:
             if self.server is not None:
                 server, self.server = self.server, None
-                await self.supervisor.stop(server)
+                await self.supervisor.stop(server, grace)
         finally:
             if self._probe is not None:
                 await self._probe.close()
