@@ -1,0 +1,152 @@
+"""A kill storm on a split: how many requests complete, how fast it serves again, needless restarts.
+
+A tiny split model over three capped nodes (host + 2 workers), a spare, and a `--client`
+node in front. K streams run in a loop through the client while a worker node is killed
+with `kill -9` N times (each time started again, so a spare is there for the next kill).
+Reported:
+  - completed_fraction: requests that ended without an error ÷ all requests started,
+  - recover_p50_s / recover_max_s: from the kill to the host's split being ready again,
+  - needless_restarts: llama-server restarts whose cause (the host's /metrics) is not
+    "workers changed" (joins and leaves that do not touch a split must not restart it),
+  - unserved_pickup_s: null (demand-aware placement is not built yet).
+The last line is one JSON object.
+
+    .venv/bin/python bench/churn.py [--kills 4] [--streams 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from common import invite_token, served, serving_ready, wait_http
+from split import LOCAL, Procs
+
+from mesh_llm.engine.probes import free_loopback_port
+from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+from mesh_llm.serving.prepare import ModelOptions, prepare
+
+SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="churn-tiny")
+CTX = ["--ctx-size", "1024"]
+
+
+class Node:
+    def __init__(self, procs: Procs, root: Path, name: str, args: list[str]) -> None:
+        self.procs, self.root, self.name, self.args = procs, root, name, args
+        self.port = free_loopback_port()
+        self.proc = procs.start(name, self.argv())
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "mesh_llm", *self.args, "--port", str(self.port), "--state-dir", str(self.root / self.name), *LOCAL]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        self.proc = self.procs.start(self.name + "-again", self.argv())
+
+
+async def status(base: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(base + "/api/status", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        return await r.json()
+
+
+async def restarts(base: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mesh_llm_plan_restarts_total{"):
+            cause = line.split('cause="', 1)[1].split('"', 1)[0]
+            out[cause] = out.get(cause, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def stream_loop(base: str, model: str, tokens: int, stop: asyncio.Event, tally: dict[str, int]) -> None:
+    body = {"model": model, "prompt": "hello", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        while not stop.is_set():
+            tally["started"] += 1
+            ok = False
+            try:
+                async with s.post(base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=120)) as r:
+                    text = (await r.read()).decode(errors="replace") if r.status == 200 else ""
+                    ok = r.status == 200 and "data: [DONE]" in text and '"error"' not in text
+            except (TimeoutError, aiohttp.ClientError):
+                ok = False
+            tally["completed" if ok else "failed"] += 1
+            if not ok:
+                await asyncio.sleep(0.2)  # as a client would before retrying
+
+
+async def run(args: argparse.Namespace) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="bench-churn-"))
+    model_path = write_tiny_model(root / "churn-tiny.gguf", SPEC)
+    need = prepare(str(model_path), ModelOptions(ctx_size=1024), lambda line: None).need / 1e9
+    host_cap, worker_cap = f"{0.40 * need:.6f}", f"{0.35 * need:.6f}"
+    procs = Procs(root)
+    try:
+        host = Node(procs, root, "host", ["--model", str(model_path), *CTX, "--max-vram", host_cap])
+        token = await invite_token(root / "host.log")
+        workers = [Node(procs, root, f"w{i}", ["--model", str(model_path), *CTX, "--max-vram", worker_cap, "--join", token]) for i in range(3)]
+        await wait_http(host.base + "/api/status", host.proc, ok=lambda d: serving_ready(d) and len(served(d)["split"]["spares"]) == 1)
+        client = Node(procs, root, "client", ["--client", "--join", token])
+        await wait_http(client.base + "/health", client.proc)
+        model = served(await status(host.base))["model"]
+        print(f"split ready: {served(await status(host.base))['split']['workers']} + a spare; {args.streams} streams through a client")
+        stop = asyncio.Event()
+        tally = {"started": 0, "completed": 0, "failed": 0}
+        loops = [asyncio.ensure_future(stream_loop(client.base, model, args.tokens, stop, tally)) for _ in range(args.streams)]
+        await asyncio.sleep(3)
+        recover: list[float] = []
+        by_id = {(await status(w.base))["node"]["id"]: w for w in workers}
+        for k in range(args.kills):
+            doc = await status(host.base)
+            victim = by_id[served(doc)["split"]["workers"][0]]
+            victim.proc.kill()
+            killed = time.monotonic()
+            await asyncio.sleep(0.3)
+            await wait_http(host.base + "/api/status", host.proc, timeout=120,
+                            ok=lambda d, gone=victim: serving_ready(d) and all(by_id.get(w) is not gone for w in served(d)["split"]["workers"]))
+            recover.append(time.monotonic() - killed)
+            print(f"kill {k + 1}: serving again after {recover[-1]:.2f} s; requests so far {tally}")
+            victim.restart()  # back as the next spare
+            await wait_http(host.base + "/api/status", host.proc, timeout=120, ok=lambda d: len(served(d)["split"]["spares"]) == 1)
+            await asyncio.sleep(2)
+        stop.set()
+        await asyncio.gather(*loops)
+        causes = await restarts(host.base)
+        print(f"requests {tally}; restarts by cause {causes}")
+        return {
+            "kills": args.kills,
+            "streams": args.streams,
+            "requests": tally["started"],
+            "completed_fraction": round(tally["completed"] / max(1, tally["started"]), 4),
+            "recover_p50_s": round(statistics.median(recover), 2),
+            "recover_max_s": round(max(recover), 2),
+            "needless_restarts": int(sum(v for c, v in causes.items() if c != "workers changed")),
+            "unserved_pickup_s": None,
+        }
+    finally:
+        procs.stop_all()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=4)
+    p.add_argument("--streams", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=64)
+    result = asyncio.run(run(p.parse_args()))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
