@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import LOCAL, wait_for
-from tests.test_e2e_split import CTX, complete, need_gb, serving
+from tests.test_e2e_split import CTX, complete, need_gb, post_completion, serving
 from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.engine
@@ -49,10 +50,21 @@ def test_clients_standbys_and_spares_coming_and_going_never_restart_a_split(star
         unchanged(f"{what} left")
     assert not [k for k in scrape(a.port) if k[0] == "mesh_llm_plan_restarts_total"]  # and /metrics says so
 
-    # Losing a worker does change the split: the spare steps in, and /metrics names the cause.
+    # Losing a worker does change the split: the spare steps in, and /metrics names the cause. A
+    # request stuck in llama-server when the worker dies (frozen first, so it surely is) is run
+    # again on the new split: the caller gets the same answer as an uninterrupted run.
     victim = next(n for n in workers_of if n.node_id() in workers)
-    victim.proc.send_signal(signal.SIGKILL)
-    wait_for(lambda: serving(a)["state"] == "ready" and spares[1].node_id() in serving(a)["split"]["workers"], timeout=90, what="the spare took over")
-    restarts = {dict(k[1])["cause"]: v for k, v in scrape(a.port).items() if k[0] == "mesh_llm_plan_restarts_total"}
+    tasks_before = a.llama_log().count("processing task")
+    victim.proc.send_signal(signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(post_completion, a.port, {"prompt": "hello", "max_tokens": 24, "temperature": 0})
+        wait_for(lambda: a.llama_log().count("processing task") > tasks_before, what="the request reached llama-server")
+        victim.proc.send_signal(signal.SIGKILL)
+        status, doc = reply.result(timeout=120)
+    assert status == 200 and doc["choices"][0]["text"] == text, doc
+    assert spares[1].node_id() in serving(a)["split"]["workers"]
+    metrics = scrape(a.port)
+    restarts = {dict(k[1])["cause"]: v for k, v in metrics.items() if k[0] == "mesh_llm_plan_restarts_total"}
     assert restarts == {"workers changed": 1}, restarts
+    assert metrics[("mesh_llm_resumes_total", (("model", "split-tiny"),))] == 1
     assert complete(a.port, "hello") == text

@@ -48,9 +48,14 @@ class NodeMetrics:
         self.ttft = Histogram("mesh_llm_time_to_first_token_seconds", "From a streamed request's arrival to its first token", ["model"],
                               buckets=TTFT_BUCKETS, registry=self.registry)
         self.speed = Histogram("mesh_llm_tokens_per_second", "Decode speed of an answer", ["model"], buckets=SPEED_BUCKETS, registry=self.registry)
+        self.resumes = Counter("mesh_llm_resumes", "Requests run again on another server after theirs went away before answering", ["model"],
+                               registry=self.registry)
         self.restarts = Counter("mesh_llm_plan_restarts", "llama-server started again for a model this node serves, by cause", ["model", "cause"],
                                 registry=self.registry)
         self.registry.register(_Live(in_flight, peers))
+
+    def resumed(self, model: str) -> None:
+        self.resumes.labels(model).inc()
 
     def restarted(self, model: str, cause: str) -> None:
         self.restarts.labels(model, cause).inc()

@@ -288,6 +288,12 @@ async def _still_ready(upstream: Server, grace: float = 1.0) -> bool:
 
 
 ExtraRoutes = Callable[[web.Application], None]
+MAX_RESUMES = 2  # a request whose server went away before answering runs again at most this often
+RESUME_SECS = 20.0  # ... and only while a new server is found within this of its first try
+
+
+class UpstreamLost(Exception):
+    """The server of a request went away before any of its answer reached the caller."""
 
 
 class ApiProxy:
@@ -433,11 +439,33 @@ class ApiProxy:
                                   "rate_limit_error"), route.model
         if server is None:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error"), route.model
-        server.gate.enter()
-        try:
-            return await self._relay(request, route.model, server, path, body, arrived), route.model
-        finally:
-            server.gate.leave()
+        session = session_of(doc, request.headers)
+        deadline = time.monotonic() + RESUME_SECS
+        for attempt in range(MAX_RESUMES + 1):
+            server.gate.enter()
+            try:
+                return await self._relay(request, route.model, server, path, body, arrived), route.model
+            except UpstreamLost as lost:
+                failure = lost
+            finally:
+                server.gate.leave()
+            # Its server went away before answering (worker or host lost, re-plan): nothing reached
+            # the caller yet, so run it again on the new plan once one is ready, within the deadline.
+            next_server = await self._ready_server(route.model, session, deadline) if attempt < MAX_RESUMES else None
+            if next_server is None:
+                break
+            server = next_server
+            if self.metrics is not None:
+                self.metrics.resumed(route.model)
+        return error_response(503, str(failure), "unavailable_error"), route.model
+
+    async def _ready_server(self, model: str, session: str | None, deadline: float) -> Server | None:
+        """A server for `model` with room, once there is one (the table is replaced as plans change)."""
+        while time.monotonic() < deadline:
+            if model in self.table.models() and (server := self._choose(self.table.get(model), session)) is not None:
+                return server
+            await asyncio.sleep(0.1)
+        return None
 
     def _failed(self, model: str, kind: str) -> None:
         if self.metrics is not None:
@@ -485,6 +513,8 @@ class ApiProxy:
                 message = f"model {model} is {upstream.status()}; retry shortly ({message})"
             self._failed(model, kind if response is None else "cut_mid_answer")
             if response is None:
+                if code == 503:
+                    raise UpstreamLost(message) from None  # nothing sent yet: the caller may run it again elsewhere
                 return error_response(code, message, kind)
             # Mid-stream: tell an SSE client in-band, then end the stream.
             if "text/event-stream" in (response.headers.get("Content-Type") or ""):
