@@ -30,7 +30,7 @@ from mesh_llm.api.console import WebConsole, console_port_in_use
 from mesh_llm.api.http_guard import Policy
 from mesh_llm.api.keys import KeyRing, store_path
 from mesh_llm.api.metrics import NodeMetrics
-from mesh_llm.api.proxy import SERVER_SLOTS, UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
+from mesh_llm.api.proxy import UPSTREAM_START_SECS, ApiProxy, UpstreamTable, port_in_use
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
 from mesh_llm.api.status_feed import StatusFeed
@@ -315,7 +315,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             feed.follow(events)  # joins, leaves, record changes
         serve_rpc_tunnels(mesh, fleet.lent_port, warn)
         serve_file_proofs(mesh, fleet.model_path, warn)
-        serve_http_tunnels(mesh, fleet.local_server, lambda gate: gate.in_flight < (cfg.max_inflight or SERVER_SLOTS))
+        serve_http_tunnels(mesh, fleet.local_server, proxy.gate_has_room)
         if tokens:
             with console.status("Joining the mesh…"):
                 try:

@@ -388,7 +388,11 @@ class ApiProxy:
         return error_response(404, f"model {requested!r} is not served here; available: {listing}", "model_not_found", available=served)
 
     def has_room(self, server: Server) -> bool:
-        return server.gate.in_flight < (self.max_inflight or server.slots)
+        return self.gate_has_room(server.gate, server.slots)
+
+    def gate_has_room(self, gate: Gate, slots: int = SERVER_SLOTS) -> bool:
+        """The in-flight cap (--max-inflight, else the server's slots): also applied where peers' requests arrive."""
+        return gate.in_flight < (self.max_inflight or slots)
 
     def _choose(self, route: Route, session: str | None) -> Server | None:
         """The server for this request, among the ready ones with a free slot; a conversation

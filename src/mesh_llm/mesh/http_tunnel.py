@@ -14,25 +14,16 @@ import contextlib
 import json
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any
 
 from mesh_llm.api.guard import MAX_TUNNEL_HEAD, RequestRefused, tunnelled_request
+from mesh_llm.api.proxy import MAX_BODY, Gate  # the proxy's own limit and request count
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.transport import iroh
 from mesh_llm.mesh.tunnels import CHUNK, relay
 from mesh_llm.mesh.wire import FramedReader, StreamKind, get_str
 
 HEAD_SECS = 30.0  # a request head must arrive within this (our proxy sends it at once)
-MAX_BODY = 64 * 1024 * 1024  # as the proxy's own limit
-
-
-class Counter(Protocol):
-    """Counts the requests at a server (see api.proxy.Gate)."""
-
-    in_flight: int
-
-    def enter(self) -> None: ...
-    def leave(self) -> None: ...
 
 
 def http_reply(status: int, message: str, kind: str, retry_after: int | None = None) -> bytes:
@@ -78,7 +69,7 @@ async def _read_head(reader: FramedReader) -> tuple[bytes, bytes]:
     return bytes(buf[: end + 4]), bytes(buf[end + 4 :])
 
 
-def serve_http_tunnels(mesh: Mesh, local_server: Callable[[str], tuple[int, Counter] | None], has_room: Callable[[Counter], bool]) -> None:
+def serve_http_tunnels(mesh: Mesh, local_server: Callable[[str], tuple[int, Gate] | None], has_room: Callable[[Gate], bool]) -> None:
     """Answer HTTP streams with the named model's local llama-server, one checked request each
     (counted at the server's gate; 429 when it is full, as the proxy would answer)."""
 
