@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import signal
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from tests.conftest import LOCAL, wait_for
-from tests.test_e2e_split import CTX, complete, need_gb, post_completion, serving
+from tests.test_e2e_split import CTX, complete, need_gb, post_while_a_worker_dies, serving
 from tests.test_metrics import scrape
 
 pytestmark = pytest.mark.engine
@@ -54,13 +51,7 @@ def test_clients_standbys_and_spares_coming_and_going_never_restart_a_split(star
     # request stuck in llama-server when the worker dies (frozen first, so it surely is) is run
     # again on the new split: the caller gets the same answer as an uninterrupted run.
     victim = next(n for n in workers_of if n.node_id() in workers)
-    tasks_before = a.llama_log().count("processing task")
-    victim.proc.send_signal(signal.SIGSTOP)
-    with ThreadPoolExecutor(1) as pool:
-        reply = pool.submit(post_completion, a.port, {"prompt": "hello", "max_tokens": 24, "temperature": 0})
-        wait_for(lambda: a.llama_log().count("processing task") > tasks_before, what="the request reached llama-server")
-        victim.proc.send_signal(signal.SIGKILL)
-        status, doc = reply.result(timeout=120)
+    status, doc = post_while_a_worker_dies(a, victim, {"prompt": "hello", "max_tokens": 24, "temperature": 0})
     assert status == 200 and doc["choices"][0]["text"] == text, doc
     assert spares[1].node_id() in serving(a)["split"]["workers"]
     metrics = scrape(a.port)

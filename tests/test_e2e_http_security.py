@@ -4,6 +4,7 @@ HTTP ports (:9337 and the console), and what a user-approved web app still gets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 from pathlib import Path
@@ -180,14 +181,23 @@ def _post(path: str, body: bytes, extra: str = "") -> bytes:
     return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
+@contextlib.asynccontextmanager
+async def rogue_member(node):  # type: ignore[no-untyped-def]
+    """A member built from our own mesh classes with `node`'s token: it sends whatever it likes."""
+    token = decode_token(node.token())
+    rogue = make_mesh(token.mesh, name="rogue")
+    await rogue.start()
+    try:
+        await rogue.join([token])
+        yield rogue
+    finally:
+        await rogue.close()
+
+
 async def test_a_member_reaches_only_the_api_routes_through_the_http_tunnel(engine, tiny_model: Path, start_node) -> None:  # type: ignore[no-untyped-def]
     a = start_node("--model", str(tiny_model), "--ctx-size", "256", *LOCAL)
     a.wait_ready()
-    token = a.token()
-    rogue = make_mesh(decode_token(token).mesh, name="rogue")
-    await rogue.start()
-    try:
-        await rogue.join([decode_token(token)])
+    async with rogue_member(a) as rogue:
         node, model = a.node_id(), "tiny-llama"
         chat = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
         # What a peer's proxy sends: answered, once.
@@ -204,18 +214,12 @@ async def test_a_member_reaches_only_the_api_routes_through_the_http_tunnel(engi
         chunked = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
         assert (await _through_tunnel(rogue, node, model, chunked)).startswith(b"HTTP/1.1 400")
         assert "/slots" not in a.llama_log()  # nothing of the above reached llama-server
-    finally:
-        await rogue.close()
 
 
 async def test_a_member_cannot_queue_past_the_servers_cap_through_the_tunnel(engine, tiny_model: Path, start_node) -> None:  # type: ignore[no-untyped-def]
     a = start_node("--model", str(tiny_model), "--ctx-size", "256", "--max-inflight", "1", *LOCAL)
     a.wait_ready()
-    token = a.token()
-    rogue = make_mesh(decode_token(token).mesh, name="rogue")
-    await rogue.start()
-    try:
-        await rogue.join([decode_token(token)])
+    async with rogue_member(a) as rogue:
         long = json.dumps({"prompt": "go", "max_tokens": 15000, "ignore_eos": True, "stream": True}).encode()
         send, recv = await rogue.open_stream(a.node_id(), StreamKind.HTTP, {"model": "tiny-llama"})
         await send.write_all(_post("/v1/completions", long))
@@ -223,8 +227,6 @@ async def test_a_member_cannot_queue_past_the_servers_cap_through_the_tunnel(eng
         second = await _through_tunnel(rogue, a.node_id(), "tiny-llama", _post("/v1/completions", long))
         assert second.startswith(b"HTTP/1.1 429") and b"Retry-After" in second
         await send.reset(0)
-    finally:
-        await rogue.close()
 
 
 def test_listen_all_rebinding_names_are_refused_and_remote_control_needs_a_key(engine, tiny_model: Path, start_node, tmp_path: Path) -> None:

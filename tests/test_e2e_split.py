@@ -54,6 +54,18 @@ def post_completion(port: int, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def post_while_a_worker_dies(host, victim, body: dict) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+    """POST a completion to `host` that is surely stuck inside its llama-server (the worker is
+    frozen first) when the worker node is killed; the status and JSON body it gets."""
+    tasks_before = host.llama_log().count("processing task")
+    victim.proc.send_signal(signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(post_completion, host.port, body)
+        wait_for(lambda: host.llama_log().count("processing task") > tasks_before, what="the request reached llama-server")
+        victim.proc.send_signal(signal.SIGKILL)
+        return reply.result(timeout=120)
+
+
 def serving(node, model: str = SPEC.name) -> dict:  # type: ignore[no-untyped-def]
     """The node's own view of one of its models (plan, split, RPC traffic)."""
     return next(m for m in node.status()["serving"] if m["model"] == model)
@@ -192,12 +204,6 @@ def test_three_nodes_hold_what_none_can_and_survive_losing_a_worker(start_node, 
     # A plain (non-streamed) request in flight when a worker dies gets the same JSON error.
     # The worker is frozen first, so the request is surely stuck inside llama-server when it dies.
     victim = next(n for n in (b, c, e) if n.proc.poll() is None and n.node_id() in serving(a)["split"]["workers"])
-    tasks_before = a.llama_log().count("processing task")
-    victim.proc.send_signal(signal.SIGSTOP)
-    with ThreadPoolExecutor(1) as pool:
-        reply = pool.submit(post_completion, a.port, {"prompt": "hello", "max_tokens": 200, "temperature": 0})
-        wait_for(lambda: a.llama_log().count("processing task") > tasks_before, what="the request reached llama-server")
-        victim.proc.send_signal(signal.SIGKILL)
-        status, doc = reply.result(timeout=120)
+    status, doc = post_while_a_worker_dies(a, victim, {"prompt": "hello", "max_tokens": 200, "temperature": 0})
     assert status == 503, doc
     assert doc["error"]["type"] == "unavailable_error" and "retry shortly" in doc["error"]["message"], doc

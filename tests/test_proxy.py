@@ -45,7 +45,7 @@ class FakeUpstream:
             raise
         return resp
 
-    async def __aenter__(self) -> "FakeUpstream":
+    async def __aenter__(self) -> FakeUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         self.runner = web.AppRunner(app, handler_cancellation=True)
@@ -178,12 +178,18 @@ async def test_a_model_answers_to_its_other_names_and_ambiguity_lists_candidates
     assert "could be any of tiny-q4, tiny-q8" in body["error"]["message"]
 
 
+def two_peers(a: FakeUpstream, c: FakeUpstream) -> tuple[UpstreamTable, list[Server]]:
+    """Model "m" served by two peers' servers, A nearer than C."""
+    table = UpstreamTable()
+    servers = [Server("peer-a", f"http://127.0.0.1:{a.port}", lambda: True, rtt_ms=lambda: 2.0),
+               Server("peer-c", f"http://127.0.0.1:{c.port}", lambda: True, rtt_ms=lambda: 3.0)]
+    table.set_routes([Route("m", servers)])
+    return table, servers
+
+
 async def test_requests_spread_over_servers_and_conversations_stick() -> None:
     async with FakeUpstream() as a, FakeUpstream() as c:
-        table = UpstreamTable()
-        servers = [Server("peer-a", f"http://127.0.0.1:{a.port}", lambda: True, rtt_ms=lambda: 2.0),
-                   Server("peer-c", f"http://127.0.0.1:{c.port}", lambda: True, rtt_ms=lambda: 3.0)]
-        table.set_routes([Route("m", servers)])
+        table, servers = two_peers(a, c)
         proxy = ApiProxy(table)
         port = free_port()
         await proxy.start("127.0.0.1", port)
@@ -223,10 +229,7 @@ async def test_requests_spread_over_servers_and_conversations_stick() -> None:
 
 async def test_full_servers_send_a_conversation_elsewhere_and_all_full_is_429() -> None:
     async with FakeUpstream() as a, FakeUpstream() as c:
-        table = UpstreamTable()
-        servers = [Server("peer-a", f"http://127.0.0.1:{a.port}", lambda: True, rtt_ms=lambda: 2.0),
-                   Server("peer-c", f"http://127.0.0.1:{c.port}", lambda: True, rtt_ms=lambda: 3.0)]
-        table.set_routes([Route("m", servers)])
+        table, servers = two_peers(a, c)
         proxy = ApiProxy(table, max_inflight=1)
         port = free_port()
         await proxy.start("127.0.0.1", port)
