@@ -53,7 +53,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.mark.engine
 def test_a_real_node_counts_its_requests_tokens_and_peers(start_node, tiny_model: Path, engine) -> None:  # type: ignore[no-untyped-def]
-    a = start_node("--model", str(tiny_model), "--ctx-size", "256", *LOCAL)
+    a = start_node("--model", str(tiny_model), *LOCAL)
     a.wait_ready()
     b = start_node("--client", "--join", a.token(), *LOCAL)
     b.wait_ready()
@@ -68,7 +68,7 @@ def test_a_real_node_counts_its_requests_tokens_and_peers(start_node, tiny_model
     with pytest.raises(urllib.error.HTTPError):  # a model nobody serves: counted, but not by its name
         urllib.request.urlopen(urllib.request.Request(f"{a.base_url}/v1/completions", json.dumps({"model": "nope", "prompt": "x"}).encode(),
                                                       {"Content-Type": "application/json"}), timeout=10)
-    held = open_stream(a.port, "tiny-llama")  # one under way while we scrape
+    held = open_stream(a.port, "tiny-llama")  # one under way while we scrape (the default context: it cannot end at once)
     m = scrape(a.port)
     held.close()
     assert m[("mesh_llm_requests_in_flight", (("model", "tiny-llama"),))] == 1
