@@ -9,12 +9,10 @@ import json
 import os
 import shutil
 import struct
-import threading
 import urllib.request
-from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -24,35 +22,18 @@ from mesh_llm.mesh.token import decode_token
 from mesh_llm.mesh.transport import bind_endpoint, endpoint_addr
 from mesh_llm.mesh.wire import ALPN, StreamKind
 from tests.conftest import LOCAL, wait_for
-from tests.mesh_helpers import LOOPBACK, make_mesh
+from tests.mesh_helpers import LOOPBACK, LoopThread, make_mesh
 
 pytestmark = pytest.mark.engine
-_T = TypeVar("_T")
 
 # What a throw-away identity could put in its record before the bounds: 32 addresses and a
 # relay of characters JSON escapes twelvefold (27 KB per member in every frame that names it).
 BLOAT: dict[str, Any] = {"addrs": tuple("𝔵" * 64 for _ in range(32)), "relay": "𝔵" * 256}
 
 
-class AttackerLoop:
-    """An asyncio loop on a thread: the attacker's meshes and endpoints live there."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 120) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def attacker():  # type: ignore[no-untyped-def]
-    loop = AttackerLoop()
+    loop = LoopThread()
     yield loop
     loop.close()
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from mesh_llm.mesh.identity import MeshCredentials
+from mesh_llm.mesh.peers import DEAD_AFTER_SECS, HUNG_AFTER_SECS
 from mesh_llm.mesh.token import InviteToken, decode_token
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 from tests.conftest import LOCAL, assert_one_line_error, free_port, leave_mid_stream, run_cli, wait_for
+from tests.mesh_helpers import LoopThread, make_mesh
 
 pytestmark = pytest.mark.engine
 
@@ -255,3 +258,34 @@ def test_a_client_that_leaves_on_another_node_frees_the_slot_where_it_was_served
     for n, port in enumerate((b.port, console), start=1):
         leave_mid_stream(port, while_streaming=lambda: a.busy_slots(upstream) == 1)
         wait_for(lambda n=n: a.cancelled_tasks() == n and a.busy_slots(upstream) == 0, timeout=60, what=f"generation {n} on A cancelled")
+
+
+def test_a_member_too_starved_to_gossip_stays_until_it_hangs(start_node, tiny_model, engine):  # type: ignore[no-untyped-def]
+    """A loaded machine may not gossip in time; while its QUIC stack still answers, it is
+    alive (dropping it would re-plan every split it is in). Only long gossip silence drops it."""
+    a = start_node("--model", str(tiny_model), *LOCAL)
+    a.wait_ready()
+    token = decode_token(a.token())
+    thread = LoopThread()
+    member = make_mesh(token.mesh, name="starved")
+    try:
+        async def join() -> None:
+            await member.start()
+            await member.join([token])
+        thread.run(join())
+        wait_for(lambda: member.me.id in a.peer_ids(), what="A admits the member")
+
+        stall_secs = 4 * DEAD_AFTER_SECS  # its node runs nothing meanwhile: no gossip at all
+        thread.loop.call_soon_threadsafe(time.sleep, stall_secs)
+        until = time.monotonic() + stall_secs + 1
+        while time.monotonic() < until:
+            assert member.me.id in a.peer_ids(), a.output()
+            time.sleep(0.2)
+        assert f"Peer left: standby {member.me.id[:8]}" not in a.output()
+
+        thread.loop.call_soon_threadsafe(time.sleep, HUNG_AFTER_SECS + 2)  # hung: gone, for that reason
+        line = a.wait_output(f"Peer left: standby {member.me.id[:8]}", timeout=60)
+        assert ": connected but no gossip for " in line, line
+    finally:
+        thread.run(member.close())
+        thread.close()

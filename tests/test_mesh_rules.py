@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mesh_llm.mesh.peers import DEAD_AFTER_SECS, REDIAL_BACKOFF_SECS, EventKind, HostedModel, Membership, PeerRecord, keep_new_connection
+from mesh_llm.mesh.peers import DEAD_AFTER_SECS, HUNG_AFTER_SECS, REDIAL_BACKOFF_SECS, EventKind, HostedModel, Membership, PeerRecord, keep_new_connection
 
 
 def rec(n: int, **kw) -> PeerRecord:  # type: ignore[no-untyped-def]
@@ -29,6 +29,20 @@ def test_silent_members_are_reported_after_the_bound() -> None:
     m.heard_from(rec(2), 5.0)
     assert m.silent(DEAD_AFTER_SECS - 0.1) == []
     assert m.silent(DEAD_AFTER_SECS + 0.1) == [rec(1).id]
+
+
+def test_a_member_whose_connection_still_answers_is_not_dropped_until_it_hangs() -> None:
+    m = Membership(self_id=rec(0).id)
+    m.admit(rec(1), 0.0)
+    m.admit(rec(2), 0.0)
+    for t in range(1, 10):  # rec(1)'s node is too starved to gossip, but its QUIC stack acks our packets
+        m.signal(rec(1).id, float(t))
+    m.signal(rec(9).id, 9.0)  # not a member: nothing to refresh
+    assert m.silent(9.5) == [rec(2).id]  # rec(2) sent nothing at all: dead
+    assert m.why_silent(rec(2).id, 9.5) == "silent for 9.5 s"
+    m.signal(rec(1).id, HUNG_AFTER_SECS + 0.5)
+    assert m.silent(HUNG_AFTER_SECS + 0.5) == [rec(1).id, rec(2).id]  # no gossip for that long: hung
+    assert m.why_silent(rec(1).id, HUNG_AFTER_SECS + 0.5) == f"connected but no gossip for {HUNG_AFTER_SECS + 0.5:.1f} s"
 
 
 def test_time_this_node_was_held_up_is_not_its_members_silence() -> None:

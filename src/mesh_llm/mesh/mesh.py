@@ -61,6 +61,7 @@ class Link:
     dialer: str
     client: bool = False  # admitted with a client token: API use only
     exchanging: bool = False  # a gossip exchange is in flight: don't stack another
+    rx_datagrams: int = 0  # packets received on the connection at the last heartbeat
 
 
 class Mesh:
@@ -432,16 +433,30 @@ class Mesh:
                 self.membership.excuse(late)
             last_tick = now
             for link in list(self.links.values()):
+                self._note_signal(link, now)
                 self._exchange_soon(link)
             for pid in self.membership.silent(now):
                 silent = self.links.get(pid)
                 if silent is not None:
-                    self._drop(silent, f"silent for {now - self.membership.members[pid].last_seen:.1f} s")
+                    self._drop(silent, self.membership.why_silent(pid, now))
             self._dial_discovered(now)
             if not self.links and self.join_tokens and now - last_rejoin > REJOIN_SECS:
                 last_rejoin = now
                 for tok in self.join_tokens:
                     self._dial_soon(tok.endpoint_id.hex(), tok.addrs, tok.relay_url)
+
+    def _note_signal(self, link: Link, now: float) -> None:
+        """Packets arrived since the last heartbeat: the peer's machine and process live. Each
+        heartbeat sends a one-byte datagram nobody reads, so its QUIC stack has something to
+        acknowledge even while its node is too busy to gossip (or an exchange is stuck)."""
+        try:
+            rx = link.conn.stats().udp_rx_datagrams
+            link.conn.send_datagram(b"\0")
+        except Exception:  # a closed connection: its watcher drops it
+            return
+        if rx != link.rx_datagrams:
+            link.rx_datagrams = rx
+            self.membership.signal(link.peer_id, now)
 
     async def _dial_quietly(self, peer_id: str, addrs: tuple[str, ...], relay: str | None, hinted: bool = False) -> None:
         try:

@@ -20,6 +20,9 @@ from mesh_llm.text import is_name, printable
 
 HEARTBEAT_SECS = 0.5  # gossip with every member this often
 DEAD_AFTER_SECS = 1.5  # a member silent this long (three heartbeats missed) is dropped: at most ~2 s after it died
+# A member whose QUIC stack still acknowledges our packets is alive even when its node is too
+# starved to gossip in time (a loaded 2-core machine); only this much gossip silence drops it then.
+HUNG_AFTER_SECS = 10.0
 REDIAL_BACKOFF_SECS = 5.0  # don't re-dial a peer that just failed more often than this
 MAX_PEERS_PER_FRAME = 256
 MAX_MEMBERS = 256  # other serving nodes one node admits; past this, admission is refused with a reason
@@ -349,8 +352,12 @@ class MeshEvent:
 @dataclass
 class Member:
     record: PeerRecord
-    last_seen: float
+    last_seen: float  # its last gossip frame
     rtt_ms: float | None = None
+    last_signal: float = 0.0  # the last time its connection carried anything (acks included)
+
+    def quiet_since(self) -> float:
+        return max(self.last_seen, self.last_signal)
 
 
 @dataclass
@@ -388,9 +395,22 @@ class Membership:
         members could not be heard meanwhile, so that time does not count as their silence."""
         for m in self.members.values():
             m.last_seen += secs
+            m.last_signal += secs
 
-    def silent(self, now: float, limit: float = DEAD_AFTER_SECS) -> list[str]:
-        return [pid for pid, m in self.members.items() if now - m.last_seen > limit]
+    def signal(self, peer_id: str, now: float) -> None:
+        """The member's connection received packets: its machine and process are alive."""
+        if (m := self.members.get(peer_id)) is not None:
+            m.last_signal = now
+
+    def silent(self, now: float, limit: float = DEAD_AFTER_SECS, hung_limit: float = HUNG_AFTER_SECS) -> list[str]:
+        """Members to drop: nothing at all heard for `limit`, or no gossip for `hung_limit`."""
+        return [pid for pid, m in self.members.items() if now - m.quiet_since() > limit or now - m.last_seen > hung_limit]
+
+    def why_silent(self, peer_id: str, now: float) -> str:
+        m = self.members[peer_id]
+        if now - m.quiet_since() > DEAD_AFTER_SECS:
+            return f"silent for {now - m.quiet_since():.1f} s"
+        return f"connected but no gossip for {now - m.last_seen:.1f} s"
 
     def note_dial_failure(self, peer_id: str, now: float) -> None:
         self.dial_failed_at[peer_id] = now
