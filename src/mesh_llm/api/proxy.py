@@ -290,6 +290,7 @@ async def _still_ready(upstream: Server, grace: float = 1.0) -> bool:
 ExtraRoutes = Callable[[web.Application], None]
 MAX_RESUMES = 2  # a request whose server went away before answering runs again at most this often
 RESUME_SECS = 20.0  # ... and only while a new server is found within this of its first try
+PICKUP_WAIT_SECS = 30.0  # a request for a model a standby is picking up waits this long for it to appear
 
 
 class UpstreamLost(Exception):
@@ -309,6 +310,11 @@ class ApiProxy:
         self.policy = Policy()  # Host, Origin and key rules; the node sets its own before start
         self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
         self.metrics: NodeMetrics | None = None  # /metrics; the node sets it before start
+        # Demand (placement): told of every request that names a model, served or not, by that name.
+        self.on_request: Callable[[str], None] = lambda model: None
+        # A model nobody serves yet that is about to be served (a standby is loading it): a request
+        # for it waits up to PICKUP_WAIT_SECS instead of a 404. Returns that model's name, or None.
+        self.coming: Callable[[str], str | None] = lambda model: None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -432,11 +438,18 @@ class ApiProxy:
             return error_response(413, f"request body exceeds {MAX_BODY // (1024 * 1024)} MiB", "invalid_request_error"), None
         doc = request_doc(body)
         wanted = requested_model(doc)
+        if wanted:
+            self.on_request(wanted)
         found = match_model(wanted, self.table.names())
+        if found.model is None and wanted and not found.candidates and (coming := self.coming(wanted)) is not None:
+            found = await self._arrival(wanted, coming)
         if found.model is None:
             return self._unknown_model(wanted, found), None
         route = self.table.get(found.model)
         server = self._choose(route, session_of(doc, request.headers))
+        if server is None and route.status() != "ready" and self.coming(route.model) is not None:  # still loading there
+            server = await self._ready_server(route.model, session_of(doc, request.headers), time.monotonic() + PICKUP_WAIT_SECS)
+            route = self.table.get(route.model) if route.model in self.table.models() else route
         if server is None and route.status() == "ready":  # every ready server is full: say so rather than queue without end
             limits = sorted({self.max_inflight or s.slots for s in route.servers if s.is_ready()})
             return error_response(429, f"model {route.model} is busy: its servers already take {'/'.join(map(str, limits))} request(s) each; retry shortly",
@@ -462,6 +475,13 @@ class ApiProxy:
             if self.metrics is not None:
                 self.metrics.resumed(route.model)
         return error_response(503, str(failure), "unavailable_error"), route.model
+
+    async def _arrival(self, wanted: str, coming: str) -> Match:
+        """Wait (bounded) for a model that is being picked up to appear in the table."""
+        deadline = time.monotonic() + PICKUP_WAIT_SECS
+        while (found := match_model(wanted, self.table.names())).model is None and time.monotonic() < deadline and self.coming(wanted) == coming:
+            await asyncio.sleep(0.1)
+        return found
 
     async def _ready_server(self, model: str, session: str | None, deadline: float) -> Server | None:
         """A server for `model` with room, once there is one (the table is replaced as plans change)."""
