@@ -127,7 +127,7 @@ def test_forced_two_node_split_with_manual_shares_matches_solo(start_node, split
     assert waiting.value.code == 503 and "Waiting for more peers" in waiting.value.read().decode()
 
 
-def stream_until_error(port: int, on_first_chunk) -> tuple[list[str], float]:  # type: ignore[no-untyped-def]
+def stream_through(port: int, on_first_chunk) -> tuple[list[str], float]:  # type: ignore[no-untyped-def]
     """Stream a long completion; call `on_first_chunk` once; return every data line and when it ended."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     body = json.dumps({"prompt": "hello", "max_tokens": 3000, "temperature": 0, "stream": True})
@@ -182,7 +182,7 @@ def test_three_nodes_hold_what_none_can_and_survive_losing_a_worker(start_node, 
     assert e_id not in serving(a)["split"]["workers"]
     assert a.llama_server().pid == server_pid  # neither the odd copy nor the spare restarted the split
 
-    # kill -9 a worker mid-stream: the stream ends with an error, then the split re-forms with the spare.
+    # kill -9 a worker mid-stream: the split re-forms with the spare, and the stream goes on there.
     victim = c if c.node_id() in serving(a)["split"]["workers"] else b
     killed_at = [0.0]
 
@@ -190,15 +190,14 @@ def test_three_nodes_hold_what_none_can_and_survive_losing_a_worker(start_node, 
         victim.proc.send_signal(signal.SIGKILL)
         killed_at[0] = time.monotonic()
 
-    lines, ended = stream_until_error(a.port, kill)
-    assert lines and "error" in json.loads(lines[-1]), lines[-3:]
-    assert "retry shortly" in lines[-1]
+    lines, ended = stream_through(a.port, kill)
+    assert lines[-1] == "[DONE]" and not [ln for ln in lines if "error" in ln], lines[-3:]
     state = wait_for(lambda: serving(a)["state"] == "ready" and serving(a), timeout=60, what="split re-formed")
     assert e_id in state["split"]["workers"] and d.node_id() not in state["split"]["workers"]
     for prompt, text in solo_text.items():
         assert complete(a.port, prompt) == text
     back = time.monotonic() - killed_at[0]
-    print(f"worker loss → stream ended after {ended - killed_at[0]:.1f} s → serving again after {back:.1f} s")
+    print(f"worker loss → the stream finished {ended - killed_at[0]:.1f} s later → serving again after {back:.1f} s")
     assert_placement_as_predicted(serving(a), SPEC.n_layers)
 
     # A plain (non-streamed) request in flight when a worker dies gets the same JSON error.

@@ -38,6 +38,7 @@ from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console 
 from mesh_llm.api.http_guard import Policy, install_guard
 from mesh_llm.api.meter import ResponseMeter
 from mesh_llm.api.metrics import NodeMetrics
+from mesh_llm.api.resume import DIALECTS, NotResumable, Splice, SseEvents, Transcript, resumed_request
 from mesh_llm.api.routing import Match, ServerView, choose_server, match_model, request_doc, requested_model, session_of
 from mesh_llm.errors import UserError
 
@@ -290,11 +291,63 @@ async def _still_ready(upstream: Server, grace: float = 1.0) -> bool:
 ExtraRoutes = Callable[[web.Application], None]
 MAX_RESUMES = 2  # a request whose server went away before answering runs again at most this often
 RESUME_SECS = 20.0  # ... and only while a new server is found within this of its first try
+AVOID_SECS = 2.5  # the server that just failed is not tried again this soon (a dead peer is dropped within ~2 s)
 PICKUP_WAIT_SECS = 30.0  # a request for a model a standby is picking up waits this long for it to appear
 
 
 class UpstreamLost(Exception):
     """The server of a request went away before any of its answer reached the caller."""
+
+
+class StreamRelay:
+    """A streamed answer being relayed to its caller, whole events at a time, with the
+    transcript of what reached it (so another server can take over mid-answer)."""
+
+    def __init__(self, response: web.StreamResponse, transcript: Transcript, meter: ResponseMeter | None) -> None:
+        self.response, self.transcript, self.meter = response, transcript, meter
+
+    async def pump(self, up: aiohttp.ClientResponse, splice: Splice | None) -> None:
+        """Relay `up`'s events (through `splice` when it continues another stream) until it ends."""
+        events = SseEvents()
+        async for chunk in up.content.iter_any():
+            out = bytearray()
+            for event in events.feed(chunk):
+                if splice is None:
+                    self.transcript.note(event)
+                    out += event.raw
+                elif (raw := splice.accept(event)) is not None:
+                    out += raw
+            if out:
+                try:
+                    await self.response.write(bytes(out))
+                except (ConnectionError, RuntimeError):
+                    raise CallerGone(self.response) from None  # not the server's failure: nothing to continue
+                if self.meter is not None:
+                    self.meter.feed(bytes(out), time.monotonic())
+
+
+class CallerGone(Exception):
+    """The caller hung up while its answer was being relayed."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the caller went away")
+        self.response = response
+
+
+class StreamCut(Exception):
+    """A streamed answer whose server went away mid-stream: part of it reached the caller."""
+
+    def __init__(self, message: str, relay: StreamRelay) -> None:
+        super().__init__(message)
+        self.relay = relay
+
+    async def give_up(self, message: str) -> web.StreamResponse:
+        """End the caller's stream with the error in-band (SSE has no status to change by now)."""
+        event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.relay.response.write(f"data: {json.dumps(event)}\n\n".encode())
+            await self.relay.response.write_eof()
+        return self.relay.response
 
 
 class ApiProxy:
@@ -458,22 +511,32 @@ class ApiProxy:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error"), route.model
         session = session_of(doc, request.headers)
         deadline = time.monotonic() + RESUME_SECS
+        resuming: StreamCut | None = None
         for attempt in range(MAX_RESUMES + 1):
             server.gate.enter()
             try:
-                return await self._relay(request, route.model, server, path, body, arrived), route.model
+                if resuming is None:
+                    return await self._relay(request, route.model, server, path, body, arrived), route.model
+                return await self._continue(request, route.model, server, path, doc, resuming), route.model
             except UpstreamLost as lost:
-                failure = lost
+                failure: Exception = lost
+            except StreamCut as cut:
+                failure, resuming = cut, cut
+            except CallerGone as gone:
+                return gone.response, route.model
             finally:
                 server.gate.leave()
-            # Its server went away before answering (worker or host lost, re-plan): nothing reached
-            # the caller yet, so run it again on the new plan once one is ready, within the deadline.
-            next_server = await self._ready_server(route.model, session, deadline) if attempt < MAX_RESUMES else None
+            # Its server went away (worker or host lost, re-plan): run the request again on the new
+            # plan once one is ready, within the deadline; a stream already under way is continued.
+            lost_server = server.id
+            next_server = await self._ready_server(route.model, session, deadline, avoid=lost_server) if attempt < MAX_RESUMES else None
             if next_server is None:
                 break
             server = next_server
             if self.metrics is not None:
                 self.metrics.resumed(route.model)
+        if resuming is not None:
+            return await resuming.give_up(str(failure)), route.model
         return error_response(503, str(failure), "unavailable_error"), route.model
 
     async def _arrival(self, wanted: str, coming: str) -> Match:
@@ -483,11 +546,18 @@ class ApiProxy:
             await asyncio.sleep(0.1)
         return found
 
-    async def _ready_server(self, model: str, session: str | None, deadline: float) -> Server | None:
-        """A server for `model` with room, once there is one (the table is replaced as plans change)."""
+    async def _ready_server(self, model: str, session: str | None, deadline: float, avoid: str | None = None) -> Server | None:
+        """A server for `model` with room, once there is one (the table is replaced as plans change).
+        The server that just failed (`avoid`) is taken again only after AVOID_SECS: a dead peer
+        still looks ready until the mesh drops it, and only a re-planned local one comes back."""
+        avoid_until = time.monotonic() + AVOID_SECS
         while time.monotonic() < deadline:
-            if model in self.table.models() and (server := self._choose(self.table.get(model), session)) is not None:
-                return server
+            if model in self.table.models():
+                route = self.table.get(model)
+                if avoid is not None and time.monotonic() < avoid_until:
+                    route = Route(route.model, [s for s in route.servers if s.id != avoid], route.aliases)
+                if (server := self._choose(route, session)) is not None:
+                    return server
             await asyncio.sleep(0.1)
         return None
 
@@ -495,56 +565,90 @@ class ApiProxy:
         if self.metrics is not None:
             self.metrics.failed(model, kind)
 
-    async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes, arrived: float) -> web.StreamResponse:
+    async def _open(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes) -> aiohttp.ClientResponse | web.Response:
+        """Send the request upstream: its response once it starts, or the 504 for a peer that never starts."""
         assert self._session is not None
         headers = relayed_headers(request.headers.items())
         # The query as the caller encoded it, byte for byte (Claude Code sends ?beta=true): decoded and
         # re-encoded, %23 would become a fragment and %26 a new parameter.
         query = request.rel_url.raw_query_string
         url = URL(upstream.url() + path + (f"?{query}" if query else ""), encoded=True)
-        response: web.StreamResponse | None = None
         # A peer that never starts its answer (wedged, or hostile) must not hold the caller for ever;
         # once it streams, a long generation is legitimate. This node's own llama-server is trusted.
         start_within = None if upstream.id == "local" else self.upstream_timeout
         try:
-            try:
-                started = await asyncio.wait_for(self._session.request(request.method, url, data=body, headers=headers), start_within)
-            except TimeoutError as exc:
-                if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect timeout: a failed relay, below
-                    raise
-                self._failed(model, "upstream_timeout")
-                return error_response(504, f"the peer serving {model} did not start its answer within {start_within:g} s", "upstream_timeout")
+            return await asyncio.wait_for(self._session.request(request.method, url, data=body, headers=headers), start_within)
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect timeout: a failed relay
+                raise
+            self._failed(model, "upstream_timeout")
+            return error_response(504, f"the peer serving {model} did not start its answer within {start_within:g} s", "upstream_timeout")
+
+    async def _relay(self, request: web.Request, model: str, upstream: Server, path: str, body: bytes, arrived: float) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        relay: StreamRelay | None = None
+        try:
+            started = await self._open(request, model, upstream, path, body)
+            if isinstance(started, web.Response):
+                return started
             async with started as up:
                 out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS and not is_cors_header(k)}
                 response = web.StreamResponse(status=up.status, reason=up.reason, headers=out_headers)
                 if up.content_length is not None:
                     response.content_length = up.content_length
                 await response.prepare(request)
-                meter = ResponseMeter(arrived, "text/event-stream" in (up.headers.get("Content-Type") or "")) if up.status == 200 else None
-                async for chunk in up.content.iter_any():
-                    await response.write(chunk)
-                    if meter is not None:
-                        meter.feed(chunk, time.monotonic())
+                streamed = "text/event-stream" in (up.headers.get("Content-Type") or "")
+                meter = ResponseMeter(arrived, streamed) if up.status == 200 else None
+                dialect = DIALECTS.get(path) if streamed and up.status == 200 else None
+                if dialect is not None:  # relayed event by event, so that another server can continue it
+                    relay = StreamRelay(response, Transcript(dialect), meter)
+                    await relay.pump(up, None)
+                    if not relay.transcript.finished:  # it ended without its end: the server went away
+                        raise aiohttp.ClientPayloadError("the stream ended before the answer did")
+                else:
+                    async for chunk in up.content.iter_any():
+                        await response.write(chunk)
+                        if meter is not None:
+                            meter.feed(chunk, time.monotonic())
                 await response.write_eof()
                 if meter is not None and self.metrics is not None:
                     self.metrics.measured(model, meter.finish())
                 return response
         except (TimeoutError, aiohttp.ClientError) as exc:
             message = f"upstream for {model} failed: {exc.__class__.__name__}: {exc}"
-            code, kind = 502, "upstream_error"
-            if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
-                code, kind = 503, "unavailable_error"
-                message = f"model {model} is {upstream.status()}; retry shortly ({message})"
-            self._failed(model, kind if response is None else "cut_mid_answer")
-            if response is None:
-                if code == 503:
-                    raise UpstreamLost(message) from None  # nothing sent yet: the caller may run it again elsewhere
-                return error_response(code, message, kind)
-            # Mid-stream: tell an SSE client in-band, then end the stream.
-            if "text/event-stream" in (response.headers.get("Content-Type") or ""):
-                event = {"error": {"message": message, "type": kind, "code": code}}
+            self._failed(model, "cut_mid_answer" if response is not None else "upstream_error")
+            if relay is not None:
+                raise StreamCut(message, relay) from None  # part of the answer is out: another server may continue it
+            if response is not None:  # not a stream we can continue: end it
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await response.write(f"data: {json.dumps(event)}\n\n".encode())
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await response.write_eof()
-            return response
+                    await response.write_eof()
+                return response
+            if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
+                raise UpstreamLost(f"model {model} is {upstream.status()}; retry shortly ({message})") from None
+            return error_response(502, message, "upstream_error")
+
+    async def _continue(self, request: web.Request, model: str, upstream: Server, path: str, doc: dict[str, Any], cut: StreamCut) -> web.StreamResponse:
+        """Have `upstream` continue a stream another server left unfinished, into the same response."""
+        try:
+            resumed, echo = resumed_request(doc, cut.relay.transcript)
+            body = json.dumps(resumed).encode()
+        except NotResumable as exc:
+            return await cut.give_up(f"{cut} (it cannot be continued elsewhere: {exc})")
+        relay = cut.relay
+        try:
+            started = await self._open(request, model, upstream, path, body)
+            if isinstance(started, web.Response):
+                return await cut.give_up(f"{cut}; the peer asked to continue it did not start in time")
+            async with started as up:
+                if up.status != 200 or "text/event-stream" not in (up.headers.get("Content-Type") or ""):
+                    return await cut.give_up(f"{cut}; the server asked to continue it answered {up.status}")
+                await relay.pump(up, Splice(relay.transcript, echo))
+                if not relay.transcript.finished:
+                    raise aiohttp.ClientPayloadError("the stream ended before the answer did")
+                await relay.response.write_eof()
+                if relay.meter is not None and self.metrics is not None:
+                    self.metrics.measured(model, relay.meter.finish())
+                return relay.response
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._failed(model, "cut_mid_answer")
+            raise StreamCut(f"upstream for {model} failed: {exc.__class__.__name__}: {exc}", relay) from None

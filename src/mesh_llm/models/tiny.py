@@ -83,7 +83,8 @@ def tiny_vocab(pairs: tuple[str, ...] = tuple(COMMON_PAIRS)) -> tuple[list[str],
     n_normal = len(tokens)
     tokens += SPECIAL_TOKENS
     types = [TokenType.NORMAL] * n_normal + [TokenType.CONTROL] * len(SPECIAL_TOKENS)
-    printable = [b for b in range(0x20, 0x7F)] + list(range(256, n_normal))
+    byte_of = {symbol: b for b, symbol in enumerate(alphabet)}
+    printable = [i for i, token in enumerate(tokens[:n_normal]) if all(0x20 <= byte_of[symbol] < 0x7F for symbol in token)]
     return tokens, [int(t) for t in types], merges, printable
 
 
