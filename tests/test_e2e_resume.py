@@ -20,7 +20,7 @@ from tests.test_metrics import scrape
 pytestmark = pytest.mark.engine
 
 LONG = ("--ctx-size", "16384")  # 4096 tokens a slot: streams long enough to kill a node under them
-TOKENS = 400
+TOKENS = 300
 ASKS: dict[str, tuple[str, dict[str, Any]]] = {  # dialect -> (path, body); one conversation, so one server
     "completions": ("/v1/completions", {"prompt": "Once upon a time"}),
     "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a story"}]}),
@@ -127,7 +127,7 @@ def test_streams_continue_on_another_node_when_theirs_is_killed(start_node, byte
         assert s.done, (d, s.events[-3:])
         assert not [e for e in s.events if "error" in e], (d, [e for e in s.events if "error" in e])
         assert cut_at[d] < len(whole[d].pieces)  # it really was cut before its end
-        assert s.text == whole[d].text, d  # one answer, the same as an uninterrupted run
+        assert s.text == whole[d].text, (d, cut_at[d], _first_difference(s.text, whole[d].text))  # one answer, as uninterrupted
         assert len(s.ids()) == 1, (d, s.ids())  # one stream id from first to last chunk
     assert scrape(client.port)[("mesh_llm_resumes_total", (("model", "tiny-bytes"),))] >= 3  # each at least once (a loaded machine may need two)
 
@@ -135,3 +135,7 @@ def test_streams_continue_on_another_node_when_theirs_is_killed(start_node, byte
 def _requests(node) -> int:  # type: ignore[no-untyped-def]
     """Requests the node's own llama-server of the model took (from here and through the mesh)."""
     return next(m["requests"] for m in node.status()["serving"] if m["model"] == "tiny-bytes")
+
+
+def _first_difference(a: str, b: str) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))

@@ -127,3 +127,39 @@ def test_an_anthropic_continuation_is_one_message() -> None:
     assert [e["type"] for e in got] == ["content_block_delta", "content_block_stop", "message_delta", "message_stop"]
     assert got[0]["delta"]["text"] == " there" and got[2]["usage"]["output_tokens"] == 2
     assert (t.text, t.finished) == ("Hi there", True)
+
+
+def test_the_splitter_is_bounded_and_keeps_what_is_left_at_the_end() -> None:
+    from mesh_llm.api.resume import MAX_EVENT
+
+    events = SseEvents()
+    crlf = events.feed(b"data: {\"a\": 1}\r\n\r") + events.feed(b"\ndata: {\"b\": 2}\r\n\r\n")  # CRLF CRLF cut across chunks
+    assert [e.data for e in crlf] == [{"a": 1}, {"b": 2}]
+    assert events.feed(b"data: [DONE]") == [] and events.rest() is not None and SseEvents().rest() is None
+    endless = SseEvents()
+    got = endless.feed(b"data: " + b"x" * (MAX_EVENT + 10))  # never a blank line: relayed, not held
+    assert endless.oversized and len(got) == 1 and len(got[0].raw) > MAX_EVENT and endless.feed(b"more")[0].raw == b"more"
+
+
+def test_errors_ends_and_constraints_are_not_run_again() -> None:
+    errored = transcript_of("chat", chat_chunk("Hel"), sse({"error": {"message": "parser failed"}}))
+    assert errored.finished and errored.blocked == "the server reported an error"
+    assert transcript_of("messages", sse({"type": "error", "error": {}}, "error")).finished
+    stopped = transcript_of("chat", chat_chunk("Hel"), chat_chunk(finish="stop"))
+    assert stopped.stopped and not stopped.finished  # only [DONE] is missing
+    assert transcript_of("messages", sse({"type": "content_block_stop", "index": 0}, "content_block_stop")).blocked
+    t = transcript_of("chat", chat_chunk("x"))
+    for key, value in (("grammar", "root ::= x"), ("json_schema", {"type": "object"}), ("response_format", {"type": "json_object"}),
+                       ("tool_choice", "required")):
+        with pytest.raises(NotResumable, match=f"constrained \\({key}\\)"):
+            resumed_request({"messages": [{"role": "user", "content": "q"}], key: value}, t)
+    ok = {"messages": [{"role": "user", "content": "q"}], "response_format": {"type": "text"}, "tool_choice": "auto", "n": None, "max_tokens": True}
+    out, _ = resumed_request(ok, t)
+    assert out["max_tokens"] is True  # not a number: left alone
+
+
+def test_malformed_events_do_not_break_the_splice() -> None:
+    t = transcript_of("chat", chat_chunk(role="assistant"), chat_chunk("a"))
+    assert spliced(t, "a", sse({"choices": 5}), sse({"id": "x", "choices": [{"index": 0, "delta": {"content": "ab"}}]}))[-1]["choices"][0]["delta"]["content"] == "b"
+    m = transcript_of("messages", sse({"type": "content_block_start", "index": [0], "content_block": {"type": "text"}}, "content_block_start"))
+    assert m.open_blocks == set()

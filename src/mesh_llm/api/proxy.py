@@ -3,10 +3,11 @@
 Requests are routed by their `model` field (its id, or a looser name) to one
 of the model's servers, this node's llama-server or a peer's through the mesh:
 a conversation stays where it started, other requests go where fewest are in
-flight. They are relayed byte for byte: streamed responses (SSE) are written
-chunk by chunk as they arrive, never buffered, and a client that disconnects
-cancels the upstream request (handler cancellation closes the upstream
-connection, which llama-server treats as a cancelled task).
+flight. Answers are relayed as they arrive, never buffered whole: streamed ones
+(SSE) event by event, with a transcript so that another server can continue a
+stream whose server went away (api.resume), others byte for byte. A client that
+disconnects cancels the upstream request (handler cancellation closes the
+upstream connection, which llama-server treats as a cancelled task).
 
 Load is bounded: a server takes as many requests as it has slots (--max-inflight), a
 request finding every ready server full gets 429 rather than a place in an endless queue,
@@ -38,7 +39,7 @@ from mesh_llm.api.guard import host_allowed as host_allowed  # runtime, console 
 from mesh_llm.api.http_guard import Policy, install_guard
 from mesh_llm.api.meter import ResponseMeter
 from mesh_llm.api.metrics import NodeMetrics
-from mesh_llm.api.resume import DIALECTS, NotResumable, Splice, SseEvents, Transcript, resumed_request
+from mesh_llm.api.resume import DIALECTS, NotResumable, Splice, SseEvent, SseEvents, Transcript, resumed_request
 from mesh_llm.api.routing import Match, ServerView, choose_server, match_model, request_doc, requested_model, session_of
 from mesh_llm.errors import UserError
 
@@ -289,9 +290,11 @@ async def _still_ready(upstream: Server, grace: float = 1.0) -> bool:
 
 
 ExtraRoutes = Callable[[web.Application], None]
-MAX_RESUMES = 2  # a request whose server went away before answering runs again at most this often
+MAX_RESUMES = 2  # a request whose server went away (before or while answering) runs again at most this often
 RESUME_SECS = 20.0  # ... and only while a new server is found within this of its first try
-AVOID_SECS = 2.5  # the server that just failed is not tried again this soon (a dead peer is dropped within ~2 s)
+AVOID_SECS = 2.5  # a server that just failed comes after any other this long (a dead peer is dropped within ~2 s)
+SAME_SERVER_SECS = 1.0  # ... and, when there is no other, is tried again only after this
+MAX_MODEL_NAME = 256  # longer `model` values name nothing: not counted as demand
 PICKUP_WAIT_SECS = 30.0  # a request for a model a standby is picking up waits this long for it to appear
 
 
@@ -310,20 +313,41 @@ class StreamRelay:
         """Relay `up`'s events (through `splice` when it continues another stream) until it ends."""
         events = SseEvents()
         async for chunk in up.content.iter_any():
-            out = bytearray()
-            for event in events.feed(chunk):
+            await self._send(self._relayable(events.feed(chunk), splice))
+            if events.oversized:
+                self.transcript.blocked = "an event was too long to hold"
+        if (last := events.rest()) is not None:
+            await self._send(self._relayable([last], splice))
+
+    def _relayable(self, events: list[SseEvent], splice: Splice | None) -> bytes:
+        out = bytearray()
+        for event in events:
+            try:
                 if splice is None:
                     self.transcript.note(event)
                     out += event.raw
                 elif (raw := splice.accept(event)) is not None:
                     out += raw
-            if out:
-                try:
-                    await self.response.write(bytes(out))
-                except (ConnectionError, RuntimeError):
-                    raise CallerGone(self.response) from None  # not the server's failure: nothing to continue
-                if self.meter is not None:
-                    self.meter.feed(bytes(out), time.monotonic())
+            except (TypeError, ValueError, KeyError, AttributeError):  # a malformed event: passed on, not understood
+                self.transcript.blocked = "the server sent an event it could not be continued from"
+                out += event.raw
+        return bytes(out)
+
+    async def _send(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self.response.write(data)
+        except (ConnectionError, RuntimeError):
+            raise CallerGone(self.response) from None  # not the server's failure: nothing to continue
+        if self.meter is not None:
+            self.meter.feed(data, time.monotonic())
+
+    async def end(self) -> None:
+        try:
+            await self.response.write_eof()
+        except (ConnectionError, RuntimeError):
+            raise CallerGone(self.response) from None
 
 
 class CallerGone(Exception):
@@ -340,6 +364,19 @@ class StreamCut(Exception):
     def __init__(self, message: str, relay: StreamRelay) -> None:
         super().__init__(message)
         self.relay = relay
+
+    async def ended_already(self) -> web.StreamResponse | None:
+        """The response, ended, if the answer was complete when its connection broke: its end
+        marker had come (or only that was missing, which is written here), so nothing is run again."""
+        transcript = self.relay.transcript
+        if not (transcript.finished or transcript.stopped):
+            return None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if not transcript.finished:
+                marker = 'event: message_stop\ndata: {"type":"message_stop"}\n\n' if transcript.dialect == "messages" else "data: [DONE]\n\n"
+                await self.relay.response.write(marker.encode())
+            await self.relay.response.write_eof()
+        return self.relay.response
 
     async def give_up(self, message: str) -> web.StreamResponse:
         """End the caller's stream with the error in-band (SSE has no status to change by now)."""
@@ -491,7 +528,7 @@ class ApiProxy:
             return error_response(413, f"request body exceeds {MAX_BODY // (1024 * 1024)} MiB", "invalid_request_error"), None
         doc = request_doc(body)
         wanted = requested_model(doc)
-        if wanted:
+        if wanted and len(wanted) <= MAX_MODEL_NAME:
             self.on_request(wanted)
         found = match_model(wanted, self.table.names())
         if found.model is None and wanted and not found.candidates and (coming := self.coming(wanted)) is not None:
@@ -501,7 +538,9 @@ class ApiProxy:
         route = self.table.get(found.model)
         server = self._choose(route, session_of(doc, request.headers))
         if server is None and route.status() != "ready" and self.coming(route.model) is not None:  # still loading there
-            server = await self._ready_server(route.model, session_of(doc, request.headers), time.monotonic() + PICKUP_WAIT_SECS)
+            model = route.model
+            server = await self._ready_server(model, session_of(doc, request.headers), time.monotonic() + PICKUP_WAIT_SECS,
+                                              still=lambda: self.coming(model) is not None)
             route = self.table.get(route.model) if route.model in self.table.models() else route
         if server is None and route.status() == "ready":  # every ready server is full: say so rather than queue without end
             limits = sorted({self.max_inflight or s.slots for s in route.servers if s.is_ready()})
@@ -510,8 +549,8 @@ class ApiProxy:
         if server is None:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error"), route.model
         session = session_of(doc, request.headers)
-        deadline = time.monotonic() + RESUME_SECS
         resuming: StreamCut | None = None
+        failed: dict[str, float] = {}  # servers that failed this request, and when
         for attempt in range(MAX_RESUMES + 1):
             server.gate.enter()
             try:
@@ -527,9 +566,12 @@ class ApiProxy:
             finally:
                 server.gate.leave()
             # Its server went away (worker or host lost, re-plan): run the request again on the new
-            # plan once one is ready, within the deadline; a stream already under way is continued.
-            lost_server = server.id
-            next_server = await self._ready_server(route.model, session, deadline, avoid=lost_server) if attempt < MAX_RESUMES else None
+            # plan once one is ready, within RESUME_SECS of the loss; a stream under way is continued.
+            if resuming is not None and (ended := await resuming.ended_already()):
+                return ended, route.model
+            failed[server.id] = time.monotonic()
+            deadline = time.monotonic() + RESUME_SECS
+            next_server = await self._ready_server(route.model, session, deadline, failed) if attempt < MAX_RESUMES else None
             if next_server is None:
                 break
             server = next_server
@@ -542,21 +584,26 @@ class ApiProxy:
     async def _arrival(self, wanted: str, coming: str) -> Match:
         """Wait (bounded) for a model that is being picked up to appear in the table."""
         deadline = time.monotonic() + PICKUP_WAIT_SECS
-        while (found := match_model(wanted, self.table.names())).model is None and time.monotonic() < deadline and self.coming(wanted) == coming:
+        while ((found := match_model(wanted, self.table.names())).model is None and not found.candidates
+               and time.monotonic() < deadline and self.coming(wanted) == coming):
             await asyncio.sleep(0.1)
         return found
 
-    async def _ready_server(self, model: str, session: str | None, deadline: float, avoid: str | None = None) -> Server | None:
-        """A server for `model` with room, once there is one (the table is replaced as plans change).
-        The server that just failed (`avoid`) is taken again only after AVOID_SECS: a dead peer
-        still looks ready until the mesh drops it, and only a re-planned local one comes back."""
-        avoid_until = time.monotonic() + AVOID_SECS
-        while time.monotonic() < deadline:
+    async def _ready_server(self, model: str, session: str | None, deadline: float, failed: dict[str, float] | None = None,
+                            still: Callable[[], bool] = lambda: True) -> Server | None:
+        """A server for `model` with room, once there is one (the table is replaced as plans change),
+        while `still()` holds. Servers that just `failed` this request come last: another ready one
+        is taken first (a dead peer still looks ready until the mesh drops it), and the same one
+        again only after a moment (a re-planned local server comes back under the same id)."""
+        failed = failed or {}
+        while time.monotonic() < deadline and still():
             if model in self.table.models():
                 route = self.table.get(model)
-                if avoid is not None and time.monotonic() < avoid_until:
-                    route = Route(route.model, [s for s in route.servers if s.id != avoid], route.aliases)
-                if (server := self._choose(route, session)) is not None:
+                now = time.monotonic()
+                others = Route(route.model, [s for s in route.servers if now - failed.get(s.id, -AVOID_SECS) >= AVOID_SECS], route.aliases)
+                if (server := self._choose(others, session)) is not None:
+                    return server
+                if now - max(failed.values(), default=-SAME_SERVER_SECS) >= SAME_SERVER_SECS and (server := self._choose(route, session)) is not None:
                     return server
             await asyncio.sleep(0.1)
         return None
@@ -605,6 +652,10 @@ class ApiProxy:
                     await relay.pump(up, None)
                     if not relay.transcript.finished:  # it ended without its end: the server went away
                         raise aiohttp.ClientPayloadError("the stream ended before the answer did")
+                    await relay.end()
+                    if meter is not None and self.metrics is not None:
+                        self.metrics.measured(model, meter.finish())
+                    return response
                 else:
                     async for chunk in up.content.iter_any():
                         await response.write(chunk)
@@ -616,15 +667,19 @@ class ApiProxy:
                 return response
         except (TimeoutError, aiohttp.ClientError) as exc:
             message = f"upstream for {model} failed: {exc.__class__.__name__}: {exc}"
-            self._failed(model, "cut_mid_answer" if response is not None else "upstream_error")
             if relay is not None:
+                if not (relay.transcript.finished or relay.transcript.stopped):
+                    self._failed(model, "cut_mid_answer")
                 raise StreamCut(message, relay) from None  # part of the answer is out: another server may continue it
             if response is not None:  # not a stream we can continue: end it
+                self._failed(model, "cut_mid_answer")
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await response.write_eof()
                 return response
             if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
+                self._failed(model, "unavailable_error")
                 raise UpstreamLost(f"model {model} is {upstream.status()}; retry shortly ({message})") from None
+            self._failed(model, "upstream_error")
             return error_response(502, message, "upstream_error")
 
     async def _continue(self, request: web.Request, model: str, upstream: Server, path: str, doc: dict[str, Any], cut: StreamCut) -> web.StreamResponse:
@@ -645,10 +700,11 @@ class ApiProxy:
                 await relay.pump(up, Splice(relay.transcript, echo))
                 if not relay.transcript.finished:
                     raise aiohttp.ClientPayloadError("the stream ended before the answer did")
-                await relay.response.write_eof()
+                await relay.end()
                 if relay.meter is not None and self.metrics is not None:
                     self.metrics.measured(model, relay.meter.finish())
                 return relay.response
         except (TimeoutError, aiohttp.ClientError) as exc:
-            self._failed(model, "cut_mid_answer")
+            if not (relay.transcript.finished or relay.transcript.stopped):
+                self._failed(model, "cut_mid_answer")
             raise StreamCut(f"upstream for {model} failed: {exc.__class__.__name__}: {exc}", relay) from None

@@ -22,6 +22,11 @@ from typing import Any
 # The streamed routes, by how their events carry text.
 DIALECTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages"}
 MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "n_predict")
+MAX_EVENT = 1024 * 1024  # one SSE event held whole at most this big; a longer one is relayed as it comes
+MAX_TRANSCRIPT = 4 * 1024 * 1024  # text kept for a continuation; a longer answer is not continued
+# Constraints the sampler applies from the start of the answer: a continuation would restart them
+# after the partial text (llama.cpp does not advance a grammar past a prefill), corrupting it.
+CONSTRAINED = ("grammar", "json_schema", "response_format", "tool_choice")
 
 
 @dataclass(frozen=True)
@@ -33,23 +38,52 @@ class SseEvent:
 
 
 class SseEvents:
-    """Cuts a byte stream into whole SSE events (a partial one waits for the rest)."""
+    """Cuts a byte stream into whole SSE events (a partial one waits for the rest, up to
+    MAX_EVENT: past that, `oversized` is set and the bytes come back as they are)."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # the buffer before this holds no event end
+        self.oversized = False
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
-        self._buffer += chunk.replace(b"\r\n", b"\n")
-        events = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            raw, self._buffer = self._buffer[: end + 2], self._buffer[end + 2 :]
-            events.append(parse_event(raw))
+        if self.oversized:
+            return [SseEvent(bytes(chunk), None, None)]
+        self._buffer += chunk
+        events, start = [], 0
+        while True:
+            end, width = self._event_end(max(start, self._scanned))
+            if end < 0:
+                break
+            events.append(parse_event(bytes(self._buffer[start:end + width])))
+            start = end + width
+        del self._buffer[:start]
+        self._scanned = max(0, len(self._buffer) - 3)  # an end may straddle the next chunk
+        if len(self._buffer) > MAX_EVENT:
+            self.oversized = True
+            events.append(SseEvent(bytes(self._buffer), None, None))
+            self._buffer.clear()
         return events
+
+    def _event_end(self, start: int) -> tuple[int, int]:
+        """Where the next blank line (LF LF or CRLF CRLF) starts, and its width; -1 if none."""
+        lf, crlf = self._buffer.find(b"\n\n", start), self._buffer.find(b"\r\n\r\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return crlf, 4
+        return lf, 2
+
+    def rest(self) -> SseEvent | None:
+        """What is left when the stream ends: a last event without its blank line."""
+        if not self._buffer:
+            return None
+        event = parse_event(bytes(self._buffer))
+        self._buffer.clear()
+        return event
 
 
 def parse_event(raw: bytes) -> SseEvent:
     name, data_lines = None, []
-    for line in raw.decode("utf-8", "replace").split("\n"):
+    for line in raw.decode("utf-8", "replace").replace("\r\n", "\n").split("\n"):
         if line.startswith("event:"):
             name = line[6:].strip()
         elif line.startswith("data:"):
@@ -71,11 +105,14 @@ class Transcript:
     dialect: str
     pieces: list[str] = field(default_factory=list)  # generated text, as streamed
     events: int = 0  # text-carrying events (about one per token)
-    finished: bool = False  # the answer's own end arrived ([DONE], message_stop)
+    finished: bool = False  # the answer's own end arrived ([DONE], message_stop, or an error event)
+    stopped: bool = False  # its last words arrived (a finish_reason, a stop_reason): only the end marker is missing
+    preamble: bool = False  # the caller saw the stream's opening (the role chunk, message_start)
     blocked: str | None = None  # why it cannot be continued elsewhere
     stream_id: str | None = None  # the first stream's id (chatcmpl-…, msg_…): the caller's
     created: int | None = None
     open_blocks: set[int] = field(default_factory=set)  # Anthropic content blocks started
+    _size: int = 0  # characters in `pieces`
 
     @property
     def text(self) -> str:
@@ -87,6 +124,9 @@ class Transcript:
             return
         data = event.data
         if not isinstance(data, dict):
+            return
+        if "error" in data or event.name == "error":  # the server ended the answer itself, with a reason
+            self.finished, self.blocked = True, "the server reported an error"
             return
         if self.dialect == "messages":
             self._note_anthropic(data)
@@ -101,6 +141,8 @@ class Transcript:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
+            if choice.get("finish_reason"):
+                self.stopped = True
             if choice.get("index", 0) != 0:
                 self.blocked = "several choices were being streamed"
                 continue
@@ -110,6 +152,8 @@ class Transcript:
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
+            if delta.get("role"):
+                self.preamble = True
             if delta.get("tool_calls"):
                 self.blocked = "a tool call was being streamed"
             if delta.get("reasoning_content"):
@@ -119,13 +163,19 @@ class Transcript:
     def _note_anthropic(self, data: dict[str, Any]) -> None:
         kind = data.get("type")
         if kind == "message_start" and isinstance(data.get("message"), dict):
-            self.stream_id = self.stream_id or data["message"].get("id")
+            self.preamble = True
+            message_id = data["message"].get("id")
+            self.stream_id = self.stream_id or (message_id if isinstance(message_id, str) else None)
         elif kind == "content_block_start":
             block = _field(data, "content_block")
             if block.get("type") != "text" or data.get("index") != 0:
                 self.blocked = f"a {block.get('type', 'non-text')} block was being streamed"
             if isinstance(data.get("index"), int):
                 self.open_blocks.add(data["index"])
+        elif kind == "content_block_stop":
+            self.blocked = "its text block was already closed"
+        elif kind == "message_delta" and _field(data, "delta").get("stop_reason"):
+            self.stopped = True
         elif kind == "content_block_delta":
             delta = _field(data, "delta")
             if delta.get("type") == "text_delta":
@@ -139,6 +189,9 @@ class Transcript:
         if isinstance(piece, str) and piece:
             self.pieces.append(piece)
             self.events += 1
+            self._size += len(piece)
+            if self._size > MAX_TRANSCRIPT:
+                self.blocked = "the answer so far is too long to send again"
 
 
 def _field(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -155,8 +208,10 @@ def resumed_request(doc: dict[str, Any], transcript: Transcript) -> tuple[dict[s
     and the partial answer it holds (which a chat server may repeat before continuing)."""
     if transcript.blocked:
         raise NotResumable(transcript.blocked)
-    if doc.get("n", 1) != 1:
+    if doc.get("n", 1) not in (1, None):
         raise NotResumable("several choices were asked for")
+    if constrained := [key for key in CONSTRAINED if _constrains(key, doc.get(key))]:
+        raise NotResumable(f"its output is constrained ({constrained[0]})")
     text, out, echo = transcript.text, dict(doc), None
     if text:
         if transcript.dialect == "completions":
@@ -164,9 +219,19 @@ def resumed_request(doc: dict[str, Any], transcript: Transcript) -> tuple[dict[s
         else:
             out["messages"], echo = _with_partial_answer(doc.get("messages"), text)
     for key in MAX_TOKEN_KEYS:  # what is left of the caller's budget (about one token per event)
-        if isinstance(doc.get(key), int) and doc[key] > 0:
+        if isinstance(doc.get(key), int) and not isinstance(doc[key], bool) and doc[key] > 0:
             out[key] = max(1, doc[key] - transcript.events)
     return out, echo
+
+
+def _constrains(key: str, value: object) -> bool:
+    if value in (None, "", {}, []):
+        return False
+    if key == "response_format":
+        return not (isinstance(value, dict) and value.get("type") == "text")
+    if key == "tool_choice":
+        return value not in ("auto", "none") and not (isinstance(value, dict) and value.get("type") in ("auto", "none"))
+    return True
 
 
 def _extended_prompt(prompt: object, text: str) -> str:
@@ -218,7 +283,8 @@ class Splice:
         data = dict(event.data)
         if self.transcript.dialect == "messages":
             kind = data.get("type")
-            if kind in ("message_start", "ping") or (kind == "content_block_start" and data.get("index") in self.transcript.open_blocks):
+            if kind == "ping" or (kind == "message_start" and self.transcript.preamble) or (
+                    kind == "content_block_start" and isinstance(data.get("index"), int) and data["index"] in self.transcript.open_blocks):
                 return None
             if kind == "content_block_delta" and _field(data, "delta").get("type") == "text_delta":
                 piece = self._unechoed(str(_field(data, "delta").get("text", "")))
@@ -228,8 +294,8 @@ class Splice:
             if kind == "message_delta" and isinstance(_field(data, "usage").get("output_tokens"), int):
                 data["usage"] = {**_field(data, "usage"), "output_tokens": _field(data, "usage")["output_tokens"] + self.earlier}
             return self._out(event.name, data)
-        if not self._started and not _carries_anything(data):
-            return None  # the role chunk that opens every chat stream
+        if not self._started and self.transcript.preamble and not _carries_anything(data):
+            return None  # the role chunk that opens every chat stream (the caller has one)
         choices = data.get("choices")
         if self.transcript.dialect == "chat" and isinstance(choices, list) and choices and isinstance(choices[0], dict):
             delta = _field(choices[0], "delta")
@@ -239,8 +305,10 @@ class Splice:
                     return None
                 data["choices"] = [{**choices[0], "delta": {**delta, "content": piece}}, *choices[1:]]
         usage = _field(data, "usage")
-        if isinstance(usage.get("completion_tokens"), int):
-            data["usage"] = {**usage, "completion_tokens": usage["completion_tokens"] + self.earlier}
+        if isinstance(usage.get("completion_tokens"), int) and isinstance(usage.get("prompt_tokens"), int):
+            # the partial answer was part of this prompt: count it as generated, as the caller saw it
+            prompt, completion = max(0, usage["prompt_tokens"] - self.earlier), usage["completion_tokens"] + self.earlier
+            data["usage"] = {**usage, "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if self.transcript.stream_id is not None:
             data["id"] = self.transcript.stream_id
         if self.transcript.created is not None and "created" in data:
@@ -270,7 +338,8 @@ def _carries_anything(data: dict[str, Any]) -> bool:
     """An OpenAI chunk with text, a tool call, a finish reason or usage (not just a role)."""
     if data.get("usage"):
         return True
-    for choice in data.get("choices") or []:
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
         if not isinstance(choice, dict):
             continue
         if choice.get("finish_reason") or choice.get("text"):
