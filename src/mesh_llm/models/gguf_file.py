@@ -43,6 +43,8 @@ ARCH_INT_LIMITS = {
     "attention.value_length": 1 << 20,
     "expert_count": 1 << 16,
     "expert_used_count": 1 << 16,
+    "expert_group_count": 1 << 16,
+    "expert_group_used_count": 1 << 16,
 }
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # architectures (llama, gemma3, qwen2moe, …) and tokenizer types (gpt2, …)
 _NAME_KEYS = ("general.architecture", "tokenizer.ggml.model")
@@ -106,6 +108,25 @@ class GGUFInfo:
     @property
     def context_length(self) -> int:
         return int(self.arch_value("context_length", 0))
+
+    # Mixture of experts, as llama.cpp reads it: `<arch>.expert_count` experts per layer,
+    # `expert_used_count` picked per token, optionally in `expert_group_count` groups.
+    # Absent keys mean a dense model (0).
+    @property
+    def n_experts(self) -> int:
+        return int(self.arch_value("expert_count", 0))
+
+    @property
+    def n_experts_used(self) -> int:
+        return int(self.arch_value("expert_used_count", 0))
+
+    @property
+    def n_expert_groups(self) -> int:
+        return int(self.arch_value("expert_group_count", 0))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def name(self) -> str:
