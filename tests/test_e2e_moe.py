@@ -35,6 +35,7 @@ def test_a_node_serves_the_tiny_moe_model_and_reports_its_experts(engine, moe_mo
     assert answer["choices"][0]["text"].strip(), answer
     assert answer["usage"]["completion_tokens"] == 12
 
+    assert "serving tiny-moe solo (llama, 4 layers, MoE: 4 experts, 2 active, context 512)" in node.output()
     (entry,) = node.status()["models"]
     assert (entry["name"], entry["ready"], entry["moe"]) == ("tiny-moe", True, {"experts": 4, "experts_used": 2})
 
