@@ -280,3 +280,24 @@ def test_an_expert_group_count_that_is_no_count_is_refused(tmp_path: Path) -> No
     w.close()
     with pytest.raises(GGUFError, match="llama.expert_group_count is -3"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize(("experts", "used", "words"), [
+    (513, 2, "llama.expert_count is 513: a whole number up to 512 is needed"),  # llama.cpp's LLAMA_MAX_EXPERTS
+    (4, 5, "llama.expert_used_count is 5, more than its 4 experts"),
+])
+def test_expert_counts_llama_cpp_would_assert_on_are_refused_in_one_line(tmp_path: Path, experts: int, used: int, words: str) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "bad-experts.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_expert_count(experts)
+    w.add_expert_used_count(used)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=words):
+        read_gguf(path)
+    with pytest.raises(UserError, match="is not a usable GGUF model"):
+        inspect_model(path)

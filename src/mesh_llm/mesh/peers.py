@@ -197,6 +197,8 @@ class HostedModel:
         split = tuple(Slice.from_wire(s) for s in get_list(doc, "split", MAX_SLICES))
         if len({s.node for s in split}) != len(split):
             raise ProtocolError("a split names a node twice")
+        # absent from peers that predate MoE detection: dense as far as anyone knows
+        experts = get_int(doc, "experts", 0, MAX_EXPERTS, 0)
         return HostedModel(
             name=name,
             state=get_name(doc, "state", 16, None),
@@ -208,9 +210,8 @@ class HostedModel:
             draft_bytes=get_int(doc, "draft_bytes", 0, 2**62, 0),
             split=split,
             aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if is_name(a, MAX_ALIAS_LEN)),
-            # absent from peers that predate MoE detection: dense as far as anyone knows
-            experts=get_int(doc, "experts", 0, MAX_EXPERTS, 0),
-            experts_used=get_int(doc, "experts_used", 0, MAX_EXPERTS, 0),
+            experts=experts,
+            experts_used=get_int(doc, "experts_used", 0, experts, 0),  # a token cannot run through experts the model lacks
         )
 
 

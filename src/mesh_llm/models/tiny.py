@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
+from mesh_llm.models.gguf_file import MAX_EXPERTS
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -29,7 +31,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MAX_EXPERTS = 512  # LLAMA_MAX_EXPERTS in the pinned llama.cpp
 COMMON_PAIRS = ["t h", "th e", "i n", "a n", "e r", "o n", "r e", "Ġ t", "Ġt he", "Ġ a", "e n", "a t", "o r", "e s"]
 
 
