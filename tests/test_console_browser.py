@@ -196,7 +196,8 @@ def test_gemma_split_over_two_nodes_chat_streams_and_stops(browser, start_node) 
 def test_models_are_loaded_and_unloaded_from_the_page(browser, start_node, tiny_model, tmp_path) -> None:
     from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 
-    extra = write_tiny_model(tmp_path / "page-tiny.gguf", TinyModelSpec(seed=21, name="page-tiny"))
+    # a mixture of experts: its card says so
+    extra = write_tiny_model(tmp_path / "page-tiny.gguf", TinyModelSpec(seed=21, name="page-tiny", n_experts=4, n_experts_used=2))
     console = free_port()
     node = start_node("--model", str(tiny_model), "--ctx-size", "512", *console_args(console))
     node.wait_ready()
@@ -215,6 +216,9 @@ def test_models_are_loaded_and_unloaded_from_the_page(browser, start_node, tiny_
         page.click("#load-btn")
         page.wait_for_selector('.model[data-model="page-tiny"][data-state="ready"]', timeout=60_000)
         assert [m["id"] for m in json_get(f"{node.base_url}/v1/models")["data"]] == ["tiny-llama", "page-tiny"]
+        assert "MoE\n4 experts, 2 active" in page.inner_text('.model[data-model="page-tiny"] .facts')
+        assert "MoE" not in page.inner_text('.model[data-model="tiny-llama"] .facts')  # dense
+        view.shot("moe-card.png")
         page.click('.model[data-model="page-tiny"] [data-testid=unload]')
         page.wait_for_selector('.model[data-model="page-tiny"]', state="detached", timeout=60_000)
         assert "Unloaded page-tiny" in page.inner_text("#load-note")

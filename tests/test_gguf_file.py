@@ -235,3 +235,69 @@ def test_crafted_corruptions_are_one_line_from_the_cli(tiny_model: Path, tmp_pat
     assert_one_line_error(run_cli("models", "show", str(path)), fragment, "not a usable GGUF model")
     if name in ("huge block_count", "alignment 3"):  # the node path too (it starts no engine for these)
         assert_one_line_error(run_cli("--model", str(path), "--port", str(free_port()), "--state-dir", str(tmp_path / "s")), fragment)
+
+
+def test_a_dense_model_is_not_moe(tiny_model: Path) -> None:
+    info = read_gguf(tiny_model)
+    assert (info.is_moe, info.n_experts, info.n_experts_used, info.n_expert_groups) == (False, 0, 0, 0)
+
+
+def test_experts_are_read_from_the_header(tmp_path: Path) -> None:
+    from mesh_llm.models.tiny import write_tiny_model
+
+    info = read_gguf(write_tiny_model(tmp_path / "moe.gguf", TinyModelSpec(n_layers=1, n_experts=8, n_experts_used=3)))
+    assert (info.is_moe, info.n_experts, info.n_experts_used, info.n_expert_groups) == (True, 8, 3, 0)
+
+
+def test_expert_groups_are_read_under_the_files_architecture(tmp_path: Path) -> None:
+    # a header-only file as DeepSeek-style models carry it: keys under their own arch name
+    from gguf import GGUFWriter
+
+    path = tmp_path / "grouped.gguf"
+    w = GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(1)
+    w.add_expert_count(256)
+    w.add_expert_used_count(8)
+    w.add_expert_group_count(8)
+    w.add_expert_group_used_count(4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = read_gguf(path)
+    assert (info.is_moe, info.n_experts, info.n_experts_used, info.n_expert_groups) == (True, 256, 8, 8)
+
+
+def test_an_expert_group_count_that_is_no_count_is_refused(tmp_path: Path) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "bad.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_int32("llama.expert_group_count", -3)  # a signed value: no count
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="llama.expert_group_count is -3"):
+        read_gguf(path)
+
+
+@pytest.mark.parametrize(("experts", "used", "words"), [
+    (513, 2, "llama.expert_count is 513: a whole number up to 512 is needed"),  # llama.cpp's LLAMA_MAX_EXPERTS
+    (4, 5, "llama.expert_used_count is 5, more than its 4 experts"),
+])
+def test_expert_counts_llama_cpp_would_assert_on_are_refused_in_one_line(tmp_path: Path, experts: int, used: int, words: str) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "bad-experts.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_expert_count(experts)
+    w.add_expert_used_count(used)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=words):
+        read_gguf(path)
+    with pytest.raises(UserError, match="is not a usable GGUF model"):
+        inspect_model(path)

@@ -78,6 +78,10 @@ def record_doc(**fields: object) -> dict:
     {"lending": ["\x9b2J"]},  # a C1 control: CSI on some terminals
     {"hosting": [{"name": "m\u202e", "state": "ready"}]},  # bidi override: text that lies about itself
     {"hosting": [{"name": "m", "state": "ready", "draft": "d\x1b"}]},
+    {"hosting": [{"name": "m", "state": "ready", "experts": 513, "experts_used": 2}]},  # more than llama.cpp loads
+    {"hosting": [{"name": "m", "state": "ready", "experts": 8, "experts_used": -1}]},
+    {"hosting": [{"name": "m", "state": "ready", "experts": "8"}]},
+    {"hosting": [{"name": "m", "state": "ready", "experts": 4, "experts_used": 5}]},  # more used than there are
 ])
 def test_records_with_oversize_or_unprintable_fields_are_refused(fields: dict) -> None:
     with pytest.raises(ProtocolError):

@@ -86,6 +86,19 @@ def test_waiting_model_carries_its_reason() -> None:
     assert doc["token"] is None
 
 
+def test_an_moe_model_carries_its_experts_through_gossip_and_a_dense_one_none() -> None:
+    moe = HostedModel("mixture", "ready", size_bytes=GB, experts=8, experts_used=2)
+    c = PeerRecord(id=C, role="host", hostname="gamma", hosting=(moe, HostedModel("small", "ready")))
+    heard = PeerRecord.from_wire(json.loads(json.dumps(c.to_wire())))  # what A knows of C is what C gossiped
+    a = PeerRecord(id=A, role="standby")
+    doc = status_document(a, [PeerView(heard)], mesh_id="m", token=None, ports=Ports(9337), routes=["mixture", "small"])
+    by_name = {m["name"]: m for m in doc["models"]}
+    assert by_name["mixture"]["moe"] == {"experts": 8, "experts_used": 2}
+    assert by_name["small"]["moe"] is None
+    # a peer from before MoE detection sends neither field: dense as far as anyone knows
+    assert HostedModel.from_wire({"name": "old", "state": "ready"}).experts == 0
+
+
 def test_stable_view_ignores_heartbeat_drift_but_not_changes() -> None:
     a, peers = split_mesh()
     base = status_document(a, peers, mesh_id="m", token="T", ports=Ports(9337), routes=[])

@@ -390,7 +390,8 @@ def print_passive_ready(console: Console, cfg: NodeConfig, table: UpstreamTable)
 def _model_line(model: Loaded) -> str:
     life, spec = model.life, model.spec
     draft = f", draft {spec.draft.name} (up to {spec.draft.max_tokens} tokens)" if spec.draft else ""
-    facts = f"({spec.info.architecture}, {spec.info.n_layers} layers, context {spec.ctx}{draft})"
+    experts = f", MoE: {spec.info.n_experts} experts, {spec.info.n_experts_used} active" if spec.info.is_moe else ""
+    facts = f"({spec.info.architecture}, {spec.info.n_layers} layers{experts}, context {spec.ctx}{draft})"
     if life.phase is Phase.READY:
         return f"{describe(model)} {facts}"
     return f"{model.name} {facts}: {life.detail}"

@@ -53,6 +53,7 @@ def _model_entry(host: PeerRecord, h: HostedModel, names: dict[str, str], ports:
         "ctx": h.ctx,
         "draft": h.draft or None,
         "aliases": list(h.aliases),
+        "moe": {"experts": h.experts, "experts_used": h.experts_used} if h.experts else None,
         "split": [
             {"node": s.node, "node_name": names.get(s.node, s.node[:8]), "weight": s.share, "share": s.share / total,
              "first": s.first, "last": s.last, "output": s.output}

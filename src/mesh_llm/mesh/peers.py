@@ -54,6 +54,7 @@ MAX_SLICES = 32  # nodes in one split
 MAX_ALIASES = 4  # names a model answers to besides its id
 MAX_ALIAS_LEN = 256
 MAX_DETAIL = 512
+MAX_EXPERTS = 512  # LLAMA_MAX_EXPERTS: llama.cpp loads no model with more
 MAX_MODELS_ON_DISK = 64
 
 
@@ -176,6 +177,8 @@ class HostedModel:
     draft_bytes: int = 0  # what the draft takes on the host, beside its share
     split: tuple[Slice, ...] = ()  # empty: the whole model on the host
     aliases: tuple[str, ...] = ()  # the names it was asked for by (e.g. `gemma-3-270m`): requests may use them
+    experts: int = 0  # mixture of experts: experts per layer (0: dense), from the GGUF header
+    experts_used: int = 0  # of those, how many each token runs through
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "split": [asdict(s) for s in self.split], "aliases": list(self.aliases)}
@@ -194,6 +197,8 @@ class HostedModel:
         split = tuple(Slice.from_wire(s) for s in get_list(doc, "split", MAX_SLICES))
         if len({s.node for s in split}) != len(split):
             raise ProtocolError("a split names a node twice")
+        # absent from peers that predate MoE detection: dense as far as anyone knows
+        experts = get_int(doc, "experts", 0, MAX_EXPERTS, 0)
         return HostedModel(
             name=name,
             state=get_name(doc, "state", 16, None),
@@ -205,6 +210,8 @@ class HostedModel:
             draft_bytes=get_int(doc, "draft_bytes", 0, 2**62, 0),
             split=split,
             aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if is_name(a, MAX_ALIAS_LEN)),
+            experts=experts,
+            experts_used=get_int(doc, "experts_used", 0, experts, 0),  # a token cannot run through experts the model lacks
         )
 
 

@@ -159,6 +159,9 @@ def show(text: str, out: Console) -> int:
     line("id", model_id(Path(path).name))
     line("on disk", path)
     line("arch", f"{info.architecture}, {info.n_layers} layers, context {info.context_length}, {info.file_size / 1e9:.2f} GB")
+    if info.is_moe:
+        groups = f", in {info.n_expert_groups} groups" if info.n_expert_groups else ""
+        line("experts", f"{info.n_experts} ({info.n_experts_used} used per token){groups}")
     line("vocab", f"{info.metadata.get('tokenizer.ggml.model', '?')}, {info.array_lengths.get('tokenizer.ggml.tokens', 0)} tokens")
     return 0
 

@@ -31,6 +31,7 @@ MAX_COUNT = 1_000_000  # tensors or metadata keys; the largest real models have 
 # tensor's index entry (name length, n_dims, type, offset): counts that need more bytes than
 # the file has are refused before any loop runs.
 _MIN_KV_BYTES, _MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
+MAX_EXPERTS = 512  # LLAMA_MAX_EXPERTS in the pinned llama.cpp: it loads no model with more
 # Architecture numbers that size lists and loops downstream (KV cache per layer, layer
 # splits): an integer within these bounds, or absent (then per-layer arrays apply).
 ARCH_INT_LIMITS = {
@@ -41,8 +42,10 @@ ARCH_INT_LIMITS = {
     "attention.head_count_kv": 1 << 16,
     "attention.key_length": 1 << 20,
     "attention.value_length": 1 << 20,
-    "expert_count": 1 << 16,
-    "expert_used_count": 1 << 16,
+    "expert_count": MAX_EXPERTS,
+    "expert_used_count": MAX_EXPERTS,
+    "expert_group_count": MAX_EXPERTS,
+    "expert_group_used_count": MAX_EXPERTS,
 }
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # architectures (llama, gemma3, qwen2moe, …) and tokenizer types (gpt2, …)
 _NAME_KEYS = ("general.architecture", "tokenizer.ggml.model")
@@ -106,6 +109,25 @@ class GGUFInfo:
     @property
     def context_length(self) -> int:
         return int(self.arch_value("context_length", 0))
+
+    # Mixture of experts, as llama.cpp reads it: `<arch>.expert_count` experts per layer,
+    # `expert_used_count` picked per token, optionally in `expert_group_count` groups.
+    # Absent keys mean a dense model (0).
+    @property
+    def n_experts(self) -> int:
+        return int(self.arch_value("expert_count", 0))
+
+    @property
+    def n_experts_used(self) -> int:
+        return int(self.arch_value("expert_used_count", 0))
+
+    @property
+    def n_expert_groups(self) -> int:
+        return int(self.arch_value("expert_group_count", 0))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def name(self) -> str:
@@ -265,6 +287,10 @@ def _check_metadata(info: GGUFInfo) -> None:
         value = info.metadata.get(f"{arch}.{key}")
         if value is not None and not (_is_int(value) and 0 <= value <= limit):
             raise GGUFError(f"{arch}.{key} is {_as_text(value)}: a whole number up to {limit} is needed")
+    # llama.cpp asserts this at load; refused here it is one line before anything starts
+    experts, used = info.metadata.get(f"{arch}.expert_count", 0), info.metadata.get(f"{arch}.expert_used_count", 0)
+    if _is_int(experts) and _is_int(used) and used > experts:
+        raise GGUFError(f"{arch}.expert_used_count is {used}, more than its {experts} experts")
 
 
 def inspect_model(path: Path) -> GGUFInfo:

@@ -6,8 +6,11 @@ tokens and template) that llama-server loads in well under a second. The
 output head only has weights for printable ASCII tokens, so greedy text is
 visible characters and generation never stops early on EOS.
 
-`TinyModelSpec.n_experts` is the hook for an MoE variant: the FFN tensors are
-produced by one method so an expert layout can replace them.
+With `n_experts` set the FFN of every layer is a Mixtral-style mixture of
+experts (llama architecture, `<arch>.expert_count` / `expert_used_count`, a
+router `ffn_gate_inp` and 3-D `ffn_{gate,up,down}_exps` tensors), which the
+pinned llama.cpp runs through the same llama graph; everything else, the
+tokenizer included, is the dense model's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType, TokenType
+
+from mesh_llm.models.gguf_file import MAX_EXPERTS
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -40,7 +45,8 @@ class TinyModelSpec:
     dtype: str = "f32"  # "f32" or "f16" for the 2-D weights
     seed: int = 0
     name: str = "tiny-llama"
-    n_experts: int = 0  # reserved for the MoE variant; 0 = dense
+    n_experts: int = 0  # 0 = dense; otherwise experts per layer (each n_ff wide)
+    n_experts_used: int = 2  # experts the router picks per token (MoE only)
     merges: tuple[str, ...] = tuple(COMMON_PAIRS)  # another list gives another vocabulary (a draft that cannot pair)
     bos_token: str = "<|endoftext|>"  # special tokens and whether the tokenizer adds them: drafts must match
     eos_token: str = "<|im_end|>"
@@ -52,8 +58,11 @@ class TinyModelSpec:
             raise ValueError("n_embd must divide by n_heads, and n_heads by n_kv_heads")
         if self.dtype not in ("f32", "f16"):
             raise ValueError("dtype must be f32 or f16")
-        if self.n_experts:
-            raise NotImplementedError("MoE tiny models are not written yet")
+        # llama.cpp asserts the upper bounds at load; one expert would be a dense FFN in disguise
+        if self.n_experts and not 2 <= self.n_experts <= MAX_EXPERTS:
+            raise ValueError(f"n_experts must be 0 (dense) or between 2 and {MAX_EXPERTS}, not {self.n_experts}")
+        if self.n_experts and not 1 <= self.n_experts_used <= self.n_experts:
+            raise ValueError(f"n_experts_used must be between 1 and n_experts ({self.n_experts}), not {self.n_experts_used}")
         if not {self.bos_token, self.eos_token} <= set(SPECIAL_TOKENS):
             raise ValueError(f"bos_token and eos_token must be among {SPECIAL_TOKENS}")
 
@@ -108,6 +117,9 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.n_embd)
     w.add_feed_forward_length(spec.n_ff)
+    if spec.n_experts:
+        w.add_expert_count(spec.n_experts)
+        w.add_expert_used_count(spec.n_experts_used)
     w.add_block_count(spec.n_layers)
     w.add_head_count(spec.n_heads)
     w.add_head_count_kv(spec.n_kv_heads)
@@ -136,7 +148,7 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
         w.add_tensor(p + "attn_v.weight", mat(n_embd_kv, spec.n_embd))
         w.add_tensor(p + "attn_output.weight", mat(spec.n_embd, spec.n_embd))
         w.add_tensor(p + "ffn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
-        for name, tensor in _dense_ffn(spec, mat):
+        for name, tensor in (_expert_ffn(spec, rng, wtype) if spec.n_experts else _dense_ffn(spec, mat)):
             w.add_tensor(p + name, tensor)
     w.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
     head = np.zeros((n_vocab, spec.n_embd), dtype=wtype)
@@ -155,4 +167,20 @@ def _dense_ffn(spec: TinyModelSpec, mat: Callable[[int, int], np.ndarray]) -> li
         ("ffn_gate.weight", mat(spec.n_ff, spec.n_embd)),
         ("ffn_up.weight", mat(spec.n_ff, spec.n_embd)),
         ("ffn_down.weight", mat(spec.n_embd, spec.n_ff)),
+    ]
+
+
+def _expert_ffn(spec: TinyModelSpec, rng: np.random.Generator, wtype: type) -> list[tuple[str, np.ndarray]]:
+    """Router plus experts stacked on the slowest axis (numpy order: expert first)."""
+
+    def stacked(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((spec.n_experts, rows, cols)) / np.sqrt(cols)).astype(wtype)
+
+    # a strong random router spreads tokens over different experts, so the choice matters
+    router = (rng.standard_normal((spec.n_experts, spec.n_embd)) * 4.0 / np.sqrt(spec.n_embd)).astype(np.float32)
+    return [
+        ("ffn_gate_inp.weight", router),
+        ("ffn_gate_exps.weight", stacked(spec.n_ff, spec.n_embd)),
+        ("ffn_up_exps.weight", stacked(spec.n_ff, spec.n_embd)),
+        ("ffn_down_exps.weight", stacked(spec.n_embd, spec.n_ff)),
     ]

@@ -475,6 +475,7 @@ class Fleet:
             name=spec.model_id, state=life.phase.value, detail="" if ready else life.detail[:MAX_DETAIL],
             size_bytes=spec.info.file_size, need_bytes=spec.need, ctx=spec.ctx, split=split,
             draft=spec.draft.name if spec.draft else "", draft_bytes=spec.draft.need if spec.draft else 0, aliases=spec.aliases,
+            experts=spec.info.n_experts, experts_used=spec.info.n_experts_used,
         )
 
     def _local_routes(self) -> dict[str, LocalRoute]:

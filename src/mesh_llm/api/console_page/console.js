@@ -126,7 +126,9 @@ function renderModels(st) {
   box.replaceChildren(...st.models.map((m) => {
     const facts = [
       ["Size", fmtBytes(m.size_bytes)], ["Needs", fmtBytes(m.need_bytes)], ["Context", m.ctx ? m.ctx.toLocaleString() : "—"],
-      ["Draft", m.draft || "none"], ["Host", `${m.host_name} (${short(m.host)})`], ["Mesh memory", fmtBytes(st.mesh.total_memory_bytes)],
+      ["Draft", m.draft || "none"],
+      ...(m.moe ? [["MoE", `${m.moe.experts} experts, ${m.moe.experts_used} active`]] : []),
+      ["Host", `${m.host_name} (${short(m.host)})`], ["Mesh memory", fmtBytes(st.mesh.total_memory_bytes)],
       ["API", st.api.url, "wide"],
     ];
     const split = m.split.length ? h("div", { class: "layers" },
