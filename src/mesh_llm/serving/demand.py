@@ -34,6 +34,7 @@ from mesh_llm.serving.runner import ModelSpec
 
 TICK_SECS = 1.0
 PUBLISH_SECS = 5.0  # counts go into gossip at most this often (a model's first request at once)
+URGENT_PUBLISH_SECS = 0.5  # requests for a model nobody serves are told at most this often
 MAX_DECISIONS = 20
 
 
@@ -62,9 +63,14 @@ class DemandKeeper:
         return [self.mesh.me] + [m.record for m in self.mesh.members()]
 
     def on_request(self, requested: str) -> None:
-        model = resolve(requested, self.records())
-        if self.counter.count(model or requested, self.clock(), known=model is not None):
-            self.publish()  # a model's first request in a while: tell the mesh now (it may be served by nobody)
+        records, now = self.records(), self.clock()
+        model = resolve(requested, records)
+        fresh = self.counter.count(model or requested, now, known=model is not None)
+        unserved = model is not None and not servers_of(model, records)
+        # a model's first request in a while, or one for a model nobody serves: tell the mesh now
+        # (a standby may be waiting for just that), not at the next periodic publish
+        if fresh or (unserved and now - self._published_at >= URGENT_PUBLISH_SECS):
+            self.publish()
 
     def coming(self, requested: str) -> str | None:
         model = coming(requested, self.records())
