@@ -109,13 +109,14 @@ async def unserved_pickups(procs: Procs, root: Path, token: str, client: Node, p
     out: list[float] = []
     async with aiohttp.ClientSession() as s:
         for i in range(pickups):
-            sent = time.monotonic()
+            sent, sent_at = time.monotonic(), time.time()
             async with s.post(client.base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=120)) as r:
                 answer = await r.json()
             if r.status != 200:
                 raise SystemExit(f"pickup {i + 1}: {r.status} {answer}")
             out.append(time.monotonic() - sent)
-            print(f"pickup {i + 1}: answered after {out[-1]:.2f} s")
+            decided = (await status(standby.base))["demand"]["decisions"][0]  # the newest: this pickup (same machine, same clock)
+            print(f"pickup {i + 1}: answered after {out[-1]:.2f} s; the standby decided after {decided['at'] - sent_at:.2f} s")
             deadline = time.monotonic() + 120
             while "spare-tiny" in await runtime_models(standby.base):  # unloaded again as idle: unserved for the next round
                 if time.monotonic() > deadline:
@@ -169,8 +170,8 @@ async def run(args: argparse.Namespace) -> dict:
             "streams": args.streams,
             "requests": tally["started"],
             "completed_fraction": round(tally["completed"] / max(1, tally["started"]), 4),
-            "recover_p50_s": round(statistics.median(recover), 2),
-            "recover_max_s": round(max(recover), 2),
+            "recover_p50_s": round(statistics.median(recover), 2) if recover else None,
+            "recover_max_s": round(max(recover), 2) if recover else None,
             "needless_restarts": int(sum(v for c, v in causes.items() if c != "workers changed")),
             "unserved_pickup_s": round(statistics.median(pickups), 2) if pickups else None,
             "unserved_pickup_max_s": round(max(pickups), 2) if pickups else None,

@@ -172,7 +172,7 @@ def test_no_promotion_of_a_model_this_node_promoted_already_or_whose_promotion_f
 
 def test_a_client_decides_nothing() -> None:
     me = client(1, {"m": (5, T0)})
-    assert decide(me.id, [me, standby(2, "m")], T0 + 100, DemandMemory(), {}) == []
+    assert decide(me.id, [me, standby(2, "m")], T0 + 10_000, DemandMemory(), {"m": T0}, idle_unload=30) == []
 
 
 # -- a hot model gets another server ---------------------------------------------------
@@ -233,3 +233,54 @@ def test_no_unload_that_would_leave_a_model_unserved_while_a_node_still_asks_for
     other = host(3, "m")
     (got,) = decide(me.id, [me, pinned, other], T0 + 100, DemandMemory(), {"m": T0}, idle_unload=30)
     assert isinstance(got, Demote) and "1 other server(s) keep it" in got.reason
+
+
+# -- the shell's publishing (a fake mesh: what goes into this node's record, and when) ----
+
+
+class FakeMesh:
+    def __init__(self, me: PeerRecord, peers: list[PeerRecord]) -> None:
+        self.me, self.peers = me, peers
+
+    def members(self) -> list:  # type: ignore[type-arg]
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(record=p) for p in self.peers]
+
+    def update_self(self, **changes: object) -> None:
+        from dataclasses import replace
+
+        self.me = replace(self.me, **changes)  # type: ignore[arg-type]
+
+
+def test_requests_for_a_model_nobody_serves_are_told_at_once_others_periodically() -> None:
+    import asyncio
+
+    from mesh_llm.serving.demand import PUBLISH_SECS, URGENT_PUBLISH_SECS, DemandKeeper
+
+    async def run() -> None:
+        now = [T0]
+        mesh = FakeMesh(client(1, {}), [host(2, "served"), standby(3, "spare")])
+        keeper = DemandKeeper(mesh, None, [], say=print, warn=print, clock=lambda: now[0])  # type: ignore[arg-type]
+        told = lambda: {e.model: e.requests for e in mesh.me.demand}  # noqa: E731
+        keeper.on_request("spare")
+        assert told() == {"spare": 1}  # its first request: at once
+        now[0] += 0.1
+        keeper.on_request("spare")  # nobody serves it: told within URGENT_PUBLISH_SECS, not PUBLISH_SECS
+        keeper.round()
+        assert told() == {"spare": 1}
+        now[0] += URGENT_PUBLISH_SECS
+        keeper.round()
+        assert told() == {"spare": 2}
+        keeper.on_request("served")  # first request: at once
+        now[0] += 1
+        keeper.on_request("served")
+        keeper.round()
+        assert told() == {"spare": 2, "served": 1}  # a served model's counts wait for the periodic publish
+        now[0] += PUBLISH_SECS
+        keeper.round()
+        assert told() == {"spare": 2, "served": 2}
+        keeper.on_request("spare-alias")  # counted under the model's own name
+        assert keeper.counter.entries(now[0])[0] == DemandEntry("spare", 3, round(now[0], 1))
+
+    asyncio.run(run())

@@ -53,6 +53,7 @@ class DemandKeeper:
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_DECISIONS)
         self.on_change: Callable[[], None] = lambda: None
         self._published_at = 0.0
+        self._urgent = False  # requests for a model nobody serves wait to be told (at most every URGENT_PUBLISH_SECS)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy: set[str] = set()  # promotions and demotions under way
@@ -66,11 +67,13 @@ class DemandKeeper:
         records, now = self.records(), self.clock()
         model = resolve(requested, records)
         fresh = self.counter.count(model or requested, now, known=model is not None)
-        unserved = model is not None and not servers_of(model, records)
         # a model's first request in a while, or one for a model nobody serves: tell the mesh now
         # (a standby may be waiting for just that), not at the next periodic publish
-        if fresh or (unserved and now - self._published_at >= URGENT_PUBLISH_SECS):
+        if fresh:
             self.publish()
+        elif model is not None and not servers_of(model, records):
+            self._urgent = True
+            self._wake.set()
 
     def coming(self, requested: str) -> str | None:
         model = coming(requested, self.records())
@@ -90,7 +93,7 @@ class DemandKeeper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def publish(self) -> None:
-        self._published_at = self.clock()
+        self._published_at, self._urgent = self.clock(), False
         self.mesh.update_self(demand=self.counter.entries(self._published_at))
         self._wake.set()
 
@@ -117,8 +120,9 @@ class DemandKeeper:
 
     def round(self) -> None:
         now = self.clock()
-        if now - self._published_at >= PUBLISH_SECS and self.mesh.me.demand != (entries := self.counter.entries(now)):
-            self._published_at = now
+        due = now - self._published_at >= (URGENT_PUBLISH_SECS if self._urgent else PUBLISH_SECS)
+        if due and self.mesh.me.demand != (entries := self.counter.entries(now)):
+            self._published_at, self._urgent = now, False
             self.mesh.update_self(demand=entries)
         if self.fleet is None:
             return
