@@ -284,3 +284,10 @@ def test_requests_for_a_model_nobody_serves_are_told_at_once_others_periodically
         assert keeper.counter.entries(now[0])[0] == DemandEntry("spare", 3, round(now[0], 1))
 
     asyncio.run(run())
+
+
+def test_demand_for_names_no_node_knows_is_left_alone() -> None:
+    s = standby(2, "m")
+    flood = client(9, {f"made-up-{i}": (5, T0) for i in range(30)})
+    mem = DemandMemory()
+    assert decide(s.id, [s, flood], T0, mem, {}) == [] and mem.unserved_since == {}

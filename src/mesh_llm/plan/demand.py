@@ -220,7 +220,10 @@ def decide(me: str, records: Sequence[PeerRecord], now: float, memory: DemandMem
     if mine is None or mine.role == "client":
         return []
     demand = merge_demand(records, now)
-    names = set(demand) | {m for r in records if r.role != "client" for m in r.models_on_disk}
+    # only models some node knows (hosts, was given, has on demand): a name nobody has cannot be
+    # served, and callers (or a peer) inventing names must not make every round slower
+    known = known_names(records)
+    names = {m for m in demand if m in known} | {m for r in records if r.role != "client" for m in r.models_on_disk}
     servers = {m: servers_of(m, records) for m in names | set(promoted)}
     memory.failed_at = {m: at for m, at in memory.failed_at.items() if now - at < RETRY_SECS}
     out: list[Decision] = []

@@ -76,10 +76,7 @@ class DemandKeeper:
             self._wake.set()
 
     def coming(self, requested: str) -> str | None:
-        model = coming(requested, self.records())
-        if model is not None:
-            self._wake.set()
-        return model
+        return coming(requested, self.records())  # asked ten times a second while a request waits: no side effects
 
     # -- the loop --------------------------------------------------------------------
 
