@@ -23,6 +23,10 @@ def tinies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [write_tiny_model(root / f"tiny-{i}.gguf", TinyModelSpec(seed=20 + i, name=f"tiny-{i}")) for i in range(2)]
 
 
+def listed(node) -> list[str]:  # type: ignore[no-untyped-def]
+    return [m["id"] for m in call(node.base_url + "/v1/models")[1]["data"]]
+
+
 def decisions(node) -> list[dict]:  # type: ignore[no-untyped-def]
     return node.status()["demand"]["decisions"]
 
@@ -47,7 +51,7 @@ def test_unserved_demand_is_picked_up_by_a_standby_with_the_file_then_unloaded_w
     # nobody asks for it again: B gives it back after --idle-unload, and does not pick it up again
     b.wait_output("Demand: unloading tiny-1 (idle", timeout=90)
     wait_for(lambda: "tiny-1" not in runtime(b), timeout=60, what="tiny-1 unloaded on B")
-    wait_for(lambda: "tiny-1" not in call(a.base_url + "/v1/models")[1]["data"].__repr__(), what="A no longer lists tiny-1")
+    wait_for(lambda: "tiny-1" not in listed(a), what="A no longer lists tiny-1")
     assert [d["action"] for d in decisions(b)] == ["unloading", "picking up"]
     assert complete(a, "tiny-0")["model"] == "tiny-0"  # the pinned model was never touched
     # a new request brings it back
@@ -62,7 +66,7 @@ def test_host_loss_with_a_standby_holding_the_file_requests_through_a_client_sti
     s.wait_output("ready as a standby node")
     c = start_node("--client", "--join", token, *LOCAL)
     c.wait_output("ready as a client")
-    wait_for(lambda: complete(c, "tiny-1")["model"] == "tiny-1", what="the client reaches tiny-1 on H")
+    wait_for(lambda: "tiny-1" in listed(c) and complete(c, "tiny-1")["model"] == "tiny-1", what="the client reaches tiny-1 on H")
     assert "tiny-1" not in runtime(s)  # served by H: the standby does nothing
 
     gone = h.node_id()
