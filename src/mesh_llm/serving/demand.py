@@ -56,7 +56,8 @@ class DemandKeeper:
         self._urgent = False  # requests for a model nobody serves wait to be told (at most every URGENT_PUBLISH_SECS)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._busy: set[str] = set()  # promotions and demotions under way
+        self._busy: set[str] = set()  # demotions under way
+        self._unloads: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references to tasks
 
     # -- the proxy's hooks -----------------------------------------------------------
 
@@ -85,9 +86,10 @@ class DemandKeeper:
         self._task = asyncio.ensure_future(self._loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._unloads) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def publish(self) -> None:
         self._published_at, self._urgent = self.clock(), False
@@ -130,8 +132,7 @@ class DemandKeeper:
             if isinstance(decision, Promote):
                 self._promote(decision, now)
             else:
-                self._busy.add(decision.model)
-                asyncio.ensure_future(self._demote(decision))
+                self._unload(decision)
 
     def _watch_promoted(self, now: float) -> None:
         """A promoted model that was unloaded by hand is no longer ours to unload; one that
@@ -146,8 +147,7 @@ class DemandKeeper:
             stuck = loaded.life.phase in (Phase.FAILED, Phase.WAITING) and now - since > NEXT_STANDBY_SECS
             if stuck and model not in self._busy:
                 self.memory.failed_at[model] = now
-                self._busy.add(model)
-                asyncio.ensure_future(self._demote(Demote(model, f"it did not start here: {loaded.life.detail or loaded.life.phase.value}")))
+                self._unload(Demote(model, f"it did not start here: {loaded.life.detail or loaded.life.phase.value}"))
 
     def _promote(self, decision: Promote, now: float) -> None:
         assert self.fleet is not None
@@ -165,6 +165,12 @@ class DemandKeeper:
             return
         self.promoted[spec.model_id] = now
         self._record("adding a server for" if decision.hot else "picking up", spec.model_id, decision.reason, now)
+
+    def _unload(self, decision: Demote) -> None:
+        self._busy.add(decision.model)
+        task = asyncio.ensure_future(self._demote(decision))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
 
     async def _demote(self, decision: Demote) -> None:
         assert self.fleet is not None
