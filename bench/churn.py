@@ -13,7 +13,10 @@ Reported:
     model, which nobody serves, goes through the client; measured from sending it to its answer
     (the standby picks the model up, loads it, and the request waits for it). Repeated
     --pickups times, each after the standby unloaded the model again as idle; the median and
-    the slowest.
+    the slowest,
+  - host_loss_pickup_s: then a node hosts that model with --model and is killed with `kill -9`;
+    from the kill to the first answer for it through the client (requests retried at once on
+    failure), which the standby serves after picking it up.
 The last line is one JSON object.
 
     .venv/bin/python bench/churn.py [--kills 4] [--streams 3] [--tokens 64] [--pickups 3]
@@ -126,6 +129,32 @@ async def unserved_pickups(procs: Procs, root: Path, token: str, client: Node, p
     return out
 
 
+async def host_loss_pickup(procs: Procs, root: Path, token: str, client: Node) -> float:
+    """Seconds from `kill -9` of the only host of a model (the standby has its file on demand)
+    to the first answer for it through the client; requests are sent one after another,
+    again at once (0.1 s) after each failure, as a client retrying would."""
+    host = Node(procs, root, "spare-host", ["--join", token, "--model", str(root / "spare-tiny.gguf"), *CTX])
+    await wait_http(client.base + "/api/status", client.proc, timeout=120, ok=lambda d: "spare-tiny" in d["api"]["servers"] and d["api"]["servers"]["spare-tiny"])
+    body = {"model": "spare-tiny", "prompt": "hello", "max_tokens": 8}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        host.proc.kill()
+        killed = time.monotonic()
+        failures = 0
+        while time.monotonic() - killed < 120:
+            try:
+                async with s.post(client.base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    await r.read()
+                    if r.status == 200:
+                        took = time.monotonic() - killed
+                        print(f"host loss: answered {took:.2f} s after the kill ({failures} request(s) failed before)")
+                        return took
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            failures += 1
+            await asyncio.sleep(0.1)
+    raise SystemExit("no answer for spare-tiny within 120 s of its host's loss")
+
+
 async def run(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-churn-"))
     model_path = write_tiny_model(root / "churn-tiny.gguf", SPEC)
@@ -165,6 +194,7 @@ async def run(args: argparse.Namespace) -> dict:
         causes = await restarts(host.base)
         print(f"requests {tally}; restarts by cause {causes}")
         pickups = await unserved_pickups(procs, root, token, client, args.pickups) if args.pickups else []
+        loss = await host_loss_pickup(procs, root, token, client) if args.pickups else None
         return {
             "kills": args.kills,
             "streams": args.streams,
@@ -175,6 +205,7 @@ async def run(args: argparse.Namespace) -> dict:
             "needless_restarts": int(sum(v for c, v in causes.items() if c != "workers changed")),
             "unserved_pickup_s": round(statistics.median(pickups), 2) if pickups else None,
             "unserved_pickup_max_s": round(max(pickups), 2) if pickups else None,
+            "host_loss_pickup_s": round(loss, 2) if loss is not None else None,
         }
     finally:
         procs.stop_all()
