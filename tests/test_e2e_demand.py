@@ -64,7 +64,8 @@ def test_host_loss_with_a_standby_holding_the_file_requests_through_a_client_sti
     token = h.token()
     s = start_node("--join", token, "--on-demand", str(tinies[1]), *CTX, *LOCAL)
     s.wait_output("ready as a standby node")
-    c = start_node("--client", "--join", token, *LOCAL)
+    client_token = h.wait_output("Client token: ").split("Client token: ", 1)[1].split()[0]
+    c = start_node("--join", client_token, *LOCAL)  # a client token: its demand counts, it can claim nothing
     c.wait_output("ready as a client")
     wait_for(lambda: "tiny-1" in listed(c) and complete(c, "tiny-1")["model"] == "tiny-1", what="the client reaches tiny-1 on H")
     assert "tiny-1" not in runtime(s)  # served by H: the standby does nothing
@@ -76,7 +77,8 @@ def test_host_loss_with_a_standby_holding_the_file_requests_through_a_client_sti
     wait_for(lambda: gone not in c.peer_ids(), what="the client drops H")
     answers = [complete(c, "tiny-1", max_tokens=4)["model"] for _ in range(5)]
     assert answers == ["tiny-1"] * 5
-    assert "served by nobody" in s.wait_output("Demand: picking up tiny-1")
+    line = s.wait_output("Demand: picking up tiny-1")
+    assert "requested" in line and "served by nobody" in line, line  # the client's requests: H's --model died with it
     assert runtime(s)["tiny-1"]["phase"] == "ready"
 
 
