@@ -8,10 +8,18 @@ Reported:
   - recover_p50_s / recover_max_s: from the kill to the host's split being ready again,
   - needless_restarts: llama-server restarts whose cause (the host's /metrics) is not
     "workers changed" (joins and leaves that do not touch a split must not restart it),
-  - unserved_pickup_s: null (demand-aware placement is not built yet).
+  - unserved_pickup_s / unserved_pickup_max_s: the demand scenario, after the kills: a standby
+    joins with a second tiny model `--on-demand` (and a short --idle-unload); a request for that
+    model, which nobody serves, goes through the client; measured from sending it to its answer
+    (the standby picks the model up, loads it, and the request waits for it). Repeated
+    --pickups times, each after the standby unloaded the model again as idle; the median and
+    the slowest,
+  - host_loss_pickup_s: then a node hosts that model with --model and is killed with `kill -9`;
+    from the kill to the first answer for it through the client (requests retried at once on
+    failure), which the standby serves after picking it up.
 The last line is one JSON object.
 
-    .venv/bin/python bench/churn.py [--kills 4] [--streams 3] [--tokens 64]
+    .venv/bin/python bench/churn.py [--kills 4] [--streams 3] [--tokens 64] [--pickups 3]
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 from mesh_llm.serving.prepare import ModelOptions, prepare
 
 SPEC = TinyModelSpec(n_layers=8, n_embd=256, n_ff=512, seed=3, name="churn-tiny")
+SPARE = TinyModelSpec(seed=7, name="spare-tiny")  # served by nobody until demand picks it up
+IDLE_UNLOAD_SECS = 4
 CTX = ["--ctx-size", "1024"]
 
 
@@ -87,6 +97,64 @@ async def stream_loop(base: str, model: str, tokens: int, stop: asyncio.Event, t
                 await asyncio.sleep(0.2)  # as a client would before retrying
 
 
+async def runtime_models(base: str) -> list[str]:
+    async with aiohttp.ClientSession() as s, s.get(base + "/api/runtime", timeout=aiohttp.ClientTimeout(total=5)) as r:
+        return [m["model"] for m in (await r.json())["models"]]
+
+
+async def unserved_pickups(procs: Procs, root: Path, token: str, client: Node, pickups: int) -> list[float]:
+    """Seconds from a request for a model nobody serves (through the client) to its answer."""
+    spare = write_tiny_model(root / "spare-tiny.gguf", SPARE)
+    standby = Node(procs, root, "standby", ["--join", token, "--on-demand", str(spare), "--idle-unload", str(IDLE_UNLOAD_SECS), *CTX])
+    await wait_http(client.base + "/api/status", client.proc, timeout=120,
+                    ok=lambda d: any(n["on_demand"] == ["spare-tiny"] for n in d["nodes"]))
+    body = {"model": "spare-tiny", "prompt": "hello", "max_tokens": 8}
+    out: list[float] = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(pickups):
+            sent, sent_at = time.monotonic(), time.time()
+            async with s.post(client.base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=120)) as r:
+                answer = await r.json()
+            if r.status != 200:
+                raise SystemExit(f"pickup {i + 1}: {r.status} {answer}")
+            out.append(time.monotonic() - sent)
+            decided = (await status(standby.base))["demand"]["decisions"][0]  # the newest: this pickup (same machine, same clock)
+            print(f"pickup {i + 1}: answered after {out[-1]:.2f} s; the standby decided after {decided['at'] - sent_at:.2f} s")
+            deadline = time.monotonic() + 120
+            while "spare-tiny" in await runtime_models(standby.base):  # unloaded again as idle: unserved for the next round
+                if time.monotonic() > deadline:
+                    raise SystemExit("the standby did not unload spare-tiny as idle")
+                await asyncio.sleep(0.3)
+            await asyncio.sleep(1)
+    return out
+
+
+async def host_loss_pickup(procs: Procs, root: Path, token: str, client: Node) -> float:
+    """Seconds from `kill -9` of the only host of a model (the standby has its file on demand)
+    to the first answer for it through the client; requests are sent one after another,
+    again at once (0.1 s) after each failure, as a client retrying would."""
+    host = Node(procs, root, "spare-host", ["--join", token, "--model", str(root / "spare-tiny.gguf"), *CTX])
+    await wait_http(client.base + "/api/status", client.proc, timeout=120, ok=lambda d: "spare-tiny" in d["api"]["servers"] and d["api"]["servers"]["spare-tiny"])
+    body = {"model": "spare-tiny", "prompt": "hello", "max_tokens": 8}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        host.proc.kill()
+        killed = time.monotonic()
+        failures = 0
+        while time.monotonic() - killed < 120:
+            try:
+                async with s.post(client.base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    await r.read()
+                    if r.status == 200:
+                        took = time.monotonic() - killed
+                        print(f"host loss: answered {took:.2f} s after the kill ({failures} request(s) failed before)")
+                        return took
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            failures += 1
+            await asyncio.sleep(0.1)
+    raise SystemExit("no answer for spare-tiny within 120 s of its host's loss")
+
+
 async def run(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-churn-"))
     model_path = write_tiny_model(root / "churn-tiny.gguf", SPEC)
@@ -125,15 +193,19 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.gather(*loops)
         causes = await restarts(host.base)
         print(f"requests {tally}; restarts by cause {causes}")
+        pickups = await unserved_pickups(procs, root, token, client, args.pickups) if args.pickups else []
+        loss = await host_loss_pickup(procs, root, token, client) if args.pickups else None
         return {
             "kills": args.kills,
             "streams": args.streams,
             "requests": tally["started"],
             "completed_fraction": round(tally["completed"] / max(1, tally["started"]), 4),
-            "recover_p50_s": round(statistics.median(recover), 2),
-            "recover_max_s": round(max(recover), 2),
+            "recover_p50_s": round(statistics.median(recover), 2) if recover else None,
+            "recover_max_s": round(max(recover), 2) if recover else None,
             "needless_restarts": int(sum(v for c, v in causes.items() if c != "workers changed")),
-            "unserved_pickup_s": None,
+            "unserved_pickup_s": round(statistics.median(pickups), 2) if pickups else None,
+            "unserved_pickup_max_s": round(max(pickups), 2) if pickups else None,
+            "host_loss_pickup_s": round(loss, 2) if loss is not None else None,
         }
     finally:
         procs.stop_all()
@@ -144,6 +216,7 @@ def main() -> None:
     p.add_argument("--kills", type=int, default=4)
     p.add_argument("--streams", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--pickups", type=int, default=3, help="requests for a model nobody serves, each after it was unloaded again (0: none)")
     result = asyncio.run(run(p.parse_args()))
     print(json.dumps(result))
 

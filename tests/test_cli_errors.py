@@ -184,3 +184,19 @@ def test_a_model_file_named_with_control_characters_is_refused_in_one_line(tmp_p
     r = run_cli("--model", str(odd), "--port", str(free_port()), "--state-dir", str(tmp_path / "s"))
     assert_one_line_error(r, "not plain printable text", "rename the file")
     assert "\x1b" not in r.stderr
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("--idle-unload", "0"), ("--idle-unload 0", "positive number of seconds")),
+    (("--idle-unload", "nan"), ("--idle-unload nan", "positive")),
+    (("--client", "--join", "x", "--on-demand", "m.gguf"), ("--client", "--on-demand")),
+])
+def test_bad_demand_flags(args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
+    assert_one_line_error(run_cli(*args, "--port", str(free_port())), *fragments)
+
+
+def test_on_demand_files_must_be_on_disk_and_named_once(tmp_path: Path, tiny_model: Path) -> None:
+    port = str(free_port())
+    assert_one_line_error(run_cli("--on-demand", str(tmp_path / "missing.gguf"), "--port", port), "model file not found")
+    assert_one_line_error(run_cli("--on-demand", "qwen3-8b", "--port", port), "not downloaded yet")  # never fetched at start
+    assert_one_line_error(run_cli("--model", str(tiny_model), "--on-demand", str(tiny_model), "--port", port), "--on-demand", "pass each model once")

@@ -235,3 +235,34 @@ def json_get(url: str) -> dict:
 
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
+
+
+def test_the_demand_card_shows_requests_and_a_pickup(browser, start_node, tiny_model, tmp_path) -> None:
+    from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+
+    spare = write_tiny_model(tmp_path / "spare-tiny.gguf", TinyModelSpec(seed=22, name="spare-tiny"))
+    console = free_port()
+    node = start_node("--model", str(tiny_model), "--on-demand", str(spare), "--ctx-size", "512", *console_args(console))
+    node.wait_ready()
+    view = Watched(browser, f"http://localhost:{console}/")
+    page = view.page
+    try:
+        page.wait_for_selector("#demand-summary:has-text('on demand here: spare-tiny')")
+        post_json(f"{node.base_url}/v1/completions", {"model": "spare-tiny", "prompt": "hi", "max_tokens": 2})  # waits for the pickup
+        page.wait_for_selector("[data-testid=demand-decisions] li:has-text('picking up spare-tiny')", timeout=60_000)
+        assert "served by nobody" in page.inner_text("[data-testid=demand-decisions]")
+        row = page.locator("[data-testid=demand-models] tr", has_text="spare-tiny")
+        assert row.locator("td").nth(1).inner_text() == "1" and row.locator("td").nth(3).inner_text() == "1"
+        assert view.errors == []
+        view.shot("demand.png")
+    finally:
+        view.close()
+
+
+def post_json(url: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())

@@ -14,16 +14,27 @@ from rich.console import Console
 
 from mesh_llm.mesh.admission import LogLimiter
 from mesh_llm.mesh.peers import (
+    MAX_ALIASES,
     MAX_CLIENTS,
+    MAX_DEMAND,
+    MAX_HOSTED,
+    MAX_MODELS_ON_DISK,
+    MAX_NAME_LEN,
+    MAX_ON_DEMAND,
+    MAX_REQUESTS,
+    MAX_UNIX_TIME,
     MAX_DIAL_ADDRS,
     MAX_MEMBERS,
     MAX_PEERS_PER_FRAME,
     REDIAL_BACKOFF_SECS,
+    DemandEntry,
     DialHint,
     DialLimiter,
     HostedModel,
     Membership,
+    OnDemand,
     PeerRecord,
+    as_client,
     decode_gossip,
     encode_gossip,
     encoded_size,
@@ -248,3 +259,61 @@ def test_no_frame_can_make_decoding_take_long() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "done", out.stderr
+
+
+# -- the demand map's fields: bounded like the rest, optional on the wire ---------------
+
+DEMAND = {"model": "tiny-1", "requests": 3, "last_active": 1.7e9}
+ON_DEMAND = {"name": "tiny-1", "fingerprint": "ab" * 16, "need_bytes": 10**8, "aliases": ["tiny"]}
+
+
+@pytest.mark.parametrize("fields", [
+    {"demand": [DEMAND] * 2},  # one model twice
+    {"demand": [{**DEMAND, "model": f"m{i}"} for i in range(MAX_DEMAND + 1)]},
+    {"demand": [{**DEMAND, "model": "m\x1b[2J"}]},
+    {"demand": [{**DEMAND, "model": ""}]},
+    {"demand": [{**DEMAND, "model": "m" * (MAX_NAME_LEN + 1)}]},
+    {"demand": [{**DEMAND, "requests": -1}]},
+    {"demand": [{**DEMAND, "requests": MAX_REQUESTS + 1}]},
+    {"demand": [{**DEMAND, "requests": True}]},
+    {"demand": [{**DEMAND, "last_active": "now"}]},
+    {"demand": [{**DEMAND, "last_active": 1e300}]},
+    {"demand": ["tiny-1"]},
+    {"demand": {"tiny-1": 3}},
+    {"on_demand": [ON_DEMAND] * 2},
+    {"on_demand": [{**ON_DEMAND, "name": f"m{i}"} for i in range(MAX_ON_DEMAND + 1)]},
+    {"on_demand": [{**ON_DEMAND, "name": "m\u202e"}]},
+    {"on_demand": [{**ON_DEMAND, "name": ""}]},
+    {"on_demand": [{**ON_DEMAND, "fingerprint": "f" * 65}]},
+    {"on_demand": [{**ON_DEMAND, "need_bytes": -5}]},
+    {"on_demand": [{**ON_DEMAND, "aliases": ["a\x07"]}]},
+    {"on_demand": [{**ON_DEMAND, "aliases": [f"a{i}" for i in range(MAX_ALIASES + 1)]}]},
+])
+def test_demand_and_on_demand_fields_out_of_bounds_are_refused(fields: dict) -> None:
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(record_doc(**fields))
+
+
+def test_demand_fields_round_trip_and_are_optional() -> None:
+    rec = PeerRecord(id=pid(1), demand=(DemandEntry("tiny-1", 3, 1.7e9),), on_demand=(OnDemand("tiny-1", "ab" * 16, 10**8, ("tiny",)),))
+    assert PeerRecord.from_wire(json.loads(json.dumps(rec.to_wire()))) == rec
+    old = {k: v for k, v in record_doc().items() if k not in ("demand", "on_demand")}  # a peer from before the demand map
+    assert PeerRecord.from_wire(old).demand == () and PeerRecord.from_wire(old).on_demand == ()
+
+
+def test_a_client_keeps_its_demand_but_claims_no_files_on_demand() -> None:
+    rec = PeerRecord(id=pid(1), role="standby", free_bytes=10**12, demand=(DemandEntry("m", 3, 1.7e9),), on_demand=(OnDemand("m", "", 1),))
+    coerced = as_client(rec)
+    assert coerced.role == "client" and coerced.demand == rec.demand and coerced.on_demand == () and coerced.free_bytes == 0
+
+
+def test_a_record_with_every_name_field_at_its_bound_still_fits_a_frame() -> None:
+    big = "𝔵" * MAX_NAME_LEN  # JSON escapes it twelvefold
+    names = tuple(f"{i}{big}"[:MAX_NAME_LEN] for i in range(MAX_MODELS_ON_DISK))
+    hosted = tuple(HostedModel(n, "ready", aliases=names[:MAX_ALIASES]) for n in names[:MAX_HOSTED])
+    me = PeerRecord(id=pid(0), models_on_disk=names, fingerprints=("f" * 64,) * len(names), lending=names, hosting=hosted, demand=tuple(DemandEntry(f"{i}{big}"[:MAX_NAME_LEN], MAX_REQUESTS, MAX_UNIX_TIME) for i in range(MAX_DEMAND)),
+                    on_demand=tuple(OnDemand(f"{i}{big}"[:MAX_NAME_LEN], "f" * 64, 2**62, tuple(f"{j}{big}"[:MAX_NAME_LEN] for j in range(MAX_ALIASES)))
+                                    for i in range(MAX_ON_DEMAND)))
+    frame = encode_frame(encode_gossip(me, []))
+    assert len(frame) <= MAX_FRAME
+    assert decode_gossip(json.loads(frame[4:]))[0] == me

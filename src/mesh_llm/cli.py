@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--draft", default=None, metavar="REF", help="draft model (same forms as --model; default: the catalog's pairing when on disk)")
     spec.add_argument("--draft-max", type=int, default=8, metavar="N", help="tokens drafted per step (default 8)")
     spec.add_argument("--no-draft", action="store_true", help="no draft model, even if the catalog pairs one")
+    dem = p.add_argument_group("demand (models picked up when the mesh wants them)")
+    dem.add_argument("--on-demand", action="append", default=[], metavar="REF",
+                     help="a model file on disk this node serves only when the mesh wants it and nobody serves it, or it is hot (repeatable)")
+    dem.add_argument("--idle-unload", type=float, default=None, metavar="SECS",
+                     help="unload a model this node picked up itself after this long without requests (default 600)")
     split = p.add_argument_group("splitting a model over several nodes")
     split.add_argument("--max-vram", type=float, default=None, metavar="GB", help="offer at most this much memory to models (default: GPU memory, or 75%% of RAM)")
     split.add_argument("--split", action="store_true", help="split the model over the mesh even if it fits here")
@@ -219,6 +224,10 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError(f"--max-inflight {args.max_inflight} must be a number of requests from 1 to 100000")
     if args.upstream_timeout is not None and not (math.isfinite(args.upstream_timeout) and args.upstream_timeout > 0):
         raise UserError(f"--upstream-timeout {args.upstream_timeout:g} must be a positive number of seconds")
+    if args.client and args.on_demand:
+        raise UserError("--client runs no model, so it serves none on demand: drop --on-demand, or drop --client")
+    if args.idle_unload is not None and not (math.isfinite(args.idle_unload) and args.idle_unload > 0):
+        raise UserError(f"--idle-unload {args.idle_unload:g} must be a positive number of seconds")
     from_files = [token for path in args.join_file for token in read_token_file(path.expanduser())]
     join = list(dict.fromkeys([*args.join, *from_files, *os.environ.get(TOKEN_ENV, "").split()]))
     ensure_state_dir(state_dir)
@@ -249,7 +258,10 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         max_inflight=args.max_inflight,
         upstream_timeout=args.upstream_timeout,
         api_key_file=args.api_key_file.expanduser() if args.api_key_file else None,
+        on_demand=args.on_demand,
     )
+    if args.idle_unload is not None:
+        cfg.idle_unload = args.idle_unload
     return run_node(cfg, out)
 
 

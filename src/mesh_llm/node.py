@@ -43,12 +43,14 @@ from mesh_llm.mesh.handshake import Refused
 from mesh_llm.mesh.http_tunnel import serve_http_tunnels
 from mesh_llm.mesh.identity import MeshCredentials, load_last_port, load_mesh, load_or_create_key, new_secret_key, save_last_port, save_mesh
 from mesh_llm.mesh.mesh import Mesh
-from mesh_llm.mesh.peers import PeerRecord
+from mesh_llm.mesh.peers import MAX_ON_DEMAND, PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.transport import TransportConfig
 from mesh_llm.mesh.tunnels import serve_rpc_tunnels
 from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory, system_memory_bytes
+from mesh_llm.plan.demand import DEFAULT_IDLE_UNLOAD_SECS
 from mesh_llm.plan.split import Solo
+from mesh_llm.serving.demand import DemandKeeper
 from mesh_llm.serving.fleet import Fleet, Loaded, SplitOptions, describe
 from mesh_llm.serving.lifecycle import Life, Phase
 from mesh_llm.serving.prepare import ModelOptions, prepare
@@ -84,6 +86,8 @@ class NodeConfig:
     max_inflight: int | None = None  # requests at once per server of a model; None: its llama-server's slots
     upstream_timeout: float | None = None  # a peer's answer must start within this; None: UPSTREAM_START_SECS
     api_key_file: Path | None = None  # keys accepted besides the state dir's (`mesh-llm auth key create`)
+    on_demand: list[str] = field(default_factory=list)  # --on-demand: files this node loads when the mesh wants them
+    idle_unload: float = DEFAULT_IDLE_UNLOAD_SECS  # a model it picked up itself is unloaded after this long without requests
 
     @property
     def host(self) -> str:
@@ -116,10 +120,12 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
         raise UserError("--client runs without a model: drop --model, or drop --client to serve it")
     if cfg.client and not tokens:
         raise UserError("--client needs a mesh to join: pass --join TOKEN")
-    if not cfg.models and not tokens:
+    if not cfg.models and not cfg.on_demand and not tokens:
         raise UserError("nothing to serve: pass --model PATH|NAME (e.g. --model gemma-3-270m), or --join TOKEN to use a mesh")
     if len(cfg.models) > 1 and cfg.draft:
         raise UserError("--draft pairs with a single --model: with several, each uses its catalog pairing (or pass --no-draft)")
+    if len(cfg.on_demand) > MAX_ON_DEMAND:
+        raise UserError(f"--on-demand names {len(cfg.on_demand)} models; a node offers at most {MAX_ON_DEMAND}")
     if len(cfg.models) > 1 and cfg.tensor_split:
         raise UserError("--tensor-split sets the shares of one model: pass a single --model with it")
     api_keys(cfg)  # a missing --api-key-file fails before slow work
@@ -135,8 +141,12 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
     specs = [prepare(ref, cfg.model_options(), say) for ref in cfg.models]  # bad references fail before any engine work
     if len({s.model_id for s in specs}) < len(specs):
         raise UserError("two --model references name the same file: pass each model once")
+    # files served on demand are never downloaded at start: they must be on disk already
+    spares = [prepare(ref, replace(cfg.model_options(), draft=None), say, fetch=False) for ref in cfg.on_demand]
+    if len({s.model_id for s in [*specs, *spares]}) < len(specs) + len(spares):
+        raise UserError("an --on-demand reference names the same file as another --model or --on-demand: pass each model once")
     engine = None if cfg.client else provide_engine(cfg.bin_dir, cfg.flavor, console)  # clients need no engine
-    return asyncio.run(_serve(cfg, tokens, specs, engine, console))
+    return asyncio.run(_serve(cfg, tokens, specs, engine, console, spares))
 
 
 def machine_names() -> frozenset[str]:
@@ -221,7 +231,8 @@ def self_record(cfg: NodeConfig, offer: Offer, engine: str) -> PeerRecord:
     )
 
 
-async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSpec], engine: EngineBinaries | None, console: Console) -> int:
+async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSpec], engine: EngineBinaries | None, console: Console,
+                 spares: list[ModelSpec] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -236,6 +247,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
 
     fleet: Fleet | None = None
     mesh: Mesh | None = None
+    demand: DemandKeeper | None = None
     token: str | None = None
     client_token: str | None = None
 
@@ -244,7 +256,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         now = time.monotonic()
         peers = [PeerView(m.record, m.rtt_ms, now - m.last_seen) for m in mesh.members()]
         return status_document(mesh.me, peers, mesh_id=mesh.creds.mesh_id.hex(), token=token, client_token=client_token,
-                               ports=Ports(cfg.port, cfg.console_port, cfg.listen_all), routes=table.models(), local=fleet.snapshot(), servers=table.ready_servers())
+                               ports=Ports(cfg.port, cfg.console_port, cfg.listen_all), routes=table.models(), local=fleet.snapshot(), servers=table.ready_servers(),
+                               demand=demand.snapshot() if demand is not None else None)
 
     def on_process_change(mp: ManagedProcess) -> None:
         if fleet is not None:
@@ -302,6 +315,12 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         fleet.start()
         stack.push_async_callback(fleet.close)
         runtime.fleet = fleet
+        if engine is not None and spares:
+            spares = [replace(s, draft=replace(s.draft, device=options.draft_device)) if s.draft else s for s in spares]
+        demand = DemandKeeper(mesh, fleet if settings is not None else None, spares or [], idle_unload=cfg.idle_unload, say=say, warn=warn)
+        demand.start()
+        stack.push_async_callback(demand.close)  # closed before the fleet: no promotion while it shuts down
+        proxy.on_request, proxy.coming = demand.on_request, demand.coming
         proxy.status_source = build_status
         if cfg.console_port is not None:
             feed = StatusFeed(build_status, warn)
@@ -309,7 +328,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             web_console = WebConsole(feed, proxy, runtime)
             await web_console.start(cfg.host, cfg.console_port)
             stack.push_async_callback(web_console.close)
-            fleet.on_change = feed.poke
+            fleet.on_change = demand.on_change = feed.poke
             events = mesh.subscribe()
             stack.callback(mesh.unsubscribe, events)
             feed.follow(events)  # joins, leaves, record changes

@@ -81,13 +81,15 @@ def _node_entry(view: PeerView, is_self: bool, used: dict[str, int]) -> dict[str
         "last_seen_secs": round(view.last_seen_secs, 1),
         "models_on_disk": list(r.models_on_disk),
         "models_served": list(r.models_served),
+        "on_demand": [o.name for o in r.on_demand],
         "api_port": r.api_port,
         "addrs": list(r.addrs),
     }
 
 
 def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, token: str | None, ports: Ports, client_token: str | None = None,
-                    routes: list[str], local: list[dict[str, Any]] | None = None, servers: dict[str, list[str]] | None = None) -> dict[str, Any]:
+                    routes: list[str], local: list[dict[str, Any]] | None = None, servers: dict[str, list[str]] | None = None,
+                    demand: dict[str, Any] | None = None) -> dict[str, Any]:
     """This node, its token, every node with its memory and share, every model the mesh runs.
 
     `routes` are the models this node's API answers for now (`servers`: for each, the nodes
@@ -116,6 +118,7 @@ def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, toke
         "nodes": nodes,
         "models": models,
         "serving": local or [],
+        "demand": demand or {"models": [], "decisions": [], "on_demand": [], "promoted": []},
     }
 
 

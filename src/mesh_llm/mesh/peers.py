@@ -56,6 +56,10 @@ MAX_ALIAS_LEN = 256
 MAX_DETAIL = 512
 MAX_EXPERTS = 512  # LLAMA_MAX_EXPERTS: llama.cpp loads no model with more
 MAX_MODELS_ON_DISK = 64
+MAX_DEMAND = 32  # models one node reports requests for (callers pick the names: kept small)
+MAX_ON_DEMAND = 16  # model files one node could serve on demand
+MAX_REQUESTS = 1 << 31  # requests one node reports for one model in a window
+MAX_UNIX_TIME = 1e11  # a last-active time past this (year 5138) is not a time
 
 
 def get_role(doc: dict[str, Any]) -> str:
@@ -216,6 +220,56 @@ class HostedModel:
 
 
 @dataclass(frozen=True)
+class DemandEntry:
+    """Requests this node's proxy saw for one model: how many in the last window, and the last
+    one's wall-clock time (nodes' counts are summed, so each reports only its own)."""
+
+    model: str
+    requests: int
+    last_active: float  # unix time
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_wire(doc: Any) -> DemandEntry:
+        if not isinstance(doc, dict):
+            raise ProtocolError("demand entry is not an object")
+        return DemandEntry(get_name(doc, "model", MAX_NAME_LEN, None) or _empty("demand model"),
+                           get_int(doc, "requests", 0, MAX_REQUESTS), get_float(doc, "last_active", 0.0, MAX_UNIX_TIME))
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """A model file a node has and would serve when the mesh wants it (not loaded now)."""
+
+    name: str
+    fingerprint: str = ""
+    need_bytes: int = 0  # what it takes to run it solo here
+    aliases: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "aliases": list(self.aliases)}
+
+    @staticmethod
+    def from_wire(doc: Any) -> OnDemand:
+        if not isinstance(doc, dict):
+            raise ProtocolError("on-demand model is not an object")
+        return OnDemand(get_name(doc, "name", MAX_NAME_LEN, None) or _empty("on-demand name"), get_name(doc, "fingerprint", 64),
+                        get_int(doc, "need_bytes", 0, 2**62, 0), get_names(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN))
+
+
+def _empty(what: str) -> str:
+    raise ProtocolError(f"{what} must not be empty")
+
+
+def _unique(items: tuple[Any, ...], key: str, what: str) -> tuple[Any, ...]:
+    if len({getattr(i, key) for i in items}) != len(items):
+        raise ProtocolError(f"{what} names one model twice")
+    return items
+
+
+@dataclass(frozen=True)
 class PeerRecord:
     """What a node says about itself in gossip."""
 
@@ -232,6 +286,8 @@ class PeerRecord:
     fingerprints: tuple[str, ...] = ()  # of each model on disk, same order: splits need the same file
     hosting: tuple[HostedModel, ...] = ()  # models it runs llama-server for, with their state and split
     lending: tuple[str, ...] = ()  # models whose RPC worker runs here for a host's split, ready to attach
+    demand: tuple[DemandEntry, ...] = ()  # requests its own proxy saw, per model (clients' count too)
+    on_demand: tuple[OnDemand, ...] = ()  # files it would load when the mesh wants them (--on-demand)
     api_port: int = 0  # 0: no local API
     api_public: bool = False  # API bound beyond loopback (--listen-all)
     addrs: tuple[str, ...] = ()  # direct ip:port to dial
@@ -248,6 +304,8 @@ class PeerRecord:
             if isinstance(v, tuple):
                 doc[k] = list(v)
         doc["hosting"] = [h.to_wire() for h in self.hosting]
+        doc["demand"] = [d.to_wire() for d in self.demand]
+        doc["on_demand"] = [o.to_wire() for o in self.on_demand]
         return doc
 
     @staticmethod
@@ -268,6 +326,8 @@ class PeerRecord:
             fingerprints=get_names(doc, "fingerprints", MAX_MODELS_ON_DISK, 64, allow_empty=True),  # "": not known yet
             hosting=_hosting(get_list(doc, "hosting", MAX_HOSTED)),
             lending=get_names(doc, "lending", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
+            demand=_unique(tuple(DemandEntry.from_wire(d) for d in get_list(doc, "demand", MAX_DEMAND)), "model", "demand"),
+            on_demand=_unique(tuple(OnDemand.from_wire(o) for o in get_list(doc, "on_demand", MAX_ON_DEMAND)), "name", "on_demand"),
             api_port=get_int(doc, "api_port", 0, 65535, 0),
             api_public=get_bool(doc, "api_public", False),
             addrs=get_addrs(doc),
@@ -277,9 +337,10 @@ class PeerRecord:
 
 def as_client(record: PeerRecord) -> PeerRecord:
     """A record as this node takes it from a peer admitted with a client token: a client, and
-    nothing it says about serving, lending or memory (it never enters plans or routes)."""
+    nothing it says about serving, lending, memory or files on demand (it never enters plans or
+    routes). Only the requests its proxy saw count: they are demand like any other."""
     return PeerRecord(id=record.id, role="client", hostname=record.hostname, incarnation=record.incarnation,
-                      version=record.version, api_port=record.api_port, addrs=record.addrs, relay=record.relay)
+                      version=record.version, demand=record.demand, api_port=record.api_port, addrs=record.addrs, relay=record.relay)
 
 
 def _hosting(docs: list[Any]) -> tuple[HostedModel, ...]:

@@ -56,9 +56,9 @@ def aliases_of(ref: str, resolved_id: str, catalog_name: str | None) -> tuple[st
     return tuple(fits[:MAX_ALIASES])
 
 
-def prepare(ref: str, options: ModelOptions, say: Callable[[str], None]) -> ModelSpec:
-    """Find (or download) the model and its draft, and check both, before any engine work."""
-    resolved = resolve_model(ref, say=say, single_file=True)
+def prepare(ref: str, options: ModelOptions, say: Callable[[str], None], fetch: bool = True) -> ModelSpec:
+    """Find (or download, when `fetch`) the model and its draft, and check both, before any engine work."""
+    resolved = resolve_model(ref, say=say, single_file=True, fetch=fetch)
     if not is_name(resolved.model_id, MAX_NAME_LEN):  # peers refuse such a name in gossip, and terminals act on it
         raise UserError(f"the model name {printable(resolved.model_id)!r} (from {printable(str(resolved.path))}) is not plain printable text "
                         f"of at most {MAX_NAME_LEN} characters: rename the file")

@@ -86,6 +86,7 @@ function render(st) {
   redraw("invite", [st.token, st.client_token, me.role], () => renderInvite(st));
   redraw("agents", [st.models, st.api.port], () => renderAgents(st));
   redraw("nodes", st.nodes, () => renderNodes(st));
+  redraw("demand", st.demand, () => renderDemand(st));
   syncChatModels(st);
 }
 
@@ -205,6 +206,28 @@ function renderNodes(st) {
     h("td", { class: "num", text: `${n.version}${n.engine ? " · " + n.engine : ""}` }),
   )));
   tickLastSeen();
+}
+
+function clock(unix) {
+  return new Date(unix * 1000).toLocaleTimeString();
+}
+
+function renderDemand(st) {
+  const d = st.demand || { models: [], decisions: [], on_demand: [], promoted: [] };
+  const parts = [];
+  if (d.on_demand.length) parts.push(`on demand here: ${d.on_demand.join(", ")}`);
+  if (d.promoted.length) parts.push(`picked up here: ${d.promoted.join(", ")}`);
+  if (d.idle_unload_secs) parts.push(`unloaded after ${Math.round(d.idle_unload_secs)} s idle`);
+  $("demand-summary").textContent = parts.join(" · ");
+  $("demand-body").replaceChildren(...(d.models.length ? d.models.map((m) => h("tr", {},
+    h("td", { text: m.model }),
+    h("td", { class: "num", text: String(m.requests_per_min) }),
+    h("td", { class: "num", text: clock(m.last_active) }),
+    h("td", { class: "num", text: String(m.servers) }),
+  )) : [h("tr", {}, h("td", { class: "muted", colspan: "4", text: "no requests yet" }))]));
+  $("demand-decisions").replaceChildren(...(d.decisions.length ? d.decisions.map((x) =>
+    h("li", {}, h("span", { class: "muted", text: `${clock(x.at)} ` }), `${x.action} ${x.model} (${x.reason})`))
+    : [h("li", { class: "muted", text: "none yet" })]));
 }
 
 function tickLastSeen() {
