@@ -292,8 +292,8 @@ async def _still_ready(upstream: Server, grace: float = 1.0) -> bool:
 ExtraRoutes = Callable[[web.Application], None]
 MAX_RESUMES = 2  # a request whose server went away (before or while answering) runs again at most this often
 RESUME_SECS = 20.0  # ... and only while a new server is found within this of its first try
-AVOID_SECS = 2.5  # a server that just failed comes after any other this long (a dead peer is dropped within ~2 s)
-SAME_SERVER_SECS = 1.0  # ... and, when there is no other, is tried again only after this
+AVOID_SECS = 2.5  # a peer that failed a request is tried for it again only after this (a dead one is dropped within ~2 s)
+SAME_SERVER_SECS = 1.0  # ... this node's own server, after this (a crashed one is noticed at once)
 MAX_MODEL_NAME = 256  # longer `model` values name nothing: not counted as demand
 PICKUP_WAIT_SECS = 30.0  # a request for a model a standby is picking up waits this long for it to appear
 
@@ -596,15 +596,16 @@ class ApiProxy:
         is taken first (a dead peer still looks ready until the mesh drops it), and the same one
         again only after a moment (a re-planned local server comes back under the same id)."""
         failed = failed or {}
+
+        def rested(s: Server, now: float) -> bool:  # a peer only once the mesh would have dropped it if dead
+            return now - failed[s.id] >= (SAME_SERVER_SECS if s.id == "local" else AVOID_SECS)
+
         while time.monotonic() < deadline and still():
             if model in self.table.models():
-                route = self.table.get(model)
-                now = time.monotonic()
-                others = Route(route.model, [s for s in route.servers if now - failed.get(s.id, -AVOID_SECS) >= AVOID_SECS], route.aliases)
-                if (server := self._choose(others, session)) is not None:
-                    return server
-                if now - max(failed.values(), default=-SAME_SERVER_SECS) >= SAME_SERVER_SECS and (server := self._choose(route, session)) is not None:
-                    return server
+                route, now = self.table.get(model), time.monotonic()
+                for servers in ([s for s in route.servers if s.id not in failed], [s for s in route.servers if s.id not in failed or rested(s, now)]):
+                    if (server := self._choose(Route(route.model, servers, route.aliases), session)) is not None:
+                        return server
             await asyncio.sleep(0.1)
         return None
 
@@ -676,7 +677,9 @@ class ApiProxy:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await response.write_eof()
                 return response
-            if not await _still_ready(upstream):  # it went away under us: restarting or re-planning
+            # Nothing was answered: a peer that cannot be reached may have died (the mesh drops it
+            # within ~2 s), and our own server may be restarting or re-planning: run it elsewhere.
+            if upstream.id != "local" or not await _still_ready(upstream):
                 self._failed(model, "unavailable_error")
                 raise UpstreamLost(f"model {model} is {upstream.status()}; retry shortly ({message})") from None
             self._failed(model, "upstream_error")
