@@ -167,11 +167,11 @@ class NodeProcess:
             time.sleep(0.2)
         raise AssertionError(f"node not ready after {timeout}s:\n{self.output()}")
 
-    def wait_output(self, marker: str, timeout: float = 60) -> str:
-        """The first output line containing `marker`, waiting for it to appear."""
+    def wait_output(self, marker: str, timeout: float = 60, after: int = 0) -> str:
+        """The first output line containing `marker` (among the lines from number `after` on), waiting for it to appear."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.output().splitlines():
+            for line in self.output().splitlines()[after:]:
                 if marker in line:
                     return line
             if self.proc.poll() is not None:

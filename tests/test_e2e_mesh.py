@@ -95,9 +95,10 @@ def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, t
 
     # Ctrl-C is a graceful leave: A says goodbye, so peers drop it for that reason, not for silence.
     a_id = ids[a]
+    seen = {n: len(n.output().splitlines()) for n in (c, client)}  # (what came before is another story)
     a.stop(signal.SIGINT)
     for n in (c, client):
-        line = n.wait_output(f"Peer left: host {a_id[:8]} ", timeout=60)
+        line = n.wait_output(f"Peer left: host {a_id[:8]} ", timeout=60, after=seen[n])
         assert line.endswith(": left the mesh"), line
         wait_for(lambda n=n: a_id not in n.peer_ids(), what=f"{n.state_dir.name} drops A")
 

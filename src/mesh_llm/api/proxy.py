@@ -600,12 +600,14 @@ class ApiProxy:
         def rested(s: Server, now: float) -> bool:  # a peer only once the mesh would have dropped it if dead
             return now - failed[s.id] >= (SAME_SERVER_SECS if s.id == "local" else AVOID_SECS)
 
-        while time.monotonic() < deadline and still():
+        while time.monotonic() < deadline:
             if model in self.table.models():
                 route, now = self.table.get(model), time.monotonic()
                 for servers in ([s for s in route.servers if s.id not in failed], [s for s in route.servers if s.id not in failed or rested(s, now)]):
                     if (server := self._choose(Route(route.model, servers, route.aliases), session)) is not None:
                         return server
+            if not still():  # checked after the table: what ends the wait may be the server becoming ready
+                return None
             await asyncio.sleep(0.1)
         return None
 
