@@ -208,6 +208,16 @@ def _ago(secs: float) -> str:
     return f"{secs:.0f} s ago" if secs < 120 else f"{secs / 60:.0f} min ago"
 
 
+def _my_turn(me: str, model: str, records: Sequence[PeerRecord], promoted: Mapping[str, float], memory: DemandMemory,
+             held: float, hold: float) -> bool:
+    """Whether this node should act on `model` now, a condition having held for `held` seconds:
+    it is a candidate, has not taken it (or failed to) already, and its rank's wait is over."""
+    ranked = [r.id for r in candidates(model, records)]
+    if me not in ranked or model in promoted or model in memory.failed_at:
+        return False
+    return held >= hold + ranked.index(me) * NEXT_STANDBY_SECS
+
+
 def decide(me: str, records: Sequence[PeerRecord], now: float, memory: DemandMemory, promoted: Mapping[str, float],
            idle_unload: float = DEFAULT_IDLE_UNLOAD_SECS) -> list[Decision]:
     """What this node (`me`, whose own record is among `records`) should do now.
@@ -237,10 +247,7 @@ def decide(me: str, records: Sequence[PeerRecord], now: float, memory: DemandMem
             memory.unserved_since.pop(model, None)
             continue
         since = memory.unserved_since.setdefault(model, now)
-        ranked = [r.id for r in candidates(model, records)]
-        if me not in ranked or model in promoted or model in memory.failed_at:
-            continue
-        if now - since >= PICKUP_DEBOUNCE_SECS + ranked.index(me) * NEXT_STANDBY_SECS:
+        if _my_turn(me, model, records, promoted, memory, now - since, PICKUP_DEBOUNCE_SECS):
             if d is not None and d.requests:
                 why = f"requested {d.requests}× in the last minute"
             elif d is not None:
@@ -264,11 +271,8 @@ def decide(me: str, records: Sequence[PeerRecord], now: float, memory: DemandMem
             memory.hot_since.pop(model, None)
             continue
         hot_since = memory.hot_since.setdefault(model, now)
-        ranked = [r.id for r in candidates(model, records)]
-        if me not in ranked or model in promoted or model in memory.failed_at:
-            continue
-        settled_at = memory.servers_seen[model][1] + HOT_SETTLE_SECS
-        if now - hot_since >= HOT_HOLD_SECS + ranked.index(me) * NEXT_STANDBY_SECS and now >= settled_at:
+        settled = now >= memory.servers_seen[model][1] + HOT_SETTLE_SECS
+        if settled and _my_turn(me, model, records, promoted, memory, now - hot_since, HOT_HOLD_SECS):
             n = len(servers[model])
             versus = f", {HOT_RATIO:g}× the busiest other model's {others:.0f}" if others else ""
             out.append(Promote(model, f"hot: {demand[model].requests} requests in the last minute on {n} server{'s' if n > 1 else ''}{versus}", hot=True))
