@@ -536,10 +536,11 @@ class ApiProxy:
         if found.model is None:
             return self._unknown_model(wanted, found), None
         route = self.table.get(found.model)
-        server = self._choose(route, session_of(doc, request.headers))
+        session = session_of(doc, request.headers)
+        server = self._choose(route, session)
         if server is None and route.status() != "ready" and self.coming(route.model) is not None:  # still loading there
             model = route.model
-            server = await self._ready_server(model, session_of(doc, request.headers), time.monotonic() + PICKUP_WAIT_SECS,
+            server = await self._ready_server(model, session, time.monotonic() + PICKUP_WAIT_SECS,
                                               still=lambda: self.coming(model) is not None)
             route = self.table.get(route.model) if route.model in self.table.models() else route
         if server is None and route.status() == "ready":  # every ready server is full: say so rather than queue without end
@@ -548,7 +549,6 @@ class ApiProxy:
                                   "rate_limit_error"), route.model
         if server is None:
             return error_response(503, f"model {route.model} is {route.status()}; retry shortly", "unavailable_error"), route.model
-        session = session_of(doc, request.headers)
         resuming: StreamCut | None = None
         failed: dict[str, float] = {}  # servers that failed this request, and when
         for attempt in range(MAX_RESUMES + 1):
@@ -655,10 +655,6 @@ class ApiProxy:
                     await relay.pump(up, None)
                     if not relay.transcript.finished:  # it ended without its end: the server went away
                         raise aiohttp.ClientPayloadError("the stream ended before the answer did")
-                    await relay.end()
-                    if meter is not None and self.metrics is not None:
-                        self.metrics.measured(model, meter.finish())
-                    return response
                 else:
                     async for chunk in up.content.iter_any():
                         await response.write(chunk)
