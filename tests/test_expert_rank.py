@@ -13,6 +13,7 @@ from mesh_llm.models.expert_rank import Ranking, cached_ranking, expert_ranking,
 from mesh_llm.models.fingerprint import fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, read_gguf
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
+from tests.conftest import assert_one_line_error, run_cli
 
 FP = "0123456789abcdef" * 2
 MOE = TinyModelSpec(seed=1, name="rank-moe", n_experts=8, n_experts_used=2)
@@ -223,7 +224,7 @@ def test_a_text_shorter_than_the_chunks_is_repeated_and_one_too_short_gives_the_
     monkeypatch.setattr(expert_rank, "calibration_text", lambda: "hi")
     said.clear()
     assert measure_ranking(imatrix, path, info, fp, said) == sequential(8)
-    assert len(said) == 2 and "llama-imatrix failed" in said[1], said
+    assert len(said) == 2 and "llama-imatrix exited with 1" in said[1], said
     assert not ranking_path(fp).exists()
 
 
@@ -231,3 +232,41 @@ def test_the_tiny_model_hook_takes_an_expert_id_of_an_moe_only() -> None:
     for kwargs in ({"hot_expert": 0}, {"n_experts": 4, "hot_expert": 4}, {"n_experts": 4, "hot_expert": -1}):
         with pytest.raises(ValueError, match="hot_expert"):
             TinyModelSpec(**kwargs)  # type: ignore[arg-type]
+
+
+# --- mesh-llm models experts ------------------------------------------------------------------
+
+
+@pytest.mark.engine
+def test_models_experts_prints_the_ranking_measuring_it_once(imatrix: Path, tmp_path: Path) -> None:
+    path, _, _ = model(tmp_path, HOT)
+    env = {"MESH_LLM_CACHE_DIR": str(tmp_path / "cache"), "MESH_LLM_BIN_DIR": str(imatrix.parent)}
+    first = run_cli("models", "experts", str(path), env=env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("Ranking the 8 experts of rank-hot") and lines[1].startswith("Ranked the 8 experts of rank-hot"), lines
+    assert lines[2].startswith("rank-hot: 8 experts, 2 used per token; ranking measured, digest ")
+    assert lines[3].split() == ["RANK", "EXPERT", "SELECTIONS", "SHARE"]
+    rows = [ln.split() for ln in lines[4:]]
+    tokens = expert_rank.MAX_CHUNKS * expert_rank.CHUNK_TOKENS
+    assert len(rows) == 8 and rows[0] == ["1", "5", str(tokens * HOT.n_layers), "50.0%"]  # 5 is one of the two picks of every token
+    assert sorted(int(r[1]) for r in rows) == list(range(8))
+    again = run_cli("models", "experts", str(path), env=env)
+    assert again.returncode == 0 and again.stdout.splitlines() == lines[2:], again.stdout  # cached: no second measurement
+
+
+def test_models_experts_without_an_engine_shows_the_sequential_order(tmp_path: Path) -> None:
+    path, _, _ = model(tmp_path, MOE)
+    env = {"MESH_LLM_CACHE_DIR": str(tmp_path / "cache"), "MESH_LLM_BIN_DIR": "", "PATH": "/nonexistent"}
+    shown = run_cli("models", "experts", str(path), env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "No llama-imatrix (`mesh-llm engine build` builds it) to rank the experts of rank-moe: using the sequential order 0..7"
+    assert "ranking sequential" in lines[1] and [ln.split()[1:] for ln in lines[3:]] == [[str(e), "-", "-"] for e in range(8)]
+
+
+def test_models_experts_of_a_dense_model_or_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
+    path, _, _ = model(tmp_path, TinyModelSpec(name="dense"))
+    assert_one_line_error(run_cli("models", "experts", str(path)), "dense model", "no experts")
+    assert_one_line_error(run_cli("models", "experts", str(tmp_path / "nope.gguf")), "not found")
+    assert_one_line_error(run_cli("models", "experts"), "needs a model reference")

@@ -183,8 +183,8 @@ def expert_ranking(imatrix: Path | None, model: Path, info: GGUFInfo, fingerprin
     if cached is not None and cached.n_experts == n:
         return cached
     if imatrix is None or not imatrix.is_file():
-        where = "no engine binary dir" if imatrix is None else str(imatrix.parent)
-        say(f"No {IMATRIX_NAME} ({where}) to rank the experts of {info.name}: using the sequential order 0..{n - 1}")
+        where = "(`mesh-llm engine build` builds it)" if imatrix is None else f"in {imatrix.parent}"
+        say(f"No {IMATRIX_NAME} {where} to rank the experts of {info.name}: using the sequential order 0..{n - 1}")
         return sequential(n)
     return measure_ranking(imatrix, model, info, fingerprint, say)
 
@@ -200,14 +200,14 @@ def _run_imatrix(imatrix: Path, model: Path, n_experts: int, deadline: float) ->
     with tempfile.TemporaryDirectory(prefix="mesh-llm-rank-") as tmp:
         text, out = Path(tmp) / "calibration.txt", Path(tmp) / "imatrix.gguf"
         text.write_text(calibration_prompt(), encoding="utf-8")
-        log = _imatrix_once(imatrix, model, text, out, deadline)
-        if log is not None:
-            raise _Failed(_last_error(log))
+        failed = _imatrix_once(imatrix, model, text, out, deadline)
+        if failed is not None:
+            raise _Failed(failed)
         return _read_counts(out, n_experts)
 
 
 def _imatrix_once(imatrix: Path, model: Path, text: Path, out: Path, deadline: float) -> str | None:
-    """None on success, else the run's log (llama.cpp logs from a thread and may lose the last lines at exit)."""
+    """None on success, else why not (llama.cpp logs from a thread and may lose its last lines at exit)."""
     argv = [
         str(imatrix), "-m", str(model), "-f", str(text), "-o", str(out), "--output-format", "gguf",
         # all chunks in one batch, each its own sequence of CHUNK_TOKENS; no perplexity; weights on the CPU
@@ -224,16 +224,14 @@ def _imatrix_once(imatrix: Path, model: Path, text: Path, out: Path, deadline: f
     except OSError as exc:
         raise _Failed(f"cannot run {imatrix}: {exc.strerror or exc}") from None
     if done.returncode != 0:
-        return done.stdout or f"{IMATRIX_NAME} exited with {done.returncode}"
+        return _exit_reason(done.returncode, done.stdout or "")
     return None
 
 
-def _last_error(log: str) -> str:
-    """The first error line llama.cpp printed (timestamped `… E …` lines), else the last line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()] or ["no output"]
-    errors = [ln for ln in lines if _LOG_ERROR.match(ln)]
-    line = errors[0] if errors else lines[-1]
-    return f"{IMATRIX_NAME} failed: {_LOG_PREFIX.sub('', line)[:200]}"
+def _exit_reason(code: int, log: str) -> str:
+    """The exit code and the first error line llama.cpp printed (`0.00.017.078 E …`), if it got out."""
+    errors = [ln.strip() for ln in log.splitlines() if _LOG_ERROR.match(ln.strip())]
+    return f"{IMATRIX_NAME} exited with {code}" + (f": {_LOG_PREFIX.sub('', errors[0])[:200]}" if errors else "")
 
 
 def _read_counts(out: Path, n_experts: int) -> tuple[list[int], int]:
