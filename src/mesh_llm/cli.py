@@ -41,7 +41,7 @@ examples:
   mesh-llm token [--client]              the running node's member token, or its client token
   mesh-llm --join CLIENT_TOKEN           use a mesh with a client token (API only: serves nothing)
   mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
-  mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show)
+  mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show, experts)
   mesh-llm engine                        show which llama.cpp binaries are used
   mesh-llm engine build                  build llama.cpp into the cache now
 """
@@ -114,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model into the Hugging Face cache; no NAME lists the catalog")
     dl.add_argument("name", nargs="?", metavar="NAME", help="catalog name (fuzzy: 3b, Qwen3-8B), ORG/REPO/FILE.gguf, ORG/REPO[:QUANT] or URL")
     dl.add_argument("--draft", action="store_true", help="also download the catalog's draft model for it")
-    models = sub.add_parser("models", help="catalog and local models: recommended | installed | search QUERY | show REF | download REF")
-    models.add_argument("action", choices=["recommended", "installed", "search", "show", "download"])
+    models = sub.add_parser("models", help="catalog and local models: recommended | installed | search QUERY | show REF | download REF | experts REF")
+    models.add_argument("action", choices=["recommended", "installed", "search", "show", "download", "experts"])
     models.add_argument("ref", nargs="?", metavar="QUERY|REF")
     models.add_argument("--draft", action="store_true", help="with download: also fetch the paired draft")
+    models.add_argument("--bin-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR", help="with experts: the llama.cpp build whose llama-imatrix ranks them")
     load = sub.add_parser("load", help="serve one more model on the running node (downloads it first if needed)")
     load.add_argument("ref", metavar="REF", help="catalog name, ORG/REPO/FILE.gguf, ORG/REPO[:QUANT], URL or path")
     load.add_argument("--no-wait", action="store_true", help="return once loading started instead of when it is ready")
@@ -188,7 +189,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
 
         if args.command == "download":
             return download_command(args.name, args.draft, out)
-        return models_command(args.action, args.ref, args.draft, out)
+        return models_command(args.action, args.ref, args.draft, out, bin_dir=bin_dir)
     state_dir = (getattr(args, "state_dir", None) or default_state_dir()).expanduser()
     if args.command == "rotate-key":
         from mesh_llm.mesh.identity import rotate_key

@@ -1,4 +1,4 @@
-"""Build llama-server and the RPC worker from the pinned source, once per flavor.
+"""Build llama-server, the RPC worker and llama-imatrix from the pinned source, once per flavor.
 
 Layout under the cache dir: `engine/llama.cpp-<version>-<flavor>/` holds
 `src/` (unpacked tree), `build/` (cmake tree; binaries in `build/bin`),
@@ -25,7 +25,7 @@ from mesh_llm.errors import UserError
 from mesh_llm.files import SHARED_READ, write_private
 from mesh_llm.paths import cache_dir
 
-TARGETS = ["llama-server", "ggml-rpc-server"]
+TARGETS = ["llama-server", "ggml-rpc-server", "llama-imatrix"]  # llama-imatrix: expert routing counts for the MoE ranking (models/expert_rank.py)
 
 # Offline-safe, self-contained binaries: no UI download, static libs, RPC on.
 BASE_CMAKE_ARGS = [

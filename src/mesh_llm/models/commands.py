@@ -34,7 +34,7 @@ def download_command(ref: str | None, with_draft: bool, out: Console) -> int:
     return 0
 
 
-def models_command(action: str, arg: str | None, with_draft: bool, out: Console) -> int:
+def models_command(action: str, arg: str | None, with_draft: bool, out: Console, *, bin_dir: Path | None = None) -> int:
     if action == "recommended":
         return recommended(out)
     if action == "installed":
@@ -45,6 +45,8 @@ def models_command(action: str, arg: str | None, with_draft: bool, out: Console)
         return search_command(arg, out)
     if action == "show":
         return show(arg, out)
+    if action == "experts":
+        return experts(arg, bin_dir, out)
     return download_command(arg, with_draft, out)
 
 
@@ -163,6 +165,32 @@ def show(text: str, out: Console) -> int:
         groups = f", in {info.n_expert_groups} groups" if info.n_expert_groups else ""
         line("experts", f"{info.n_experts} ({info.n_experts_used} used per token){groups}")
     line("vocab", f"{info.metadata.get('tokenizer.ggml.model', '?')}, {info.array_lengths.get('tokenizer.ggml.tokens', 0)} tokens")
+    return 0
+
+
+def experts(text: str, bin_dir: Path | None, out: Console) -> int:
+    """The experts of a local MoE file, hottest first (measured with llama-imatrix once, then cached)."""
+    from mesh_llm.engine.provision import provide_engine
+    from mesh_llm.models.expert_rank import expert_ranking, imatrix_beside
+    from mesh_llm.models.fingerprint import cached_fingerprint
+    from mesh_llm.paths import cache_dir
+
+    resolved = resolve_model(text, fetch=False)
+    info = inspect_model(resolved.path)
+    if not info.is_moe:
+        raise UserError(f"{resolved.model_id} is a dense model: it has no experts to rank")
+    try:
+        engine = provide_engine(bin_dir, None, Console(stderr=True), allow_build=False)
+    except UserError:
+        if bin_dir is not None:
+            raise
+        engine = None  # no engine at all: the ranking says it falls back to the sequential order
+    fingerprint = cached_fingerprint(info, cache_dir() / "fingerprints.json")
+    ranking = expert_ranking(imatrix_beside(engine.llama_server) if engine else None, resolved.path, info, fingerprint, _sayer(out))
+    total = sum(ranking.counts)
+    out.print(f"{resolved.model_id}: {info.n_experts} experts, {info.n_experts_used} used per token; ranking {ranking.source}, digest {ranking.digest}", markup=False, highlight=False)
+    rows = [(str(rank), str(e), str(ranking.counts[e]) if total else "-", f"{100 * ranking.counts[e] / total:.1f}%" if total else "-") for rank, e in enumerate(ranking.order, 1)]
+    print_columns(out, ("RANK", "EXPERT", "SELECTIONS", "SHARE"), rows)
     return 0
 
 

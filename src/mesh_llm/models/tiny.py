@@ -10,7 +10,8 @@ With `n_experts` set the FFN of every layer is a Mixtral-style mixture of
 experts (llama architecture, `<arch>.expert_count` / `expert_used_count`, a
 router `ffn_gate_inp` and 3-D `ffn_{gate,up,down}_exps` tensors), which the
 pinned llama.cpp runs through the same llama graph; everything else, the
-tokenizer included, is the dense model's.
+tokenizer included, is the dense model's. `hot_expert` makes every layer's
+router pick that expert for every token (tests of the expert ranking).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# hot_expert: every token embedding gets +HOT_OFFSET on dimension 0, which the residual stream
+# keeps, and the hot expert's router row reads only that dimension, with HOT_GAIN
+HOT_OFFSET, HOT_GAIN = 8.0, 4.0
 COMMON_PAIRS = ["t h", "th e", "i n", "a n", "e r", "o n", "r e", "Ġ t", "Ġt he", "Ġ a", "e n", "a t", "o r", "e s"]
 
 
@@ -52,6 +56,7 @@ class TinyModelSpec:
     eos_token: str = "<|im_end|>"
     add_bos: bool = False
     add_eos: bool = False
+    hot_expert: int | None = None  # MoE only: the expert every router prefers for every token
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -63,6 +68,8 @@ class TinyModelSpec:
             raise ValueError(f"n_experts must be 0 (dense) or between 2 and {MAX_EXPERTS}, not {self.n_experts}")
         if self.n_experts and not 1 <= self.n_experts_used <= self.n_experts:
             raise ValueError(f"n_experts_used must be between 1 and n_experts ({self.n_experts}), not {self.n_experts_used}")
+        if self.hot_expert is not None and not 0 <= self.hot_expert < self.n_experts:
+            raise ValueError(f"hot_expert must be an expert id below n_experts ({self.n_experts}), not {self.hot_expert}")
         if not {self.bos_token, self.eos_token} <= set(SPECIAL_TOKENS):
             raise ValueError(f"bos_token and eos_token must be among {SPECIAL_TOKENS}")
 
@@ -139,7 +146,10 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
         w.add_add_eos_token(True)
     w.add_chat_template(CHATML_TEMPLATE)
 
-    w.add_tensor("token_embd.weight", mat(n_vocab, spec.n_embd, 1.0))
+    embd = mat(n_vocab, spec.n_embd, 1.0)
+    if spec.hot_expert is not None:
+        embd[:, 0] += HOT_OFFSET
+    w.add_tensor("token_embd.weight", embd)
     for i in range(spec.n_layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
@@ -178,6 +188,9 @@ def _expert_ffn(spec: TinyModelSpec, rng: np.random.Generator, wtype: type) -> l
 
     # a strong random router spreads tokens over different experts, so the choice matters
     router = (rng.standard_normal((spec.n_experts, spec.n_embd)) * 4.0 / np.sqrt(spec.n_embd)).astype(np.float32)
+    if spec.hot_expert is not None:
+        router[spec.hot_expert] = 0.0
+        router[spec.hot_expert, 0] = HOT_GAIN
     return [
         ("ffn_gate_inp.weight", router),
         ("ffn_gate_exps.weight", stacked(spec.n_ff, spec.n_embd)),
