@@ -113,7 +113,8 @@ async def start_split(procs: Procs, root: Path, model: Path, tag: str) -> str:
     need_gb = memory_need(inspect_model(model), CTX) / 1e9
     caps = {"a": 0.40 * need_gb, "b": 0.35 * need_gb, "c": 0.35 * need_gb}
     ports = {n: free_loopback_port() for n in NODES}
-    common = [sys.executable, "-m", "mesh_llm", "--model", str(model), "--ctx-size", str(CTX), *LOCAL]
+    # --split: these nodes would shard the model by experts by themselves; the comparison wants layers
+    common = [sys.executable, "-m", "mesh_llm", "--model", str(model), "--ctx-size", str(CTX), "--split", *LOCAL]
 
     def start(n: str, *extra: str):  # type: ignore[no-untyped-def]
         return procs.start(f"split-{n}-{tag}", [*common, "--max-vram", f"{caps[n]:.6f}", *extra, "--port", str(ports[n]), "--state-dir", str(root / f"{n}-{tag}")])

@@ -37,7 +37,7 @@ def test_a_node_serves_the_tiny_moe_model_and_reports_its_experts(engine, moe_mo
 
     assert "serving tiny-moe solo (llama, 4 layers, MoE: 4 experts, 2 active, context 512)" in node.output()
     (entry,) = node.status()["models"]
-    assert (entry["name"], entry["ready"], entry["moe"]) == ("tiny-moe", True, {"experts": 4, "experts_used": 2})
+    assert (entry["name"], entry["ready"], entry["moe"]) == ("tiny-moe", True, {"experts": 4, "experts_used": 2, "shard": None})
 
 
 def test_models_show_prints_the_experts_of_an_moe_file_only(moe_model: Path, tiny_model: Path) -> None:

@@ -17,15 +17,15 @@ from mesh_llm.mesh.peers import (
     MAX_ALIASES,
     MAX_CLIENTS,
     MAX_DEMAND,
+    MAX_DIAL_ADDRS,
     MAX_HOSTED,
+    MAX_MEMBERS,
     MAX_MODELS_ON_DISK,
     MAX_NAME_LEN,
     MAX_ON_DEMAND,
+    MAX_PEERS_PER_FRAME,
     MAX_REQUESTS,
     MAX_UNIX_TIME,
-    MAX_DIAL_ADDRS,
-    MAX_MEMBERS,
-    MAX_PEERS_PER_FRAME,
     REDIAL_BACKOFF_SECS,
     DemandEntry,
     DialHint,
@@ -38,10 +38,13 @@ from mesh_llm.mesh.peers import (
     decode_gossip,
     encode_gossip,
     encoded_size,
+    experts_mask,
     is_dial_addr,
     is_relay_url,
+    order_of,
     own_dial_addrs,
     rank_hints,
+    wire_order,
 )
 from mesh_llm.mesh.wire import MAX_DEPTH, MAX_FRAME, FrameDecoder, ProtocolError, encode_frame, nesting_exceeds
 from mesh_llm.text import for_markup, is_name, printable, terminal_safe
@@ -310,10 +313,42 @@ def test_a_client_keeps_its_demand_but_claims_no_files_on_demand() -> None:
 def test_a_record_with_every_name_field_at_its_bound_still_fits_a_frame() -> None:
     big = "𝔵" * MAX_NAME_LEN  # JSON escapes it twelvefold
     names = tuple(f"{i}{big}"[:MAX_NAME_LEN] for i in range(MAX_MODELS_ON_DISK))
-    hosted = tuple(HostedModel(n, "ready", aliases=names[:MAX_ALIASES]) for n in names[:MAX_HOSTED])
-    me = PeerRecord(id=pid(0), models_on_disk=names, fingerprints=("f" * 64,) * len(names), lending=names, hosting=hosted, demand=tuple(DemandEntry(f"{i}{big}"[:MAX_NAME_LEN], MAX_REQUESTS, MAX_UNIX_TIME) for i in range(MAX_DEMAND)),
+    hosted = tuple(HostedModel(n, "ready", aliases=names[:MAX_ALIASES], experts=512, experts_used=8, shard="f" * 128) for n in names[:MAX_HOSTED])
+    me = PeerRecord(id=pid(0), models_on_disk=names, fingerprints=("f" * 64,) * len(names), rankings=(wire_order(range(511, -1, -1)),) * len(names),
+                    lending=names, hosting=hosted, demand=tuple(DemandEntry(f"{i}{big}"[:MAX_NAME_LEN], MAX_REQUESTS, MAX_UNIX_TIME) for i in range(MAX_DEMAND)),
                     on_demand=tuple(OnDemand(f"{i}{big}"[:MAX_NAME_LEN], "f" * 64, 2**62, tuple(f"{j}{big}"[:MAX_NAME_LEN] for j in range(MAX_ALIASES)))
                                     for i in range(MAX_ON_DEMAND)))
     frame = encode_frame(encode_gossip(me, []))
     assert len(frame) <= MAX_FRAME
     assert decode_gossip(json.loads(frame[4:]))[0] == me
+
+
+MOE = {"name": "m", "state": "ready", "experts": 8, "experts_used": 2}
+
+
+@pytest.mark.parametrize("fields", [
+    {"hosting": [{**MOE, "shard": "1ff"}]},  # expert 8 of a model with 8 (0–7)
+    {"hosting": [{**MOE, "shard": "0"}]},  # a shard of no experts
+    {"hosting": [{**MOE, "shard": "FF"}]},
+    {"hosting": [{**MOE, "shard": "-1"}]},
+    {"hosting": [{**MOE, "shard": "f" * 129, "experts": 512}]},
+    {"hosting": [{**MOE, "experts": 0, "experts_used": 0, "shard": "1"}]},  # a dense model has no experts to shard
+    {"models_on_disk": ["m"], "rankings": ["0010"]},  # not three digits per expert
+    {"models_on_disk": ["m"], "rankings": ["000000"]},  # expert 0 twice
+    {"models_on_disk": ["m"], "rankings": ["001002"]},  # no expert 0
+    {"models_on_disk": ["m"], "rankings": ["00G"]},
+    {"models_on_disk": ["m"], "rankings": ["".join(f"{e:03x}" for e in range(513))]},  # more than llama.cpp's 512
+    {"rankings": ["000"] * 65},
+])
+def test_shard_and_ranking_fields_out_of_bounds_are_refused(fields: dict) -> None:
+    with pytest.raises(ProtocolError):
+        PeerRecord.from_wire(record_doc(**fields))
+
+
+def test_a_shard_round_trips_as_the_experts_it_keeps() -> None:
+    rec = PeerRecord(id=pid(1), models_on_disk=("m",), rankings=(wire_order((2, 0, 1)),),
+                     hosting=(HostedModel("m", "ready", experts=8, experts_used=2, shard=experts_mask((0, 1, 2, 5, 7))),))
+    back = PeerRecord.from_wire(json.loads(json.dumps(rec.to_wire())))
+    assert back == rec and back.hosting[0].shard_experts == (0, 1, 2, 5, 7) and order_of(back.rankings[0]) == (2, 0, 1)
+    old = {k: v for k, v in record_doc().items() if k != "rankings"}  # a peer from before expert shards
+    assert PeerRecord.from_wire(old).rankings == ()

@@ -143,3 +143,21 @@ def test_a_restart_is_named_by_what_changed() -> None:
     assert restart_cause(Solo(), Solo()) == "retry"
     assert restart_cause(Solo(), split(("a",), (1, 1))) == "solo to split"
     assert restart_cause(split(("a",), (1, 1)), Solo()) == "split to solo"
+
+
+def test_an_expert_shard_keeps_running_while_its_own_experts_stay_the_same() -> None:
+    from mesh_llm.plan.split import Shards
+    from mesh_llm.serving.lifecycle import Launch, Phase, Planned, ServerUp, plan_key, restart_cause, step
+
+    three = Shards("a", ("a", "b", "c"), ((0, 1, 2), (0, 1, 3), (0, 2, 3)), 4, "r1", 100)
+    life, actions = step(Life(), Planned(three))
+    assert actions == [Launch(three)] and life.phase is Phase.STARTING and "expert shard (3 of 4 experts)" in life.detail
+    life, _ = step(life, ServerUp(plan_key(three)))
+    # c leaves and a's experts are what they were: nothing to do
+    two = Shards("a", ("a", "b"), ((0, 1, 2), (0, 1, 3)), 4, "r1", 100)
+    life, actions = step(life, Planned(two))
+    assert actions == [] and life.phase is Phase.READY and life.plan == two
+    # its experts change: it restarts on the new shard
+    other = Shards("a", ("a", "b"), ((0, 1, 2, 3), (0, 1, 3)), 4, "r1", 120)
+    life, actions = step(life, Planned(other))
+    assert actions[-1] == Launch(other) and restart_cause(two, other) == "experts changed" and restart_cause(two, two) == "retry"

@@ -191,4 +191,4 @@ def test_llama_server_serves_a_shard(engine, shard: Path, start_node) -> None:
     assert answer["usage"]["completion_tokens"] == 12
     assert "MoE: 3 experts, 2 active" in node.output()
     (entry,) = node.status()["models"]
-    assert entry["moe"] == {"experts": 3, "experts_used": 2}
+    assert entry["moe"] == {"experts": 3, "experts_used": 2, "shard": None}  # a file served whole, not a shard of the mesh's

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from mesh_llm.api.proxy import ApiProxy, Route, Server, UpstreamTable
+from mesh_llm.api.routing import affinity
 from mesh_llm.errors import UserError
 from tests.conftest import free_port
 
@@ -208,19 +209,27 @@ async def test_requests_spread_over_servers_and_conversations_stick() -> None:
                     a.seen.set()
                     c.seen.set()
                     await asyncio.sleep(0.05)
-                # one after another, nothing in flight: the nearer server, unless a conversation started elsewhere
-                for user in ("alice", "bob", "alice"):
+                # without a conversation: the nearer server while nothing is in flight
+                async with client.post("/v1/chat/completions", json={"model": "m"}) as r:
+                    assert r.status == 200
+                assert len(a.requests) == 2
+                # a conversation new to this node goes where its session hashes (so every node picks the same server)
+                on_a = [u for u in (f"user-{i}" for i in range(40)) if max(("peer-a", "peer-c"), key=lambda n: affinity(f"u:{u}", n)) == "peer-a"]
+                on_c = [u for u in (f"user-{i}" for i in range(40)) if u not in on_a]
+                carol, dave = on_a[0], on_c[0]
+                for user in (dave, carol, dave):
                     async with client.post("/v1/chat/completions", json={"model": "m", "user": user}) as r:
                         assert r.status == 200
-                assert [r["body"].get("user") for r in a.requests[1:]] == ["alice", "bob", "alice"]
-                busy = await client.post("/v1/chat/completions", json={"model": "m", "stream": True, "user": "carol"})
-                await busy.content.readline()  # carol's conversation opens on A (the nearer, idle)
-                async with client.post("/v1/chat/completions", json={"model": "m", "user": "dave"}) as r:
-                    assert r.status == 200  # dave starts where nothing is in flight: C
-                async with client.post("/v1/chat/completions", json={"model": "m", "user": "carol"}, headers={}) as r:
+                assert [r["body"].get("user") for r in c.requests[1:]] == [dave, dave]
+                assert a.requests[-1]["body"]["user"] == carol
+                busy = await client.post("/v1/chat/completions", json={"model": "m", "stream": True, "user": carol})
+                await busy.content.readline()  # carol's stream runs on A
+                async with client.post("/v1/chat/completions", json={"model": "m"}) as r:
+                    assert r.status == 200  # a request of its own goes where nothing is in flight: C
+                async with client.post("/v1/chat/completions", json={"model": "m", "user": carol}, headers={}) as r:
                     assert r.status == 200  # carol stays on A although a stream runs there
-                assert [r["body"].get("user") for r in c.requests[1:]] == ["dave"]
-                assert a.requests[-1]["body"]["user"] == "carol"
+                assert [r["body"].get("user") for r in c.requests[1:]] == [dave, dave, None]
+                assert a.requests[-1]["body"]["user"] == carol
                 busy.close()
                 a.seen.set()
         finally:

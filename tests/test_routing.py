@@ -58,3 +58,26 @@ def test_a_conversation_stays_where_it_started_while_that_server_is_ready() -> N
     assert choose_server([busy, idle], sticky="a").id == "a"  # its prompt cache is there
     assert choose_server([ServerView("a", False), idle], sticky="a").id == "c"  # gone: moves on
     assert choose_server([busy, idle], sticky="zz").id == "c"
+
+
+def test_a_new_conversation_goes_where_its_session_hashes_so_every_node_picks_the_same_server() -> None:
+    nodes = [f"{i:064x}" for i in range(3)]
+    # two entry nodes see the same servers, one of them as "local", in another order and load
+    seen_from_0 = [ServerView("local", True, 3, 0.0, nodes[0]), ServerView(nodes[1], True, 0, 5.0), ServerView(nodes[2], True, 1, 9.0)]
+    seen_from_2 = [ServerView(nodes[1], True, 2, 4.0), ServerView("local", True, 0, 0.0, nodes[2]), ServerView(nodes[0], True, 0, 7.0)]
+
+    def node_of(view: ServerView | None) -> str:
+        assert view is not None
+        return view.node or view.id
+
+    picks = {}
+    for user in (f"u:user-{i}" for i in range(60)):
+        a, b = node_of(choose_server(seen_from_0, session=user)), node_of(choose_server(seen_from_2, session=user))
+        assert a == b, user
+        picks[user] = a
+    assert {picks[u] for u in picks} == set(nodes)  # conversations spread over all three
+    # the node of a third of them goes: only its conversations move
+    without = [v for v in seen_from_0 if node_of(v) != nodes[1]]
+    for user, before in picks.items():
+        after = node_of(choose_server(without, session=user))
+        assert after == before or before == nodes[1]

@@ -47,13 +47,14 @@ from mesh_llm.mesh.peers import MAX_ON_DEMAND, PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
 from mesh_llm.mesh.transport import TransportConfig
 from mesh_llm.mesh.tunnels import serve_rpc_tunnels
+from mesh_llm.models.expert_rank import imatrix_beside
 from mesh_llm.plan.capacity import Offer, choose_offer, nvml_devices, parse_device_memory, system_memory_bytes
 from mesh_llm.plan.demand import DEFAULT_IDLE_UNLOAD_SECS
 from mesh_llm.plan.split import Solo
 from mesh_llm.serving.demand import DemandKeeper
 from mesh_llm.serving.fleet import Fleet, Loaded, SplitOptions, describe
 from mesh_llm.serving.lifecycle import Life, Phase
-from mesh_llm.serving.prepare import ModelOptions, prepare
+from mesh_llm.serving.prepare import ModelOptions, prepare, with_ranking
 from mesh_llm.serving.proofs import serve_file_proofs
 from mesh_llm.serving.runner import EngineSettings, ModelSpec
 from mesh_llm.text import for_markup, terminal_safe
@@ -265,8 +266,14 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
 
     options = replace(cfg.model_options(), draft=None)  # a runtime load gets its catalog pairing, not --draft
 
+    offer = Offer(0, "", "client")
+
+    def ranked(spec: ModelSpec) -> ModelSpec:
+        imatrix = imatrix_beside(engine.llama_server) if engine is not None else None
+        return with_ranking(spec, imatrix, offer.bytes, say)
+
     async def prepare_at_runtime(ref: str) -> ModelSpec:
-        return await asyncio.to_thread(prepare, ref, options, say)
+        return await asyncio.to_thread(lambda: ranked(prepare(ref, options, say)))
 
     async with contextlib.AsyncExitStack() as stack:
         supervisor = Supervisor(report=warn, on_change=on_process_change)
@@ -294,6 +301,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         if engine is not None:
             options = replace(options, draft_device=await asyncio.to_thread(draft_device, cfg, offer, engine))
             specs = [replace(s, draft=replace(s.draft, device=options.draft_device)) if s.draft else s for s in specs]
+            specs = [await asyncio.to_thread(ranked, s) for s in specs]  # MoE models too big for this node: ranked to be sharded
+            spares = [await asyncio.to_thread(ranked, s) for s in spares or []]
         key = new_secret_key() if cfg.client else load_or_create_key(cfg.state_dir)
         # A member binds its last port again, so the tokens it printed before still lead to it.
         transport = cfg.transport if cfg.client else replace(cfg.transport, preferred_port=load_last_port(cfg.state_dir))
@@ -322,6 +331,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         stack.push_async_callback(demand.close)  # closed before the fleet: no promotion while it shuts down
         proxy.on_request, proxy.coming = demand.on_request, demand.coming
         proxy.status_source = build_status
+        proxy.node_id = mesh.me.id
         if cfg.console_port is not None:
             feed = StatusFeed(build_status, warn)
             feed.start()  # before the first request: it serves the feed's latest document

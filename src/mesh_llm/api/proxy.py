@@ -399,6 +399,7 @@ class ApiProxy:
         self.created = created or int(time.time())
         self.policy = Policy()  # Host, Origin and key rules; the node sets its own before start
         self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
+        self.node_id = "local"  # this node's id in the mesh, once it has one (conversations hash to node ids)
         self.metrics: NodeMetrics | None = None  # /metrics; the node sets it before start
         # Demand (placement): told of every request that names a model, served or not, by that name.
         self.on_request: Callable[[str], None] = lambda model: None
@@ -493,9 +494,10 @@ class ApiProxy:
     def _choose(self, route: Route, session: str | None) -> Server | None:
         """The server for this request, among the ready ones with a free slot; a conversation
         is remembered where it started (and goes elsewhere while that server is full)."""
-        views = [ServerView(s.id, s.is_ready() and self.has_room(s), s.gate.in_flight, s.rtt_ms()) for s in route.servers]
+        views = [ServerView(s.id, s.is_ready() and self.has_room(s), s.gate.in_flight, s.rtt_ms(), self.node_id if s.id == "local" else s.id)
+                 for s in route.servers]
         key = (route.model, session) if session else None
-        chosen = choose_server(views, self.sessions.get(key) if key else None)
+        chosen = choose_server(views, self.sessions.get(key) if key else None, session)
         if chosen is None:
             return None
         if key is not None:

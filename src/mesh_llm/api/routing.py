@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,15 +78,25 @@ class ServerView:
     ready: bool
     in_flight: int = 0  # requests running there now as this node counts them (for its own server, peers' too)
     rtt_ms: float | None = None  # None: not measured yet; 0 for this node
+    node: str = ""  # the node it runs on (this node's own id for "local"): what conversations hash to
 
 
-def choose_server(servers: Sequence[ServerView], sticky: str | None = None) -> ServerView | None:
-    """The server for a new request: the one its conversation started on while it is ready
-    (its prompt cache is there), else fewest requests in flight, then lowest RTT."""
+def choose_server(servers: Sequence[ServerView], sticky: str | None = None, session: str | None = None) -> ServerView | None:
+    """The server for a new request: the one its conversation was answered by while it is ready
+    (its prompt cache is there); a conversation new to this node goes where its session hashes
+    among the ready servers, so every node sends it to the same one (and when that one goes,
+    only its conversations move); a request of its own: fewest requests in flight, then lowest RTT."""
     ready = [s for s in servers if s.ready]
     for s in ready:
         if s.id == sticky:
             return s
     if not ready:
         return None
+    if session is not None:
+        return max(ready, key=lambda s: affinity(session, s.node or s.id))
     return min(ready, key=lambda s: (s.in_flight, s.rtt_ms is None, s.rtt_ms or 0.0, s.id))
+
+
+def affinity(session: str, node: str) -> bytes:
+    """Rendezvous hashing: the highest score among the ready nodes takes the conversation."""
+    return hashlib.blake2b(f"{session}\0{node}".encode(), digest_size=8).digest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -183,6 +184,11 @@ class HostedModel:
     aliases: tuple[str, ...] = ()  # the names it was asked for by (e.g. `gemma-3-270m`): requests may use them
     experts: int = 0  # mixture of experts: experts per layer (0: dense), from the GGUF header
     experts_used: int = 0  # of those, how many each token runs through
+    shard: str = ""  # expert-sharded: the experts this node's shard keeps, as a hex bit mask ("" the whole model)
+
+    @property
+    def shard_experts(self) -> tuple[int, ...]:
+        return experts_of_mask(self.shard)
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "split": [asdict(s) for s in self.split], "aliases": list(self.aliases)}
@@ -216,7 +222,41 @@ class HostedModel:
             aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if is_name(a, MAX_ALIAS_LEN)),
             experts=experts,
             experts_used=get_int(doc, "experts_used", 0, experts, 0),  # a token cannot run through experts the model lacks
+            shard=_shard_mask(get_str(doc, "shard", MAX_EXPERTS // 4, ""), experts),
         )
+
+
+def experts_mask(experts: Iterable[int]) -> str:
+    """Expert ids as a hex bit mask (at most 128 characters for llama.cpp's 512 experts)."""
+    bits = sum(1 << e for e in set(experts))
+    return format(bits, "x") if bits else ""
+
+
+def experts_of_mask(mask: str) -> tuple[int, ...]:
+    bits = int(mask, 16) if mask else 0
+    return tuple(i for i in range(bits.bit_length()) if bits >> i & 1)
+
+
+def wire_order(order: Iterable[int]) -> str:
+    """An expert ranking (ids, hottest first) as three hex digits per expert."""
+    return "".join(f"{e:03x}" for e in order)
+
+
+def order_of(text: str) -> tuple[int, ...]:
+    return tuple(int(text[i:i + 3], 16) for i in range(0, len(text), 3))
+
+
+def _rankings(texts: list[str]) -> tuple[str, ...]:
+    for text in texts:
+        if len(text) % 3 or any(c not in "0123456789abcdef" for c in text) or sorted(order_of(text)) != list(range(len(text) // 3)):
+            raise ProtocolError("an expert ranking must list each of a model's experts once, three hex digits each")
+    return tuple(texts)
+
+
+def _shard_mask(mask: str, experts: int) -> str:
+    if mask and (any(c not in "0123456789abcdef" for c in mask) or int(mask, 16) >> experts or int(mask, 16) == 0):
+        raise ProtocolError("a shard's expert mask must be lower-case hex naming some of the model's experts")
+    return mask
 
 
 @dataclass(frozen=True)
@@ -284,6 +324,7 @@ class PeerRecord:
     free_bytes: int = 0  # of that, what nothing here or lent to a host holds now
     models_on_disk: tuple[str, ...] = ()  # the models it was asked to serve (and so can lend a worker for)
     fingerprints: tuple[str, ...] = ()  # of each model on disk, same order: splits need the same file
+    rankings: tuple[str, ...] = ()  # MoE models on disk: the expert order this node measured, same order ("" none; see order_of)
     hosting: tuple[HostedModel, ...] = ()  # models it runs llama-server for, with their state and split
     lending: tuple[str, ...] = ()  # models whose RPC worker runs here for a host's split, ready to attach
     demand: tuple[DemandEntry, ...] = ()  # requests its own proxy saw, per model (clients' count too)
@@ -324,6 +365,7 @@ class PeerRecord:
             free_bytes=get_int(doc, "free_bytes", 0, 2**62, 0),
             models_on_disk=get_names(doc, "models_on_disk", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
             fingerprints=get_names(doc, "fingerprints", MAX_MODELS_ON_DISK, 64, allow_empty=True),  # "": not known yet
+            rankings=_rankings(get_str_list(doc, "rankings", MAX_MODELS_ON_DISK, 3 * MAX_EXPERTS)),
             hosting=_hosting(get_list(doc, "hosting", MAX_HOSTED)),
             lending=get_names(doc, "lending", MAX_MODELS_ON_DISK, MAX_NAME_LEN),
             demand=_unique(tuple(DemandEntry.from_wire(d) for d in get_list(doc, "demand", MAX_DEMAND)), "model", "demand"),

@@ -74,12 +74,16 @@ class Ranking:
 
     @property
     def digest(self) -> str:
-        """16 hex chars naming `order`: equal digests mean the same ranking."""
-        return hashlib.sha256(("experts:" + ",".join(map(str, self.order))).encode()).hexdigest()[:16]
+        return digest_of(self.order)
 
     @property
     def n_experts(self) -> int:
         return len(self.order)
+
+
+def digest_of(order: Sequence[int]) -> str:
+    """16 hex chars naming an expert order: equal digests mean the same ranking."""
+    return hashlib.sha256(("experts:" + ",".join(map(str, order))).encode()).hexdigest()[:16]
 
 
 def sequential(n_experts: int) -> Ranking:

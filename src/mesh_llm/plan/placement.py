@@ -11,11 +11,12 @@ model never pushes out an older one.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from mesh_llm.mesh.peers import PeerRecord
+from mesh_llm.mesh.peers import PeerRecord, order_of
 from mesh_llm.plan.budget import Ledger, memory_for
-from mesh_llm.plan.split import Candidate, Plan, Solo, Split, plan_model
+from mesh_llm.plan.experts import ExpertFacts, plan_shards
+from mesh_llm.plan.split import Candidate, Plan, Shards, Solo, Split, Waiting, plan_model
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Wanted:
     manual_split: tuple[float, ...] | None = None
     keep: tuple[str, ...] = ()  # workers of its running split: kept while eligible
     keep_weights: tuple[float, ...] = ()  # and its shares: kept while the group holds them
+    experts: ExpertFacts | None = None  # a mixture of experts: what sharding it by experts needs
+    running_shards: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # node -> experts its shard runs now
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,11 @@ class Placement:
 
 
 def share_here(plan: Plan | Unplannable, want: Wanted) -> int:
-    """Bytes `plan` puts on this node: all of it solo, the host's share of a split, else none."""
+    """Bytes `plan` puts on this node: all of it solo, its shard, the host's share of a split, else none."""
     if isinstance(plan, Solo):
         return want.need + want.draft_need
+    if isinstance(plan, Shards):
+        return plan.need + want.draft_need
     if isinstance(plan, Split):
         total = sum(plan.weights) or 1.0
         return round(want.need * plan.weights[-1] / total) + want.draft_need
@@ -70,19 +75,34 @@ def place(me: str, offer: int, engine: str, wanted: Sequence[Wanted], lent: Mapp
     for want in wanted:
         loans = sum(amount for model, amount in lent.items() if model != want.model)
         room = max(0, offer - loans - placed)  # what peers see in gossip as this node's memory for it
-        try:
-            plan: Plan | Unplannable = plan_model(
-                Candidate(me, room, want.fingerprint, engine), peers.get(want.model, ()),
-                model=want.model, need=want.need, n_layers=want.n_layers, force_split=want.force_split,
-                manual_split=want.manual_split, keep=want.keep, keep_weights=want.keep_weights, reserve=want.draft_need,
-            )
-        except ValueError as exc:
-            plan = Unplannable(str(exc))
+        plan: Plan | Unplannable = _plan_one(me, room, engine, want, peers.get(want.model, ()))
         plans[want.model] = plan
         here[want.model] = share_here(plan, want) if not isinstance(plan, Unplannable) else 0
         placed += here[want.model]
     free = max(0, offer - sum(lent.values()) - placed)
     return Placement(plans, here, free)
+
+
+def _plan_one(me: str, room: int, engine: str, want: Wanted, peers: Sequence[Candidate]) -> Plan | Unplannable:
+    """Solo when it fits; an MoE model that does not is sharded by experts when it can be
+    (else split by layers, with the reason among the plan's lines); a dense one is split."""
+    facts = want.experts
+    mine = Candidate(me, room, want.fingerprint, engine, ranking=facts.ranking if facts and facts.measured else ())
+    why_not_shards = ""
+    if facts is not None and not want.force_split and want.manual_split is None and room - want.draft_need < want.need:
+        sharded = plan_shards(replace(mine, memory=max(0, room - want.draft_need)), peers, model=want.model, need=want.need,
+                              facts=facts, running=want.running_shards)
+        if isinstance(sharded, Shards):
+            return sharded
+        why_not_shards = f"{want.model} is split by layers, not by experts: {sharded.reason}"
+    try:
+        plan = plan_model(mine, peers, model=want.model, need=want.need, n_layers=want.n_layers, force_split=want.force_split,
+                          manual_split=want.manual_split, keep=want.keep, keep_weights=want.keep_weights, reserve=want.draft_need)
+    except ValueError as exc:
+        return Unplannable(str(exc))
+    if why_not_shards and isinstance(plan, Split | Waiting):
+        plan = replace(plan, excluded=(*plan.excluded, why_not_shards))
+    return plan
 
 
 def peer_candidates(model: str, peers: Sequence[tuple[PeerRecord, float | None]], held: Ledger) -> list[Candidate]:
@@ -94,5 +114,6 @@ def peer_candidates(model: str, peers: Sequence[tuple[PeerRecord, float | None]]
             continue
         i = r.models_on_disk.index(model)
         fp = r.fingerprints[i] if i < len(r.fingerprints) else ""
-        out.append(Candidate(r.id, memory_for(r.vram_bytes, held, r.id, model), fp, r.engine_version, rtt))
+        ranking = order_of(r.rankings[i]) if i < len(r.rankings) else ()
+        out.append(Candidate(r.id, memory_for(r.vram_bytes, held, r.id, model), fp, r.engine_version, rtt, ranking))
     return out

@@ -29,6 +29,7 @@ class Candidate:
     fingerprint: str  # of its GGUF copy: workers must hold the very same file
     engine: str  # engine version: the RPC protocol must match
     rtt_ms: float | None = None  # from the deciding node; None for itself or not yet measured
+    ranking: tuple[int, ...] = ()  # MoE: the expert order it measured (hottest first; () none)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,25 @@ class Waiting:
         return f"Waiting for more peers — need {self.need / 1e9:.2f} GB, have {self.have / 1e9:.2f} GB"
 
 
-Plan = Solo | Standby | Split | Waiting
+@dataclass(frozen=True)
+class Shards:
+    """An MoE model no node holds alone: each node of the group runs its own shard of it (the
+    trunk and some of the experts) with its own llama-server, and nothing crosses the network."""
+
+    me: str
+    nodes: tuple[str, ...]  # the group, in sorted id order
+    experts: tuple[tuple[int, ...], ...]  # each node's experts, same order
+    of: int  # experts in the whole model
+    ranking: str  # digest of the expert ranking the core was taken from
+    need: int  # what this node's shard takes: weights with headroom and KV cache
+    excluded: tuple[str, ...] = ()
+
+    @property
+    def mine(self) -> tuple[int, ...]:
+        return self.experts[self.nodes.index(self.me)]
+
+
+Plan = Solo | Standby | Split | Waiting | Shards
 
 
 def required_bytes(model_bytes: int, kv_bytes: int) -> int:

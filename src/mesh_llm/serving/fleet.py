@@ -24,10 +24,12 @@ from mesh_llm.api.proxy import Gate, Server, UpstreamTable
 from mesh_llm.engine.supervisor import ManagedProcess, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.mesh import Mesh
-from mesh_llm.mesh.peers import MAX_DETAIL, MAX_HOSTED, HostedModel, MeshEvent, PeerRecord, Slice
+from mesh_llm.mesh.peers import MAX_DETAIL, MAX_HOSTED, HostedModel, MeshEvent, PeerRecord, Slice, experts_mask, wire_order
+from mesh_llm.models.moe_shard import expert_bytes
 from mesh_llm.plan.budget import ledger
+from mesh_llm.plan.experts import ExpertFacts, core_size
 from mesh_llm.plan.placement import Placement, Unplannable, Wanted, peer_candidates, place
-from mesh_llm.plan.split import Plan, Solo, Split, Standby, Waiting, format_tensor_split
+from mesh_llm.plan.split import HEADROOM, Plan, Shards, Solo, Split, Standby, Waiting, format_tensor_split
 from mesh_llm.serving.lifecycle import (
     ADVERTISED,
     ROUTED,
@@ -208,10 +210,9 @@ class Fleet:
         self.kick()
         return loaded
 
-    def trial(self, spec: ModelSpec, split: SplitOptions = SplitOptions()) -> Solo | Split | Standby | Waiting | Unplannable:
+    def trial(self, spec: ModelSpec, split: SplitOptions = SplitOptions()) -> Plan | Unplannable:
         """How `spec` would be planned if it were loaded now, after every model already here."""
-        placement = self._place(extra=Wanted(spec.model_id, spec.need, spec.info.n_layers, spec.fingerprint,
-                                             spec.draft.need if spec.draft else 0, split.force_split, split.tensor_split))
+        placement = self._place(extra=wanted(spec, split))
         return placement.plans[spec.model_id]
 
     def refusal_to_load(self, spec: ModelSpec) -> RuntimeRefusal | None:
@@ -344,10 +345,20 @@ class Fleet:
         return place(self.mesh.me.id, self.offer - unloading, self.engine_version, wanted, lent, candidates)
 
     def _wanted(self, loaded: Loaded) -> Wanted:
-        spec, plan = loaded.spec, loaded.life.plan
-        keep, weights = (plan.workers, plan.weights) if isinstance(plan, Split) else ((), ())
-        return Wanted(spec.model_id, spec.need, spec.info.n_layers, spec.fingerprint, spec.draft.need if spec.draft else 0,
-                      loaded.split.force_split, loaded.split.tensor_split, keep, weights)
+        shards = self._running_shards(loaded.name)
+        plan = loaded.life.plan
+        if isinstance(plan, Shards) and loaded.life.phase in (Phase.STARTING, Phase.READY):
+            shards[plan.me] = plan.mine
+        return wanted(loaded.spec, loaded.split, plan, shards)
+
+    def _running_shards(self, model: str) -> dict[str, tuple[int, ...]]:
+        """The experts each peer's shard of `model` runs (or loads) now, from gossip."""
+        out = {}
+        for m in self.mesh.members():
+            for h in m.record.hosting:
+                if h.name == model and h.shard and h.state in ("loading", "ready"):
+                    out[m.record.id] = h.shard_experts
+        return out
 
     async def replan(self) -> None:
         async with self._replanning:
@@ -461,6 +472,7 @@ class Fleet:
         self.mesh.update_self(
             role=role, hosting=hosting, lending=lending, free_bytes=self.placement.free,
             models_on_disk=tuple(loaded.name for loaded in offered), fingerprints=tuple(loaded.spec.fingerprint for loaded in offered),
+            rankings=tuple(wire_order(loaded.spec.ranking) if loaded.spec.ranking_measured else "" for loaded in offered),
         )
         self._routes_dirty.set()
         self.on_change()
@@ -473,9 +485,10 @@ class Fleet:
         ready = life.phase is Phase.READY
         return HostedModel(
             name=spec.model_id, state=life.phase.value, detail="" if ready else life.detail[:MAX_DETAIL],
-            size_bytes=spec.info.file_size, need_bytes=spec.need, ctx=spec.ctx, split=split,
+            size_bytes=spec.info.file_size, need_bytes=plan.need if isinstance(plan, Shards) else spec.need, ctx=spec.ctx, split=split,
             draft=spec.draft.name if spec.draft else "", draft_bytes=spec.draft.need if spec.draft else 0, aliases=spec.aliases,
             experts=spec.info.n_experts, experts_used=spec.info.n_experts_used,
+            shard=experts_mask(plan.mine) if isinstance(plan, Shards) else "",
         )
 
     def _local_routes(self) -> dict[str, LocalRoute]:
@@ -518,6 +531,8 @@ class Fleet:
             line = "Now serving " + describe(loaded)
         elif life.phase is Phase.STARTING and life.running is not None and isinstance(plan, Split) and before.running != life.running:
             line = describe_split(plan, loaded.name)
+        elif life.phase is Phase.STARTING and life.running is not None and isinstance(plan, Shards) and before.running != life.running:
+            line = describe_shards(plan, loaded.name)
         elif isinstance(plan, Standby) and life.phase is Phase.STANDBY:
             note = f" ({plan.note})" if plan.note else ""
             line = f"{loaded.name} does not fit here: {plan.host[:8]} hosts the split; this node lends its worker{note}"
@@ -552,6 +567,10 @@ class Fleet:
                 doc["waiting"] = {"need_bytes": plan.need, "have_bytes": plan.have, "excluded": list(plan.excluded)}
             elif isinstance(plan, Standby):
                 doc["standby"] = {"host": plan.host, "note": plan.note}
+            elif isinstance(plan, Shards):
+                doc["shards"] = {"nodes": list(plan.nodes), "experts": [list(e) for e in plan.experts], "of": plan.of,
+                                 "mine": list(plan.mine), "ranking": plan.ranking, "excluded": list(plan.excluded),
+                                 "path": str(loaded.runner.shard_path) if loaded.runner.shard_path else None}
             out.append(doc)
         return out
 
@@ -573,6 +592,26 @@ class Fleet:
         return out
 
 
+def wanted(spec: ModelSpec, split: SplitOptions, running: Plan | Unplannable | None = None,
+           shards: dict[str, tuple[int, ...]] | None = None) -> Wanted:
+    """What placement needs to know of a model. `running`: its last plan (a split's workers and shares are
+    kept while they can be); `shards`: the experts each node's shard of it runs now."""
+    keep, weights = (running.workers, running.weights) if isinstance(running, Split) else ((), ())
+    return Wanted(spec.model_id, spec.need, spec.info.n_layers, spec.fingerprint, spec.draft.need if spec.draft else 0,
+                  split.force_split, split.tensor_split, keep, weights, expert_facts(spec), shards or {})
+
+
+def expert_facts(spec: ModelSpec) -> ExpertFacts | None:
+    """An MoE model with a ranking can be sharded by experts; anything else cannot."""
+    info = spec.info
+    if not info.is_moe or len(spec.ranking) != info.n_experts:
+        return None
+    trunk, per_expert = expert_bytes(info)
+    kv = max(0, spec.need - int(HEADROOM * info.file_size))
+    return ExpertFacts(info.n_experts, info.n_experts_used, info.n_expert_groups, trunk, per_expert, kv,
+                       spec.ranking, spec.ranking_measured, core_size(info.n_experts))
+
+
 def workers_ready(plan: object, model: str, records: dict[str, PeerRecord]) -> bool:
     """For a split: every worker is a member that says its RPC worker for `model` is up."""
     return not isinstance(plan, Split) or all(w in records and model in records[w].lending for w in plan.workers)
@@ -586,6 +625,8 @@ def role_of(life: Life) -> str:
         return "standby"
     if isinstance(plan, Waiting):
         return "waiting"
+    if isinstance(plan, Shards):
+        return "shard"
     return "solo" if isinstance(plan, Solo) else "none"
 
 
@@ -593,7 +634,25 @@ def describe(loaded: Loaded) -> str:
     plan = loaded.life.plan
     if isinstance(plan, Split):
         return describe_split(plan, loaded.name)
+    if isinstance(plan, Shards):
+        return describe_shards(plan, loaded.name)
     return f"{loaded.name} solo"
+
+
+def describe_shards(plan: Shards, model: str) -> str:
+    return (f"{model} sharded by experts over {len(plan.nodes)} nodes: this node keeps {len(plan.mine)} of {plan.of} experts "
+            f"({expert_ranges(plan.mine)}); no traffic between nodes while generating")
+
+
+def expert_ranges(ids: tuple[int, ...]) -> str:
+    """0, 1, 2, 5, 7, 8 -> '0–2, 5, 7–8'"""
+    parts: list[str] = []
+    for i in ids:
+        if parts and parts[-1].split("–")[-1] == str(i - 1):
+            parts[-1] = parts[-1].split("–")[0] + f"–{i}"
+        else:
+            parts.append(str(i))
+    return ", ".join(parts)
 
 
 def describe_split(plan: Split, model: str) -> str:

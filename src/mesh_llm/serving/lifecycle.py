@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any
 
 from mesh_llm.plan.placement import Unplannable
-from mesh_llm.plan.split import Plan, Solo, Split, Standby, Waiting
+from mesh_llm.plan.split import Plan, Shards, Solo, Split, Standby, Waiting
 
 RETRY_BASE_SECS = 2.0
 RETRY_CAP_SECS = 30.0
@@ -46,6 +46,8 @@ def plan_key(plan: Plan | Unplannable | None) -> tuple[Any, ...]:
         return ("split", plan.workers, plan.weights)
     if isinstance(plan, Solo):
         return ("solo",)
+    if isinstance(plan, Shards):  # the group around it may change: its own experts are what it runs
+        return ("shards", plan.mine, plan.ranking)
     return ()
 
 
@@ -114,7 +116,7 @@ Event = Planned | ServerUp | ServerRestarting | ServerDown | RetryDue | UnloadAs
 
 @dataclass(frozen=True)
 class Launch:
-    plan: Solo | Split
+    plan: Solo | Split | Shards
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,10 @@ def _planned(life: Life, event: Planned) -> tuple[Life, list[Action]]:
         return replace(life, plan=plan), []  # the same plan failed: wait for the retry
     if isinstance(plan, Split) and not event.workers_ready:
         return Life(Phase.STARTING, plan, None, f"starting the {len(plan.workers)} worker(s) of the split", None, life.failures), stop
-    words = "loading" if isinstance(plan, Solo) else f"loading split over {len(plan.layers)} nodes"
+    if isinstance(plan, Shards):
+        words = f"building and loading its expert shard ({len(plan.mine)} of {plan.of} experts)"
+    else:
+        words = "loading" if isinstance(plan, Solo) else f"loading split over {len(plan.layers)} nodes"
     return Life(Phase.STARTING, plan, key, words, None, life.failures), [*stop, Launch(plan)]
 
 
@@ -201,6 +206,10 @@ def restart_cause(last: Plan, plan: Plan) -> str:
         if last.workers != plan.workers:
             return "workers changed"
         return "shares changed" if last.weights != plan.weights else "retry"
-    if isinstance(last, Solo) and isinstance(plan, Solo):
-        return "retry"
-    return "solo to split" if isinstance(plan, Split) else "split to solo"
+    if type(last) is type(plan):
+        return "experts changed" if isinstance(plan, Shards) and plan_key(last) != plan_key(plan) else "retry"
+    return f"{_kind(last)} to {_kind(plan)}"
+
+
+def _kind(plan: Plan) -> str:
+    return "experts" if isinstance(plan, Shards) else "split" if isinstance(plan, Split) else "solo"

@@ -5,12 +5,14 @@ model enters the fleet; every bad input is a one-line UserError."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from mesh_llm.engine.llama_server import choose_ctx
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.peers import MAX_ALIAS_LEN, MAX_ALIASES, MAX_NAME_LEN
 from mesh_llm.models.draft import choose_draft
+from mesh_llm.models.expert_rank import expert_ranking
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
 from mesh_llm.models.reference import LocalFile
@@ -73,3 +75,12 @@ def prepare(ref: str, options: ModelOptions, say: Callable[[str], None], fetch: 
         model_id=resolved.model_id, path=resolved.path, info=info, fingerprint=fingerprint, need=memory_need(info, ctx), ctx=ctx,
         aliases=aliases_of(ref, resolved.model_id, resolved.entry.name if resolved.entry else None), draft=draft,
     )
+
+
+def with_ranking(spec: ModelSpec, imatrix: Path | None, offer: int, say: Callable[[str], None]) -> ModelSpec:
+    """An MoE model this node cannot hold whole may be sharded by experts: it gets its expert
+    ranking (cached for the file, else measured with the engine's llama-imatrix)."""
+    if not spec.info.is_moe or spec.need <= offer:
+        return spec
+    ranking = expert_ranking(imatrix, spec.path, spec.info, spec.fingerprint, say)
+    return replace(spec, ranking=ranking.order, ranking_measured=ranking.source == "measured")

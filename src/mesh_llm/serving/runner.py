@@ -22,7 +22,8 @@ from mesh_llm.mesh.rpc_traffic import RpcTraffic
 from mesh_llm.mesh.tunnels import TunnelListener
 from mesh_llm.mesh.wire import StreamKind
 from mesh_llm.models.gguf_file import GGUFInfo
-from mesh_llm.plan.split import Solo, Split, format_tensor_split
+from mesh_llm.models.moe_shard import ensure_shard
+from mesh_llm.plan.split import Shards, Solo, Split, format_tensor_split
 from mesh_llm.serving.lifecycle import Event, ServerDown, ServerRestarting, ServerUp, plan_key
 from mesh_llm.serving.workers import RpcWorkers
 
@@ -52,6 +53,8 @@ class ModelSpec:
     ctx: int
     aliases: tuple[str, ...] = ()  # names it was asked for by, besides its id
     draft: Draft | None = None
+    ranking: tuple[int, ...] = ()  # MoE that may be sharded: its experts, hottest first
+    ranking_measured: bool = False  # from routing statistics (gossiped, so peers can adopt it), not the file's order
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class ModelRunner:
         self._starting: asyncio.Task[None] | None = None
         self._probe: HealthProbe | None = None
         self._weight_names = frozenset(t.name for t in spec.info.tensors)
+        self.shard_path: Path | None = None  # the expert shard the server runs, when it runs one
 
     def is_ready(self) -> bool:
         return self.server is not None and self.server.state == ProcState.READY
@@ -88,10 +92,13 @@ class ModelRunner:
 
     # -- actions ---------------------------------------------------------------
 
-    async def launch(self, plan: Solo | Split) -> None:
+    async def launch(self, plan: Solo | Split | Shards) -> None:
         """Start llama-server for `plan` in the background; its outcome comes back as an event."""
         key = plan_key(plan)
         self.key = key
+        if isinstance(plan, Shards):  # its shard is built (or found) first, off the event loop
+            self._starting = asyncio.ensure_future(self._start_shard(plan, key))
+            return
         spec, settings = self.spec, self.settings
         rpc: list[str] = []
         weights: tuple[float, ...] | None = None
@@ -110,10 +117,25 @@ class ModelRunner:
                     self.feed(ServerDown(key, "this node's RPC worker for the model did not start"))
                     return
                 rpc.append(f"127.0.0.1:{own}")
+        self._starting = asyncio.ensure_future(self._start(self._server_process(spec.path, rpc, weights, isinstance(plan, Solo)), key))
+
+    async def _start_shard(self, plan: Shards, key: tuple[Any, ...]) -> None:
+        spec = self.spec
+        try:
+            path = await asyncio.to_thread(ensure_shard, spec.path, spec.fingerprint, plan.ranking, plan.mine, self.mesh.log)
+        except (OSError, ValueError) as exc:
+            self._starting = None
+            self.feed(ServerDown(key, f"its expert shard could not be built: {exc}"))
+            return
+        self.shard_path = path
+        await self._start(self._server_process(path, [], None, restart=True), key)
+
+    def _server_process(self, model: Path, rpc: list[str], weights: tuple[float, ...] | None, restart: bool) -> ProcessSpec:
+        spec, settings = self.spec, self.settings
         self.server_port = free_loopback_port()
         draft = spec.draft
         config = ServerConfig(
-            model=spec.path, alias=spec.model_id, port=self.server_port, ctx_size=spec.ctx, gpu=settings.gpu,
+            model=model, alias=spec.model_id, port=self.server_port, ctx_size=spec.ctx, gpu=settings.gpu,
             device=settings.device if not rpc else None, rpc=tuple(rpc),
             tensor_split=format_tensor_split(weights) if weights else None,
             chat_template_file=fallback_chat_template(spec.info.metadata), embeddings=is_embedding_model(spec.info.metadata),
@@ -122,14 +144,13 @@ class ModelRunner:
             draft_device=draft.device if draft and rpc else None,  # solo: the draft follows the model's device
         )
         self._probe = HealthProbe(f"http://127.0.0.1:{self.server_port}/health")
-        process = ProcessSpec(
+        return ProcessSpec(
             name=f"llama-server {spec.model_id}",
             argv=server_argv(settings.engine.llama_server, config),
             log_path=self.log_path,
             health=self._probe,
-            restart=isinstance(plan, Solo),  # a split's server is restarted by re-planning instead
+            restart=restart,  # a split's server is restarted by re-planning instead
         )
-        self._starting = asyncio.ensure_future(self._start(process, key))
 
     async def _start(self, process: ProcessSpec, key: tuple[Any, ...]) -> None:
         try:

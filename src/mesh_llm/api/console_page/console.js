@@ -129,6 +129,7 @@ function renderModels(st) {
       ["Size", fmtBytes(m.size_bytes)], ["Needs", fmtBytes(m.need_bytes)], ["Context", m.ctx ? m.ctx.toLocaleString() : "—"],
       ["Draft", m.draft || "none"],
       ...(m.moe ? [["MoE", `${m.moe.experts} experts, ${m.moe.experts_used} active`]] : []),
+      ...(m.moe && m.moe.shard ? [["Shard", `${m.moe.shard.length} of ${m.moe.experts} experts, no traffic between nodes`]] : []),
       ["Host", `${m.host_name} (${short(m.host)})`], ["Mesh memory", fmtBytes(st.mesh.total_memory_bytes)],
       ["API", st.api.url, "wide"],
     ];
