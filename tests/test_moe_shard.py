@@ -164,6 +164,7 @@ def test_a_write_that_fails_half_way_leaves_neither_the_shard_nor_its_temp_file(
 
 def test_ensure_shard_builds_once_with_progress_lines_then_reuses_the_file(moe8: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("mesh_llm.models.moe_shard.PROGRESS_AFTER_SECS", 0.0)  # a build as slow as a real one says how far it is
     lines: list[str] = []
     path = ensure_shard(moe8, "ab" * 16, "default", [0, 1, 2, 3], lines.append)
     assert path == shard_path("ab" * 16, "default", [3, 2, 1, 0]) and path.is_file()
@@ -177,6 +178,10 @@ def test_ensure_shard_builds_once_with_progress_lines_then_reuses_the_file(moe8:
     path.write_bytes(path.read_bytes()[:1000])  # a damaged cache file is rebuilt, not served
     assert ensure_shard(moe8, "ab" * 16, "default", [0, 1, 2, 3], again.append) == path
     assert again[0].startswith("Building") and read_gguf(path).n_experts == 4
+    monkeypatch.setattr("mesh_llm.models.moe_shard.PROGRESS_AFTER_SECS", 60.0)  # a quick one just says it is done
+    quick: list[str] = []
+    ensure_shard(moe8, "ab" * 16, "default", [0, 1, 2, 4], quick.append)
+    assert len(quick) == 2 and quick[1].startswith("Built")
 
 
 @pytest.mark.engine

@@ -41,6 +41,7 @@ SHARED_MARKER = "_shexp"  # shared experts and their gate (ffn_gate_inp_shexp) r
 UNSHARDABLE_MARKERS = ("_chexps", "tid2eid")
 HEADER_ALLOWANCE = 1 << 20  # shard_bytes: metadata (a big vocabulary is a few MB of it) is counted from the source
 _READ_CHUNK = 16 << 20
+PROGRESS_AFTER_SECS = 2.0
 
 
 def is_expert_tensor(name: str) -> bool:
@@ -247,7 +248,7 @@ def ensure_shard(src: Path, fingerprint: str, ranking_digest: str, keep: Sequenc
 
     def report(done: int, total: int) -> None:
         tenth = done * 10 // max(1, total)
-        if tenth > shown[0] and done < total:
+        if tenth > shown[0] and done < total and time.monotonic() - started >= PROGRESS_AFTER_SECS:  # a quick build needs no progress
             shown[0] = tenth
             say(f"  expert shard of {info.name}: {tenth * 10}% ({_size(done)} of {_size(total)})")
 

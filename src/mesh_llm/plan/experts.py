@@ -85,7 +85,7 @@ class ExpertFacts:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def plan_shards(me: Candidate, peers: Sequence[Candidate], *, model: str, need: int, facts: ExpertFacts,

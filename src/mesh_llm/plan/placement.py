@@ -94,14 +94,16 @@ def _plan_one(me: str, room: int, engine: str, want: Wanted, peers: Sequence[Can
                               facts=facts, running=want.running_shards)
         if isinstance(sharded, Shards):
             return sharded
-        why_not_shards = f"{want.model} is split by layers, not by experts: {sharded.reason}"
+        why_not_shards = sharded.reason
     try:
         plan = plan_model(mine, peers, model=want.model, need=want.need, n_layers=want.n_layers, force_split=want.force_split,
                           manual_split=want.manual_split, keep=want.keep, keep_weights=want.keep_weights, reserve=want.draft_need)
     except ValueError as exc:
         return Unplannable(str(exc))
-    if why_not_shards and isinstance(plan, Split | Waiting):
-        plan = replace(plan, excluded=(*plan.excluded, why_not_shards))
+    if why_not_shards and isinstance(plan, Split):
+        plan = replace(plan, excluded=(*plan.excluded, f"{want.model} is split by layers, not by experts: {why_not_shards}"))
+    elif why_not_shards and isinstance(plan, Waiting):
+        plan = replace(plan, excluded=(*plan.excluded, f"{want.model} is not sharded by experts yet: {why_not_shards}"))
     return plan
 
 
