@@ -4,8 +4,8 @@ Issue 17, step 7. Real node processes on loopback, each with its own cache (as s
 have) and a memory cap below the model's need: every node builds its shard from its own copy,
 runs its own llama-server on it with no RPC at all, a conversation stays on one node whichever
 node it enters by, and when that node is killed its conversation is answered by another without
-restarting the shards that remain. A node whose expert ranking differs makes the mesh fall back
-to the layer split, and says why.
+restarting the shards that remain. Nodes whose measured rankings differ deal the experts by the
+same one (the lowest id's); shards too big for the nodes fall back to the layer split, saying why.
 """
 
 from __future__ import annotations
@@ -157,6 +157,15 @@ def test_nodes_whose_measured_rankings_differ_deal_the_experts_by_the_same_one(e
     assert f"the experts are ranked as {lowest.node_id()[:8]} measured them" in follower.output()
     for n in nodes:
         assert complete(n)["usage"]["completion_tokens"] == 8
+    # the node whose ranking the pair dealt by is killed: the other now ranks by its own, yet its
+    # experts stay what they were, so it serves on alone without a restart or a rebuild
+    pid, mine = follower.llama_server("moe-8").pid, serving(follower)["shards"]["mine"]
+    lowest.stop(signal.SIGKILL)
+    follower.wait_output("serving its shard alone", timeout=30)
+    alone = serving(follower)["shards"]
+    assert alone["nodes"] == [follower.node_id()] and alone["mine"] == mine and alone["ranking"] != plans[0]["ranking"]
+    assert follower.llama_server("moe-8").pid == pid and serving(follower)["phase"] == "ready"
+    assert complete(follower)["usage"]["completion_tokens"] == 8
 
 
 def test_shards_too_big_for_the_nodes_fall_back_to_the_layer_split_and_say_why(engine, moe8: Path, start_node, tmp_path: Path) -> None:

@@ -61,8 +61,8 @@ def facts(ranking: tuple[int, ...] = tuple(range(8)), measured: bool = False) ->
                        ranking=ranking, measured=measured, core=4)
 
 
-def node(id_: str, gb: float, ranking: tuple[int, ...] = (), fingerprint: str = "fp") -> Candidate:
-    return Candidate(id_, int(gb * GB), fingerprint, "e1", ranking=ranking)
+def node(id_: str, gb: float, ranking: tuple[int, ...] = (), fingerprint: str = "fp", shardable: bool = True) -> Candidate:
+    return Candidate(id_, int(gb * GB), fingerprint, "e1", ranking=ranking, shardable=shardable)
 
 
 NEED = int(1.1 * 9 * GB)  # the whole model
@@ -134,3 +134,33 @@ def test_every_node_deals_by_the_lowest_ids_measured_ranking_even_when_its_own_d
     # nobody measured: the file's order, the same everywhere
     plain = plan_shards(node(A, 9), [node(B, 9)], model="m", need=NEED, facts=facts())
     assert isinstance(plain, Shards) and plain.ranking == digest_of(tuple(range(8)))
+
+
+def test_a_new_ranking_leaves_running_shards_as_they_are() -> None:
+    from mesh_llm.serving.lifecycle import plan_key
+
+    hot, other = (7, 6, 5, 4, 3, 2, 1, 0), (0, 1, 2, 3, 4, 5, 6, 7)
+    start = plan_shards(node(B, 9, other), [node(A, 9, hot), node(C, 9, other)], model="m", need=NEED, facts=facts(other, measured=True))
+    assert isinstance(start, Shards)
+    running = dict(zip(start.nodes, start.experts, strict=True))
+    # A (whose ranking the group dealt by) is gone: B and C still hold everything and deal by their own ranking now,
+    # yet keep their experts, and their plans' keys do not change (no restart, no rebuild)
+    after = plan_shards(node(B, 9, other), [node(C, 9, other)], model="m", need=NEED, facts=facts(other, measured=True), running=running)
+    assert isinstance(after, Shards) and after.ranking != start.ranking and after.mine == start.mine
+    assert plan_key(after) == plan_key(start)
+
+
+def test_a_peer_that_takes_no_part_in_shards_is_not_dealt_experts() -> None:
+    # C asked for layers (--split) or cannot cut the file: it says so, and nobody counts on it
+    plan = plan_shards(node(A, 9), [node(B, 9), node(C, 9, shardable=False)], model="m", need=NEED, facts=facts())
+    assert isinstance(plan, Shards) and plan.nodes == (A, B)
+
+
+def test_a_shard_left_alone_serves_on_and_says_what_is_missing() -> None:
+    start = plan_shards(node(A, 9), [node(B, 9)], model="m", need=NEED, facts=facts())
+    assert isinstance(start, Shards)
+    alone = plan_shards(node(A, 9), [], model="m", need=NEED, facts=facts(), running={A: start.mine})
+    assert isinstance(alone, Shards) and alone.nodes == (A,) and alone.mine == start.mine
+    assert any("2 of 8 experts are on no node" in line for line in alone.excluded)
+    # a node that never had a shard does not start one alone
+    assert isinstance(plan_shards(node(A, 9), [], model="m", need=NEED, facts=facts()), NotShardable)

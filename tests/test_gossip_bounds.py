@@ -334,6 +334,7 @@ MOE = {"name": "m", "state": "ready", "experts": 8, "experts_used": 2}
     {"hosting": [{**MOE, "shard": "f" * 129, "experts": 512}]},
     {"hosting": [{**MOE, "experts": 0, "experts_used": 0, "shard": "1"}]},  # a dense model has no experts to shard
     {"models_on_disk": ["m"], "rankings": ["0010"]},  # not three digits per expert
+    {"models_on_disk": ["m"], "rankings": ["x"]},
     {"models_on_disk": ["m"], "rankings": ["000000"]},  # expert 0 twice
     {"models_on_disk": ["m"], "rankings": ["001002"]},  # no expert 0
     {"models_on_disk": ["m"], "rankings": ["00G"]},
@@ -346,7 +347,7 @@ def test_shard_and_ranking_fields_out_of_bounds_are_refused(fields: dict) -> Non
 
 
 def test_a_shard_round_trips_as_the_experts_it_keeps() -> None:
-    rec = PeerRecord(id=pid(1), models_on_disk=("m",), rankings=(wire_order((2, 0, 1)),),
+    rec = PeerRecord(id=pid(1), models_on_disk=("m", "n", "o"), rankings=(wire_order((2, 0, 1)), "s", ""),
                      hosting=(HostedModel("m", "ready", experts=8, experts_used=2, shard=experts_mask((0, 1, 2, 5, 7))),))
     back = PeerRecord.from_wire(json.loads(json.dumps(rec.to_wire())))
     assert back == rec and back.hosting[0].shard_experts == (0, 1, 2, 5, 7) and order_of(back.rankings[0]) == (2, 0, 1)

@@ -161,3 +161,6 @@ def test_an_expert_shard_keeps_running_while_its_own_experts_stay_the_same() -> 
     other = Shards("a", ("a", "b"), ((0, 1, 2, 3), (0, 1, 3)), 4, "r1", 120)
     life, actions = step(life, Planned(other))
     assert actions[-1] == Launch(other) and restart_cause(two, other) == "experts changed" and restart_cause(two, two) == "retry"
+    # another ranking that leaves its experts as they are: nothing to do
+    life, _ = step(life, ServerUp(plan_key(other)))
+    assert step(life, Planned(Shards("a", ("a", "b"), ((0, 1, 2, 3), (0, 1, 3)), 4, "r2", 120)))[1] == []

@@ -63,13 +63,12 @@ def test_expert_bytes_add_up_to_the_tensor_bytes_and_shard_bytes_to_about_the_fi
 def test_the_shard_path_names_file_ranking_and_assignment_but_not_the_order_of_the_ids(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path))
     fp = "0123456789abcdef" * 2
-    path = shard_path(fp, "rank-1", [1, 4, 6])
+    path = shard_path(fp, [1, 4, 6])
     assert path.parent == tmp_path / "moe" / fp[:16] and path.suffix == ".gguf" and len(path.stem) == 16
-    assert shard_path(fp, "rank-1", [6, 1, 4]) == path
-    assert shard_path(fp, "rank-2", [1, 4, 6]) != path
-    assert shard_path(fp, "rank-1", [1, 4, 7]) != path
-    assert shard_path(fp, "rank-1", [1, 4]) != path
-    assert shard_path("f" * 32, "rank-1", [1, 4, 6]).parent != path.parent
+    assert shard_path(fp, [6, 1, 4]) == path  # the same experts, whichever ranking chose them: the same bytes
+    assert shard_path(fp, [1, 4, 7]) != path
+    assert shard_path(fp, [1, 4]) != path
+    assert shard_path("f" * 32, [1, 4, 6]).parent != path.parent
 
 
 def test_a_shard_holds_the_kept_experts_in_id_order_and_the_trunk_byte_for_byte(moe8: Path, shard: Path) -> None:
@@ -166,21 +165,21 @@ def test_ensure_shard_builds_once_with_progress_lines_then_reuses_the_file(moe8:
     monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr("mesh_llm.models.moe_shard.PROGRESS_AFTER_SECS", 0.0)  # a build as slow as a real one says how far it is
     lines: list[str] = []
-    path = ensure_shard(moe8, "ab" * 16, "default", [0, 1, 2, 3], lines.append)
-    assert path == shard_path("ab" * 16, "default", [3, 2, 1, 0]) and path.is_file()
+    path = ensure_shard(moe8, "ab" * 16, [0, 1, 2, 3], lines.append)
+    assert path == shard_path("ab" * 16, [3, 2, 1, 0]) and path.is_file()
     assert lines[0] == "Building the expert shard of tiny-moe8: 4 of 8 experts…"
     assert lines[-1].startswith("Built the expert shard of tiny-moe8 in ") and "MB" in lines[-1]
     assert 5 <= len(lines) - 2 <= 9 and all("%" in line for line in lines[1:-1])  # about one line per tenth
-    mtime = path.stat().st_mtime_ns
+    inode = path.stat().st_ino  # a rebuild renames a new file into place
     again: list[str] = []
-    assert ensure_shard(moe8, "ab" * 16, "default", [3, 2, 1, 0], again.append) == path
-    assert again == [] and path.stat().st_mtime_ns == mtime
+    assert ensure_shard(moe8, "ab" * 16, [3, 2, 1, 0], again.append) == path
+    assert again == [] and path.stat().st_ino == inode
     path.write_bytes(path.read_bytes()[:1000])  # a damaged cache file is rebuilt, not served
-    assert ensure_shard(moe8, "ab" * 16, "default", [0, 1, 2, 3], again.append) == path
+    assert ensure_shard(moe8, "ab" * 16, [0, 1, 2, 3], again.append) == path
     assert again[0].startswith("Building") and read_gguf(path).n_experts == 4
     monkeypatch.setattr("mesh_llm.models.moe_shard.PROGRESS_AFTER_SECS", 60.0)  # a quick one just says it is done
     quick: list[str] = []
-    ensure_shard(moe8, "ab" * 16, "default", [0, 1, 2, 4], quick.append)
+    ensure_shard(moe8, "ab" * 16, [0, 1, 2, 4], quick.append)
     assert len(quick) == 2 and quick[1].startswith("Built")
 
 
@@ -197,3 +196,33 @@ def test_llama_server_serves_a_shard(engine, shard: Path, start_node) -> None:
     assert "MoE: 3 experts, 2 active" in node.output()
     (entry,) = node.status()["models"]
     assert entry["moe"] == {"experts": 3, "experts_used": 2, "shard": None}  # a file served whole, not a shard of the mesh's
+
+
+def test_a_build_called_off_leaves_nothing_and_old_shards_are_cleared(moe8: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import threading
+
+    from mesh_llm.models.moe_shard import ShardCancelled
+
+    monkeypatch.setenv("MESH_LLM_CACHE_DIR", str(tmp_path))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ShardCancelled):
+        ensure_shard(moe8, "ab" * 16, [0, 1, 2, 3], lambda line: None, stop)
+    folder = shard_path("ab" * 16, [0]).parent
+    assert list(folder.iterdir()) == []  # no shard, no temporary file
+    built = [ensure_shard(moe8, "ab" * 16, keep, lambda line: None) for keep in ([0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 2, 5])]
+    assert sorted(folder.iterdir()) == sorted(built[1:])  # the newest two stay
+
+
+def test_files_whose_experts_cannot_be_cut_are_told_apart(moe8: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mesh_llm.models.moe_shard import unshardable
+
+    info = read_gguf(moe8)
+    assert unshardable(info) is None
+    grove = replace(info, tensors=[*info.tensors, replace(info.tensors[0], name="blk.0.ffn_up_chexps.weight")])
+    assert "cannot cut" in (unshardable(grove) or "")
+    (exps,) = [t for t in info.tensors if t.name == "blk.0.ffn_up_exps.weight"]
+    odd = replace(info, tensors=[replace(exps, shape=(*exps.shape[:-1], 7)) if t is exps else t for t in info.tensors])
+    assert "last axis" in (unshardable(odd) or "")

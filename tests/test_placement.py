@@ -131,16 +131,20 @@ def test_an_moe_model_no_node_holds_is_sharded_by_experts_and_otherwise_split_by
 
     facts = ExpertFacts(8, 2, 0, GB, GB, 0, tuple(range(8)), False, 4)  # 1 GB trunk, 8 experts of 1 GB: 9.9 GB whole
     moe = want("moe", 9.9, experts=facts)
-    peers = {"moe": [Candidate(B, 9 * GB, "fp", "e", 1.0), Candidate(C, 9 * GB, "fp", "e", 1.0)]}
+    peers = {"moe": [Candidate(B, 9 * GB, "fp", "e", 1.0, shardable=True), Candidate(C, 9 * GB, "fp", "e", 1.0, shardable=True)]}
     p = place(ME, 9 * GB, "e", [moe], {}, peers)
     plan = p.plans["moe"]
     assert isinstance(plan, Shards) and plan.nodes == (ME, B, C)
     assert p.here["moe"] == plan.need == int(1.1 * (1 + len(plan.mine)) * GB)  # its shard, not the whole model
     # a model that fits runs whole; --split asks for layers
     assert isinstance(place(ME, 12 * GB, "e", [moe], {}, peers).plans["moe"], Solo)
-    assert isinstance(place(ME, 9 * GB, "e", [want("moe", 9.9, experts=facts, force_split=True)], {}, peers).plans["moe"], Standby)  # C hosts it
+    # a node whose model has no expert facts (--split asked for layers) plans a layer split
+    assert isinstance(place(ME, 9 * GB, "e", [want("moe", 9.9, force_split=True)], {}, peers).plans["moe"], Standby)  # C hosts it
+    # a draft does not change what a shard takes: it runs without one
+    with_draft = place(ME, 9 * GB, "e", [want("moe", 9.9, experts=facts, draft_need=GB // 2)], {}, peers)
+    assert with_draft.plans["moe"] == plan and with_draft.here["moe"] == plan.need
     # shards too big for the nodes: split by layers, and the plan says why
-    small = {"moe": [Candidate(B, 4 * GB, "fp", "e", 1.0), Candidate(C, 4 * GB, "fp", "e", 1.0)]}
+    small = {"moe": [Candidate(B, 4 * GB, "fp", "e", 1.0, shardable=True), Candidate(C, 4 * GB, "fp", "e", 1.0, shardable=True)]}
     split = place(ME, int(4.5 * GB), "e", [moe], {}, small).plans["moe"]  # this node hosts the split
     assert isinstance(split, Split)
     assert any("split by layers, not by experts" in line and "holds no shard" in line for line in split.excluded)

@@ -53,11 +53,14 @@ def test_new_requests_go_where_fewest_are_in_flight_then_nearest() -> None:
     assert choose_server([ServerView("local", False)]) is None
 
 
-def test_a_conversation_stays_where_it_started_while_that_server_is_ready() -> None:
-    busy, idle = ServerView("a", True, 5, 1.0), ServerView("c", True, 0, 1.0)
-    assert choose_server([busy, idle], sticky="a").id == "a"  # its prompt cache is there
-    assert choose_server([ServerView("a", False), idle], sticky="a").id == "c"  # gone: moves on
-    assert choose_server([busy, idle], sticky="zz").id == "c"
+def test_a_conversation_goes_to_the_next_server_by_hash_while_its_own_is_full_and_back_after() -> None:
+    views = [ServerView(n, True, 0, 1.0) for n in ("a", "b", "c")]
+    home = choose_server(views, session="u:carol")
+    assert home is not None
+    full = [ServerView(v.id, v.id != home.id, 0, 1.0) for v in views]
+    elsewhere = choose_server(full, session="u:carol")
+    assert elsewhere is not None and elsewhere.id != home.id
+    assert choose_server(views, session="u:carol") == home  # free again: back where its cache is
 
 
 def test_a_new_conversation_goes_where_its_session_hashes_so_every_node_picks_the_same_server() -> None:

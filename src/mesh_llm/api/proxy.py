@@ -22,7 +22,6 @@ import contextlib
 import errno
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,6 @@ HOP_HEADERS = {
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization"})
 SHUTDOWN_SECS = 2.0  # open streams (SSE, long generations) are cut after this on exit
 MAX_BODY = 64 * 1024 * 1024  # agents send long contexts; cap what one request may hold
-MAX_SESSIONS = 4096  # conversations remembered for stickiness (oldest forgotten first)
 # llama-server's slots: the runner passes no --parallel, so llama-server runs its automatic 4
 # (server.cpp: n_parallel = -1 → 4). A peer's server is one of ours too, so the same for it.
 SERVER_SLOTS = 4
@@ -398,7 +396,6 @@ class ApiProxy:
         self.extra_routes: list[ExtraRoutes] = []  # e.g. the runtime API, added before start
         self.created = created or int(time.time())
         self.policy = Policy()  # Host, Origin and key rules; the node sets its own before start
-        self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (model, conversation) -> server id
         self.node_id = "local"  # this node's id in the mesh, once it has one (conversations hash to node ids)
         self.metrics: NodeMetrics | None = None  # /metrics; the node sets it before start
         # Demand (placement): told of every request that names a model, served or not, by that name.
@@ -492,20 +489,12 @@ class ApiProxy:
         return gate.in_flight < (self.max_inflight or slots)
 
     def _choose(self, route: Route, session: str | None) -> Server | None:
-        """The server for this request, among the ready ones with a free slot; a conversation
-        is remembered where it started (and goes elsewhere while that server is full)."""
+        """The server for this request, among the ready ones with a free slot (a conversation:
+        the one its session hashes to, the same from every node)."""
         views = [ServerView(s.id, s.is_ready() and self.has_room(s), s.gate.in_flight, s.rtt_ms(), self.node_id if s.id == "local" else s.id)
                  for s in route.servers]
-        key = (route.model, session) if session else None
-        chosen = choose_server(views, self.sessions.get(key) if key else None, session)
-        if chosen is None:
-            return None
-        if key is not None:
-            self.sessions[key] = chosen.id
-            self.sessions.move_to_end(key)
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
-        return next(s for s in route.servers if s.id == chosen.id)
+        chosen = choose_server(views, session)
+        return next(s for s in route.servers if s.id == chosen.id) if chosen is not None else None
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         if self.metrics is None:

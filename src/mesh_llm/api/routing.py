@@ -81,15 +81,13 @@ class ServerView:
     node: str = ""  # the node it runs on (this node's own id for "local"): what conversations hash to
 
 
-def choose_server(servers: Sequence[ServerView], sticky: str | None = None, session: str | None = None) -> ServerView | None:
-    """The server for a new request: the one its conversation was answered by while it is ready
-    (its prompt cache is there); a conversation new to this node goes where its session hashes
-    among the ready servers, so every node sends it to the same one (and when that one goes,
-    only its conversations move); a request of its own: fewest requests in flight, then lowest RTT."""
+def choose_server(servers: Sequence[ServerView], session: str | None = None) -> ServerView | None:
+    """The server for a new request. A conversation goes where its session hashes among the
+    ready servers (rendezvous hashing over node ids: every node it enters by picks the same one,
+    so its prompt cache stays warm; when that server is full or gone, the next by hash takes it,
+    and only its own conversations move). A request of its own: fewest requests in flight, then
+    lowest RTT."""
     ready = [s for s in servers if s.ready]
-    for s in ready:
-        if s.id == sticky:
-            return s
     if not ready:
         return None
     if session is not None:

@@ -247,10 +247,18 @@ def order_of(text: str) -> tuple[int, ...]:
 
 
 def _rankings(texts: list[str]) -> tuple[str, ...]:
+    """Per model on disk: "" not shardable there, "s" shardable in the file's order, else the measured order."""
     for text in texts:
-        if len(text) % 3 or any(c not in "0123456789abcdef" for c in text) or sorted(order_of(text)) != list(range(len(text) // 3)):
+        if text in ("", "s"):
+            continue
+        n = len(text) // 3
+        order = order_of(text) if not len(text) % 3 and _HEX_DIGITS.fullmatch(text) else ()
+        if not order or len(set(order)) != n or max(order) != n - 1:
             raise ProtocolError("an expert ranking must list each of a model's experts once, three hex digits each")
     return tuple(texts)
+
+
+_HEX_DIGITS = re.compile(r"[0-9a-f]+")
 
 
 def _shard_mask(mask: str, experts: int) -> str:
@@ -324,7 +332,7 @@ class PeerRecord:
     free_bytes: int = 0  # of that, what nothing here or lent to a host holds now
     models_on_disk: tuple[str, ...] = ()  # the models it was asked to serve (and so can lend a worker for)
     fingerprints: tuple[str, ...] = ()  # of each model on disk, same order: splits need the same file
-    rankings: tuple[str, ...] = ()  # MoE models on disk: the expert order this node measured, same order ("" none; see order_of)
+    rankings: tuple[str, ...] = ()  # per model on disk: "" not expert-shardable here, "s" shardable in file order, else the measured order (order_of)
     hosting: tuple[HostedModel, ...] = ()  # models it runs llama-server for, with their state and split
     lending: tuple[str, ...] = ()  # models whose RPC worker runs here for a host's split, ready to attach
     demand: tuple[DemandEntry, ...] = ()  # requests its own proxy saw, per model (clients' count too)

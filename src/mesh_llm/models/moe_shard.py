@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ UNSHARDABLE_MARKERS = ("_chexps", "tid2eid")
 HEADER_ALLOWANCE = 1 << 20  # shard_bytes: metadata (a big vocabulary is a few MB of it) is counted from the source
 _READ_CHUNK = 16 << 20
 PROGRESS_AFTER_SECS = 2.0
+KEEP_SHARDS = 2  # per model file: the one in use and the one before (a node that comes back may want it again)
 
 
 def is_expert_tensor(name: str) -> bool:
@@ -70,16 +72,36 @@ def shard_bytes(info: GGUFInfo, n_keep: int) -> int:
     return trunk + n_keep * per_expert + len(info.tensors) * alignment + info.data_offset + HEADER_ALLOWANCE
 
 
-def shard_digest(ranking_digest: str, keep: Sequence[int]) -> str:
-    """16 hex digits naming one assignment of one ranking (the order of `keep` does not matter)."""
-    text = ranking_digest + "\n" + ",".join(str(int(e)) for e in sorted(keep))
+def shard_digest(keep: Sequence[int]) -> str:
+    """16 hex digits naming a set of kept experts (the order of `keep` does not matter)."""
+    text = "experts:" + ",".join(str(int(e)) for e in sorted(keep))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def shard_path(fingerprint: str, ranking_digest: str, keep: Sequence[int]) -> Path:
-    """Where the shard of this file (fingerprint), ranking and kept experts is cached."""
+def shard_path(fingerprint: str, keep: Sequence[int]) -> Path:
+    """Where the shard of this file (fingerprint) keeping these experts is cached. A shard's bytes
+    follow from the file and the kept ids alone, so those are the key: whichever ranking chose
+    the experts, the same set is the same file (and a new ranking that keeps a node's experts
+    rebuilds nothing)."""
     folder = "".join(ch for ch in fingerprint[:16] if ch.isalnum()) or "unknown"
-    return cache_dir() / "moe" / folder / f"{shard_digest(ranking_digest, keep)}.gguf"
+    return cache_dir() / "moe" / folder / f"{shard_digest(keep)}.gguf"
+
+
+def unshardable(info: GGUFInfo) -> str | None:
+    """Why this file's experts cannot be cut into shards (None: they can), from its tensor index."""
+    n = info.n_experts
+    if n <= 0:
+        return "it is not a mixture-of-experts model"
+    for t in info.tensors:
+        if any(marker in t.name for marker in UNSHARDABLE_MARKERS):
+            return f"its tensor {t.name!r} has a layout expert shards cannot cut"
+        if is_expert_tensor(t.name) and (not t.shape or t.shape[-1] != n or t.n_bytes % n):
+            return f"its tensor {t.name!r} does not have {n} experts on its last axis"
+    return None
+
+
+class ShardCancelled(Exception):
+    """The build was called off (the node stopped, or its plan moved on)."""
 
 
 class _Writer(GGUFWriter):
@@ -134,7 +156,8 @@ def _check_keep(keep: Sequence[int], n_experts: int, n_used: int, groups: int) -
     return sorted(ids)
 
 
-def write_shard(src: Path, dst: Path, keep: Sequence[int], progress: Callable[[int, int], None] | None = None) -> None:
+def write_shard(src: Path, dst: Path, keep: Sequence[int], progress: Callable[[int, int], None] | None = None,
+                cancel: threading.Event | None = None) -> None:
     """Write the shard of `src` keeping experts `keep` to `dst` (atomically); progress(done_bytes, total_bytes) per tensor.
 
     Raises ValueError (one line) for a file that is not an MoE model or cannot be cut this way, and for bad `keep`.
@@ -191,6 +214,8 @@ def write_shard(src: Path, dst: Path, keep: Sequence[int], progress: Callable[[i
         done = 0
         with src.open("rb") as f:
             for t, sliced in plan:
+                if cancel is not None and cancel.is_set():
+                    raise ShardCancelled(f"the shard of {src.name} was called off")
                 if sliced:
                     per = t.n_bytes // n_experts
                     runs = [(t.data_offset + e * per, per) for e in ids]
@@ -235,11 +260,13 @@ def _is_complete_shard(path: Path, n_keep: int) -> bool:
         return False
 
 
-def ensure_shard(src: Path, fingerprint: str, ranking_digest: str, keep: Sequence[int], say: Callable[[str], None]) -> Path:
-    """The cached shard for this file, ranking and experts; built first (with progress lines through `say`) if missing."""
+def ensure_shard(src: Path, fingerprint: str, keep: Sequence[int], say: Callable[[str], None],
+                 cancel: threading.Event | None = None) -> Path:
+    """The cached shard for this file and experts; built first (with progress lines through `say`) if missing."""
     src = Path(src)
-    path = shard_path(fingerprint, ranking_digest, keep)
+    path = shard_path(fingerprint, keep)
     if _is_complete_shard(path, len(keep)):
+        os.utime(path)  # recently used: kept when older shards are cleared
         return path
     info = read_gguf(src)
     say(f"Building the expert shard of {info.name}: {len(keep)} of {info.n_experts} experts…")
@@ -252,6 +279,14 @@ def ensure_shard(src: Path, fingerprint: str, ranking_digest: str, keep: Sequenc
             shown[0] = tenth
             say(f"  expert shard of {info.name}: {tenth * 10}% ({_size(done)} of {_size(total)})")
 
-    write_shard(src, path, keep, report)
+    write_shard(src, path, keep, report, cancel)
     say(f"Built the expert shard of {info.name} in {time.monotonic() - started:.1f} s: {_size(path.stat().st_size)} ({path})")
+    clear_old_shards(path.parent, keep_newest=KEEP_SHARDS)
     return path
+
+
+def clear_old_shards(folder: Path, keep_newest: int) -> None:
+    """Shards of one file for other expert sets pile up as plans change: keep the newest few."""
+    shards = sorted(folder.glob("*.gguf"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in shards[keep_newest:]:
+        old.unlink(missing_ok=True)

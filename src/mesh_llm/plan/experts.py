@@ -98,32 +98,35 @@ def plan_shards(me: Candidate, peers: Sequence[Candidate], *, model: str, need: 
     hold every expert, they are kept as they are (a lost node's experts live on elsewhere) and
     only nodes without one get a new shard, so a node coming or going restarts no shard that
     did not change."""
-    group = [me] + [p for p in peers if p.memory < need]
+    group = [me] + [p for p in peers if p.shardable and p.memory < need]
     smallest = facts.need(facts.core)
-    same_file: list[Candidate] = []
+    members: list[Candidate] = []
     excluded: list[str] = []
     for c in group:
         if c is not me and c.fingerprint != me.fingerprint:
             excluded.append(f"{c.id[:8]} left out of the expert shards: its copy of {model} differs from this node's")
-        else:
-            same_file.append(c)
-    measured = sorted((c for c in same_file if len(c.ranking) == facts.n_experts), key=lambda c: c.id)
-    ranking = measured[0].ranking if measured else facts.ranking
-    if facts.measured and ranking != facts.ranking:
-        excluded.append(f"{model}: the experts are ranked as {measured[0].id[:8]} measured them (this node's measurement differs)")
-    members: list[Candidate] = []
-    for c in same_file:
-        if c.memory < smallest:
+        elif c.memory < smallest:
             if c is me:
                 return NotShardable(f"this node's {_gb(c.memory)} holds no shard (the smallest, {facts.core} of {facts.n_experts} experts, needs {_gb(smallest)})")
             excluded.append(f"{c.id[:8]} left out of the expert shards: its {_gb(c.memory)} holds no shard (the smallest needs {_gb(smallest)})")
-            continue
-        members.append(c)
+        else:
+            members.append(c)
+    measured = sorted((c for c in members if len(c.ranking) == facts.n_experts), key=lambda c: c.id)
+    ranking = measured[0].ranking if measured else facts.ranking
+    if facts.measured and ranking != facts.ranking:
+        excluded.append(f"{model}: the experts are ranked as {measured[0].id[:8]} measured them (this node's measurement differs)")
+    everything = set(range(facts.n_experts))
+    mine_now = set(running.get(me.id, ()))
     if len(members) < 2:
+        if mine_now and facts.n_used <= len(mine_now) and mine_now <= everything and facts.need(len(mine_now)) <= me.memory:
+            # the others are gone: its shard serves on alone rather than not at all
+            missing = len(everything - mine_now)
+            excluded.append(f"{model}: serving its shard alone; {missing} of {facts.n_experts} experts are on no node until another node joins")
+            kept_alone = tuple(sorted(mine_now))
+            return Shards(me.id, (me.id,), (kept_alone,), facts.n_experts, digest_of(ranking), facts.need(len(kept_alone)), tuple(excluded))
         return NotShardable(f"expert shards need two nodes that can each hold {_gb(smallest)} ({len(members)} so far)")
     nodes = sorted(c.id for c in members)
     memory = {c.id: c.memory for c in members}
-    everything = set(range(facts.n_experts))
     kept = {n: tuple(sorted(set(running[n]))) for n in nodes
             if n in running and facts.n_used <= len(set(running[n])) and set(running[n]) <= everything and facts.need(len(set(running[n]))) <= memory[n]}
     covered = bool(kept) and set().union(*kept.values()) == everything

@@ -55,7 +55,7 @@ def share_here(plan: Plan | Unplannable, want: Wanted) -> int:
     if isinstance(plan, Solo):
         return want.need + want.draft_need
     if isinstance(plan, Shards):
-        return plan.need + want.draft_need
+        return plan.need  # a shard runs without the draft
     if isinstance(plan, Split):
         total = sum(plan.weights) or 1.0
         return round(want.need * plan.weights[-1] / total) + want.draft_need
@@ -87,11 +87,11 @@ def _plan_one(me: str, room: int, engine: str, want: Wanted, peers: Sequence[Can
     """Solo when it fits; an MoE model that does not is sharded by experts when it can be
     (else split by layers, with the reason among the plan's lines); a dense one is split."""
     facts = want.experts
-    mine = Candidate(me, room, want.fingerprint, engine, ranking=facts.ranking if facts and facts.measured else ())
+    mine = Candidate(me, room, want.fingerprint, engine, ranking=facts.ranking if facts and facts.measured else (), shardable=facts is not None)
     why_not_shards = ""
-    if facts is not None and not want.force_split and want.manual_split is None and room - want.draft_need < want.need:
-        sharded = plan_shards(replace(mine, memory=max(0, room - want.draft_need)), peers, model=want.model, need=want.need,
-                              facts=facts, running=want.running_shards)
+    if facts is not None and room - want.draft_need < want.need:  # (facts: None when --split or --tensor-split asks for layers)
+        # every node counts the same memory for everyone (a shard runs without a draft), so all deal alike
+        sharded = plan_shards(mine, peers, model=want.model, need=want.need, facts=facts, running=want.running_shards)
         if isinstance(sharded, Shards):
             return sharded
         why_not_shards = sharded.reason
@@ -116,6 +116,7 @@ def peer_candidates(model: str, peers: Sequence[tuple[PeerRecord, float | None]]
             continue
         i = r.models_on_disk.index(model)
         fp = r.fingerprints[i] if i < len(r.fingerprints) else ""
-        ranking = order_of(r.rankings[i]) if i < len(r.rankings) else ()
-        out.append(Candidate(r.id, memory_for(r.vram_bytes, held, r.id, model), fp, r.engine_version, rtt, ranking))
+        shard_word = r.rankings[i] if i < len(r.rankings) else ""
+        ranking = order_of(shard_word) if shard_word not in ("", "s") else ()
+        out.append(Candidate(r.id, memory_for(r.vram_bytes, held, r.id, model), fp, r.engine_version, rtt, ranking, bool(shard_word)))
     return out

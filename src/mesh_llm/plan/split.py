@@ -30,6 +30,7 @@ class Candidate:
     engine: str  # engine version: the RPC protocol must match
     rtt_ms: float | None = None  # from the deciding node; None for itself or not yet measured
     ranking: tuple[int, ...] = ()  # MoE: the expert order it measured (hottest first; () none)
+    shardable: bool = False  # MoE: it would take part in expert shards of the model (says so in gossip)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from mesh_llm.engine.supervisor import ManagedProcess, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import MAX_DETAIL, MAX_HOSTED, HostedModel, MeshEvent, PeerRecord, Slice, experts_mask, wire_order
-from mesh_llm.models.moe_shard import expert_bytes
+from mesh_llm.models.moe_shard import expert_bytes, unshardable
 from mesh_llm.plan.budget import ledger
 from mesh_llm.plan.experts import ExpertFacts, core_size
 from mesh_llm.plan.placement import Placement, Unplannable, Wanted, peer_candidates, place
@@ -472,7 +472,7 @@ class Fleet:
         self.mesh.update_self(
             role=role, hosting=hosting, lending=lending, free_bytes=self.placement.free,
             models_on_disk=tuple(loaded.name for loaded in offered), fingerprints=tuple(loaded.spec.fingerprint for loaded in offered),
-            rankings=tuple(wire_order(loaded.spec.ranking) if loaded.spec.ranking_measured else "" for loaded in offered),
+            rankings=tuple(shard_word(loaded) for loaded in offered),
         )
         self._routes_dirty.set()
         self.on_change()
@@ -483,10 +483,12 @@ class Fleet:
         if isinstance(plan, Split):
             split = tuple(Slice(r.node, w, r.first, r.last, r.output) for r, w in zip(plan.layers, plan.weights, strict=True))
         ready = life.phase is Phase.READY
+        sharded = isinstance(plan, Shards)  # runs without its draft
         return HostedModel(
             name=spec.model_id, state=life.phase.value, detail="" if ready else life.detail[:MAX_DETAIL],
             size_bytes=spec.info.file_size, need_bytes=plan.need if isinstance(plan, Shards) else spec.need, ctx=spec.ctx, split=split,
-            draft=spec.draft.name if spec.draft else "", draft_bytes=spec.draft.need if spec.draft else 0, aliases=spec.aliases,
+            draft=spec.draft.name if spec.draft and not sharded else "", draft_bytes=spec.draft.need if spec.draft and not sharded else 0,
+            aliases=spec.aliases,
             experts=spec.info.n_experts, experts_used=spec.info.n_experts_used,
             shard=experts_mask(plan.mine) if isinstance(plan, Shards) else "",
         )
@@ -598,13 +600,22 @@ def wanted(spec: ModelSpec, split: SplitOptions, running: Plan | Unplannable | N
     kept while they can be); `shards`: the experts each node's shard of it runs now."""
     keep, weights = (running.workers, running.weights) if isinstance(running, Split) else ((), ())
     return Wanted(spec.model_id, spec.need, spec.info.n_layers, spec.fingerprint, spec.draft.need if spec.draft else 0,
-                  split.force_split, split.tensor_split, keep, weights, expert_facts(spec), shards or {})
+                  split.force_split, split.tensor_split, keep, weights, expert_facts(spec, split), shards or {})
 
 
-def expert_facts(spec: ModelSpec) -> ExpertFacts | None:
-    """An MoE model with a ranking can be sharded by experts; anything else cannot."""
+def shard_word(loaded: Loaded) -> str:
+    """What gossip says of this node and expert shards of a model: "" it takes no part, "s" it
+    does with the file's order, else the order it measured (peers deal by the lowest id's)."""
+    if expert_facts(loaded.spec, loaded.split) is None:
+        return ""
+    return wire_order(loaded.spec.ranking) if loaded.spec.ranking_measured else "s"
+
+
+def expert_facts(spec: ModelSpec, split: SplitOptions = SplitOptions()) -> ExpertFacts | None:
+    """An MoE model with a ranking whose experts can be cut may be sharded by experts, unless the
+    user asked for layers (--split, --tensor-split); anything else cannot."""
     info = spec.info
-    if not info.is_moe or len(spec.ranking) != info.n_experts:
+    if not info.is_moe or len(spec.ranking) != info.n_experts or split.force_split or split.tensor_split is not None or unshardable(info):
         return None
     trunk, per_expert = expert_bytes(info)
     kv = max(0, spec.need - int(HEADROOM * info.file_size))

@@ -46,8 +46,8 @@ def plan_key(plan: Plan | Unplannable | None) -> tuple[Any, ...]:
         return ("split", plan.workers, plan.weights)
     if isinstance(plan, Solo):
         return ("solo",)
-    if isinstance(plan, Shards):  # the group around it may change: its own experts are what it runs
-        return ("shards", plan.mine, plan.ranking)
+    if isinstance(plan, Shards):  # the group and the ranking may change: its own experts are what it runs
+        return ("shards", plan.mine)
     return ()
 
 

@@ -15,6 +15,7 @@ from mesh_llm.models.draft import choose_draft
 from mesh_llm.models.expert_rank import expert_ranking
 from mesh_llm.models.fingerprint import cached_fingerprint
 from mesh_llm.models.gguf_file import GGUFInfo, inspect_model
+from mesh_llm.models.moe_shard import unshardable
 from mesh_llm.models.reference import LocalFile
 from mesh_llm.models.resolve import parse, resolve_model
 from mesh_llm.paths import cache_dir
@@ -80,7 +81,7 @@ def prepare(ref: str, options: ModelOptions, say: Callable[[str], None], fetch: 
 def with_ranking(spec: ModelSpec, imatrix: Path | None, offer: int, say: Callable[[str], None]) -> ModelSpec:
     """An MoE model this node cannot hold whole may be sharded by experts: it gets its expert
     ranking (cached for the file, else measured with the engine's llama-imatrix)."""
-    if not spec.info.is_moe or spec.need <= offer:
+    if not spec.info.is_moe or spec.need <= offer or unshardable(spec.info):
         return spec
     ranking = expert_ranking(imatrix, spec.path, spec.info, spec.fingerprint, say)
     return replace(spec, ranking=ranking.order, ranking_measured=ranking.source == "measured")

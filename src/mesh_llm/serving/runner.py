@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from mesh_llm.mesh.rpc_traffic import RpcTraffic
 from mesh_llm.mesh.tunnels import TunnelListener
 from mesh_llm.mesh.wire import StreamKind
 from mesh_llm.models.gguf_file import GGUFInfo
-from mesh_llm.models.moe_shard import ensure_shard
+from mesh_llm.models.moe_shard import ShardCancelled, ensure_shard
 from mesh_llm.plan.split import Shards, Solo, Split, format_tensor_split
 from mesh_llm.serving.lifecycle import Event, ServerDown, ServerRestarting, ServerUp, plan_key
 from mesh_llm.serving.workers import RpcWorkers
@@ -82,6 +83,7 @@ class ModelRunner:
         self._probe: HealthProbe | None = None
         self._weight_names = frozenset(t.name for t in spec.info.tensors)
         self.shard_path: Path | None = None  # the expert shard the server runs, when it runs one
+        self._cancel_build: threading.Event | None = None  # set to call off a shard build in its thread
 
     def is_ready(self) -> bool:
         return self.server is not None and self.server.state == ProcState.READY
@@ -121,27 +123,34 @@ class ModelRunner:
 
     async def _start_shard(self, plan: Shards, key: tuple[Any, ...]) -> None:
         spec = self.spec
+        cancel = self._cancel_build = threading.Event()
         try:
-            path = await asyncio.to_thread(ensure_shard, spec.path, spec.fingerprint, plan.ranking, plan.mine, self.mesh.log)
-        except (OSError, ValueError) as exc:
+            path = await asyncio.to_thread(ensure_shard, spec.path, spec.fingerprint, plan.mine, self.mesh.log, cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread stops at its next tensor and removes its temporary file
+            raise
+        except Exception as exc:  # any failure must come back as an event, or the model waits forever
             self._starting = None
-            self.feed(ServerDown(key, f"its expert shard could not be built: {exc}"))
+            if not isinstance(exc, ShardCancelled):
+                self.feed(ServerDown(key, f"its expert shard could not be built: {exc.__class__.__name__}: {exc}"))
             return
         self.shard_path = path
-        await self._start(self._server_process(path, [], None, restart=True), key)
+        await self._start(self._server_process(path, [], None, restart=True, draft=False), key)
 
-    def _server_process(self, model: Path, rpc: list[str], weights: tuple[float, ...] | None, restart: bool) -> ProcessSpec:
+    def _server_process(self, model: Path, rpc: list[str], weights: tuple[float, ...] | None, restart: bool,
+                        draft: bool = True) -> ProcessSpec:
+        """`draft`: with the model's draft (an expert shard runs without one: its budget has no room planned for it)."""
         spec, settings = self.spec, self.settings
         self.server_port = free_loopback_port()
-        draft = spec.draft
+        draft_model = spec.draft if draft else None
         config = ServerConfig(
             model=model, alias=spec.model_id, port=self.server_port, ctx_size=spec.ctx, gpu=settings.gpu,
             device=settings.device if not rpc else None, rpc=tuple(rpc),
             tensor_split=format_tensor_split(weights) if weights else None,
             chat_template_file=fallback_chat_template(spec.info.metadata), embeddings=is_embedding_model(spec.info.metadata),
-            draft=draft.path if draft else None,
-            draft_max=draft.max_tokens if draft else 0,
-            draft_device=draft.device if draft and rpc else None,  # solo: the draft follows the model's device
+            draft=draft_model.path if draft_model else None,
+            draft_max=draft_model.max_tokens if draft_model else 0,
+            draft_device=draft_model.device if draft_model and rpc else None,  # solo: the draft follows the model's device
         )
         self._probe = HealthProbe(f"http://127.0.0.1:{self.server_port}/health")
         return ProcessSpec(
@@ -168,6 +177,8 @@ class ModelRunner:
     async def stop(self) -> None:
         """Stop llama-server and close the split's tunnels (closing them first ends a stuck server at once)."""
         self.key = None
+        if self._cancel_build is not None:
+            self._cancel_build.set()
         # A split's llama-server whose workers are cut off can sit out a whole SIGTERM grace
         # (measured: 5 s of the 7 s from a worker's kill -9 to serving again); nothing in it is
         # worth waiting for, so it gets a short one.
