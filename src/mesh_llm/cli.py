@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from mesh_llm import __version__
+from mesh_llm import __version__, service
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
 from mesh_llm.files import ensure_state_dir, read_token_file
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
     _engine_options(eng)
+    service.add_parser(sub)
     return p
 
 
@@ -184,6 +185,8 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         if args.command == "status":
             return status_command(args.port, out)
         return unload_command(args.name, args.port, out)
+    if args.command == "service":
+        return service.service_command(args, out)
     if args.command in ("download", "models"):
         from mesh_llm.models.commands import download_command, models_command
 
