@@ -21,7 +21,7 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from mesh_llm.blackboard.mcp_server import readable_time
-from mesh_llm.blackboard.skill import SKILL_TEXT, install_skill, mcp_config_snippet, skill_path
+from mesh_llm.blackboard.skill import SKILL_TEXT, install_skill, install_skill_report, mcp_config_snippet, skill_path
 from mesh_llm.engine.probes import free_loopback_port
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -146,6 +146,7 @@ async def test_post_search_and_feed_round_trip() -> None:
         assert feed.structured_content is not None
         assert [i["text"][:8] for i in feed.structured_content["items"]] == ["FINDING:", "STATUS: "]  # newest first
         assert board.requests[-1] == ("GET", {"from": "alice@laptop", "limit": "20"})
+        assert not (await session.call_tool("blackboard_feed", {"since": 100})).is_error  # older than the board keeps: all of it
         other = await session.call_tool("blackboard_feed", {"from": "carol@desk", "since": 1})
         assert other.structured_content is not None and other.structured_content["items"] == []
         assert json.loads(text_of(feed))["count"] == 2  # the text block carries the same result for agents that read only text
@@ -207,6 +208,8 @@ def test_skill_backs_up_a_different_file(tmp_path: Path) -> None:
     assert sorted(p.read_text() for p in path.parent.iterdir() if p != path) == ["edited again\n", "my own notes\n"]
 
 
-def test_mcp_config_snippet() -> None:
+def test_mcp_config_snippet(tmp_path: Path) -> None:
     doc = json.loads(mcp_config_snippet(9444))
     assert doc == {"mcpServers": {"mesh-blackboard": {"command": "mesh-llm", "args": ["blackboard", "--mcp", "--port", "9444"]}}}
+    report = install_skill_report(tmp_path, 9444)
+    assert str(skill_path(tmp_path)) in report and json.loads(report[report.index("{"):]) == doc

@@ -212,7 +212,7 @@ def http_error_text(base_url: str, status: int, doc: Any) -> str:
 
 
 # tool argument types, at module level: the SDK evaluates the (string) annotations in this module's globals
-Hours = Annotated[float | None, Field(gt=0, le=48, description="only posts from the last N hours (posts expire after 48 h); omit for all")]
+Hours = Annotated[float | None, Field(gt=0, description="only posts from the last N hours (posts expire after 48 h anyway); omit for all")]
 Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT, description="at most this many posts (default 20)")]
 
 

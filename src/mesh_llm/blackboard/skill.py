@@ -87,3 +87,11 @@ def mcp_config_snippet(port: int = 9337) -> str:
     """The `mcpServers` entry for agents configured with JSON (Claude Code, Cursor, goose and others take this shape)."""
     entry = {"command": "mesh-llm", "args": ["blackboard", "--mcp", "--port", str(port)]}
     return json.dumps({"mcpServers": {"mesh-blackboard": entry}}, indent=2)
+
+
+def install_skill_report(home: Path, port: int = 9337) -> str:
+    """What `mesh-llm blackboard install-skill` prints: where the skill went, and the MCP config for agents that take one."""
+    path = install_skill(home)
+    return (f"Wrote the blackboard skill to {path}\n"
+            f"For agents configured with MCP servers in JSON, add this (the agent starts `mesh-llm blackboard --mcp` itself):\n"
+            f"{mcp_config_snippet(port)}")
