@@ -328,6 +328,7 @@ MOE = {"name": "m", "state": "ready", "experts": 8, "experts_used": 2}
 
 @pytest.mark.parametrize("fields", [
     {"hosting": [{**MOE, "shard": "1ff"}]},  # expert 8 of a model with 8 (0–7)
+    {"hosting": [{**MOE, "expert_groups": 9}]},  # more groups than experts
     {"hosting": [{**MOE, "shard": "0"}]},  # a shard of no experts
     {"hosting": [{**MOE, "shard": "FF"}]},
     {"hosting": [{**MOE, "shard": "-1"}]},

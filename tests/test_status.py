@@ -94,6 +94,9 @@ def test_an_moe_model_carries_its_experts_through_gossip_and_a_dense_one_none() 
     doc = status_document(a, [PeerView(heard)], mesh_id="m", token=None, ports=Ports(9337), routes=["mixture", "small"])
     by_name = {m["name"]: m for m in doc["models"]}
     assert by_name["mixture"]["moe"] == {"experts": 8, "experts_used": 2, "shard": None}
+    grouped = PeerRecord(id=C, role="host", hosting=(HostedModel("g", "ready", experts=8, experts_used=2, expert_groups=4, shard="f"),))
+    entry = status_document(a, [PeerView(grouped)], mesh_id="m", token=None, ports=Ports(9337), routes=["g"])["models"][0]
+    assert entry["moe"] == {"experts": 8, "experts_used": 2, "groups": 4, "shard": [0, 1, 2, 3]}
     assert by_name["small"]["moe"] is None
     # a peer from before MoE detection sends neither field: dense as far as anyone knows
     assert HostedModel.from_wire({"name": "old", "state": "ready"}).experts == 0

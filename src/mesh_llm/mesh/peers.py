@@ -184,6 +184,7 @@ class HostedModel:
     aliases: tuple[str, ...] = ()  # the names it was asked for by (e.g. `gemma-3-270m`): requests may use them
     experts: int = 0  # mixture of experts: experts per layer (0: dense), from the GGUF header
     experts_used: int = 0  # of those, how many each token runs through
+    expert_groups: int = 0  # the experts come in this many groups (0: none)
     shard: str = ""  # expert-sharded: the experts this node's shard keeps, as a hex bit mask ("" the whole model)
 
     @property
@@ -222,6 +223,7 @@ class HostedModel:
             aliases=tuple(a for a in get_str_list(doc, "aliases", MAX_ALIASES, MAX_ALIAS_LEN) if is_name(a, MAX_ALIAS_LEN)),
             experts=experts,
             experts_used=get_int(doc, "experts_used", 0, experts, 0),  # a token cannot run through experts the model lacks
+            expert_groups=get_int(doc, "expert_groups", 0, experts, 0),
             shard=_shard_mask(get_str(doc, "shard", MAX_EXPERTS // 4, ""), experts),
         )
 

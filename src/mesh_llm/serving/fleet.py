@@ -489,7 +489,7 @@ class Fleet:
             size_bytes=spec.info.file_size, need_bytes=plan.need if isinstance(plan, Shards) else spec.need, ctx=spec.ctx, split=split,
             draft=spec.draft.name if spec.draft and not sharded else "", draft_bytes=spec.draft.need if spec.draft and not sharded else 0,
             aliases=spec.aliases,
-            experts=spec.info.n_experts, experts_used=spec.info.n_experts_used,
+            experts=spec.info.n_experts, experts_used=spec.info.n_experts_used, expert_groups=spec.info.n_expert_groups,
             shard=experts_mask(plan.mine) if isinstance(plan, Shards) else "",
         )
 
