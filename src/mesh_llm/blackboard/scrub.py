@@ -34,7 +34,8 @@ _END_KEY = rf"(?![{_KEY_CHARS}])"
 
 _PRIVATE_KEY = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)", re.DOTALL)
-_BEARER = re.compile(r"(?<![A-Za-z])(Bearer|Token)\s+([A-Za-z0-9\-._~+/]{8,}=*)", re.IGNORECASE)
+# a bearer credential has a digit or symbol in it, or is long: "bearer of bad news" stays
+_BEARER = re.compile(r"(?<![A-Za-z])(Bearer)\s+((?=[A-Za-z]*[0-9\-._~+/])[A-Za-z0-9\-._~+/]{8,}=*|[A-Za-z]{20,})", re.IGNORECASE)
 _ASSIGNED = re.compile(r"(?<![A-Za-z0-9_])((?:password|passwd|pwd|secret|client_secret|api[_-]?key|access[_-]?token|auth[_-]?token|token)"
                        r"\s*[=:]\s*[\"']?)([^\s\"'&,;]{6,})", re.IGNORECASE)
 # Provider prefixes: OpenAI and Anthropic (sk-, sk-ant-), Stripe, GitHub, Slack, AWS, Google,
@@ -103,8 +104,8 @@ def scrub(text: str) -> tuple[str, list[tuple[str, int]]]:
     """`text` with PII replaced by markers, and what was replaced: [(kind, count), …] in a fixed order."""
     c = _Counter({})
     text = _PRIVATE_KEY.sub(c.replace("private-key"), text)
-    text = _BEARER.sub(c.replace("token", lambda m: m.group(1) + " "), text)
     text = _API_KEYS.sub(c.replace("api-key"), text)
+    text = _BEARER.sub(c.replace("token", lambda m: m.group(1) + " "), text)
     text = _JSON_TOKEN.sub(c.replace("token"), text)
     text = _ASSIGNED.sub(c.replace("secret", lambda m: m.group(1), check=lambda s: not _is_marker_value(s)), text)
     text = _EMAIL.sub(c.replace("email"), text)
