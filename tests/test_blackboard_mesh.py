@@ -134,3 +134,36 @@ def test_sync_answers_are_cut_into_frames_under_the_limit() -> None:
     assert len(frames) > 1 and all(len(f) <= MAX_FRAME for f in frames)
     assert sum(len(json.loads(f[4:])["items"]) for f in frames) == 500
     assert encode_frame({"done": True})
+
+
+async def test_a_burst_of_posts_reaches_a_peer_by_push_alone(tmp_path: Path) -> None:
+    """Ten posts at once: pushed one stream at a time per peer, none refused as too many
+    streams (the minute's resync is not waited for)."""
+    creds = MeshCredentials.generate()
+    a, b = make_mesh(creds, name="a"), make_mesh(creds, name="b")
+    ka = await started(a, tmp_path / "a")
+    kb = await started(b, tmp_path / "b")
+    try:
+        served = b.handlers[StreamKind.BLACKBOARD]
+        open_now, most = 0, 0
+
+        async def slow(peer: str, header: dict, send: object, reader: object) -> None:  # each stream held open a while
+            nonlocal open_now, most
+            open_now += 1
+            most = max(most, open_now)
+            try:
+                await asyncio.sleep(0.05)
+                await served(peer, header, send, reader)  # type: ignore[arg-type]
+            finally:
+                open_now -= 1
+
+        b.on_stream(StreamKind.BLACKBOARD, slow)
+        await b.join([decode_token(a.token())])
+        await wait_until(lambda: len(a.members()) == 1 and len(b.members()) == 1)
+        posted = {ka.post(f"burst {n}", "alice")[0].id for n in range(10)}
+        await wait_until(lambda: posted <= set(kb.board.items), timeout=20)
+        assert most <= 2  # one push and one sync at a time from A
+        assert not any("malformed" in line for line in a.logs + b.logs)  # type: ignore[attr-defined]
+    finally:
+        await asyncio.gather(ka.close(), kb.close())
+        await asyncio.gather(a.close(), b.close(), return_exceptions=True)

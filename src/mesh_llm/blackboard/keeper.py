@@ -50,7 +50,10 @@ class BlackboardKeeper:
         self.warn = warn
         self.board = Board(clock)
         self._logs = LogLimiter()
-        self._open: dict[str, int] = {}
+        self._open: dict[str, int] = {}  # peer -> its BLACKBOARD streams being served here
+        self._outbox: dict[str, dict[str, Item]] = {}  # peer -> items waiting to be pushed to it
+        self._pushing: set[str] = set()  # peers a push stream is open to (one at a time each)
+        self._syncing: set[str] = set()  # peers a sync is under way with (one at a time each)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dirty = asyncio.Event()
         self._closing = False
@@ -127,7 +130,16 @@ class BlackboardKeeper:
                 self._spawn(self._sync(peer))
 
     async def _sync(self, peer: str) -> None:
-        """Send our digest to `peer` and take the items it answers with."""
+        """Send our digest to `peer` and take the items it answers with (one sync per peer at a time)."""
+        if peer in self._syncing:
+            return
+        self._syncing.add(peer)
+        try:
+            await self._sync_once(peer)
+        finally:
+            self._syncing.discard(peer)
+
+    async def _sync_once(self, peer: str) -> None:
         taken: list[Item] = []
         recv: Any = None
         try:
@@ -167,20 +179,42 @@ class BlackboardKeeper:
     # -- pushes ----------------------------------------------------------------
 
     def _push(self, items: list[Item], exclude: str | None) -> None:
-        """Send `items` to every connected peer but `exclude` (the one they came from) and their authors' nodes."""
+        """Queue `items` for every connected peer but `exclude` (the one they came from) and
+        their authors' nodes. Each peer has at most one push stream open from here: what
+        piles up meanwhile goes in the next one, PUSH_ITEMS at a time."""
         for peer in list(self.mesh.links):
             wanted = [i for i in items if i.node != peer]
-            if peer != exclude and wanted:
-                for start in range(0, len(wanted), PUSH_ITEMS):
-                    self._spawn(self._push_to(peer, wanted[start : start + PUSH_ITEMS]))
+            if peer == exclude or not wanted:
+                continue
+            box = self._outbox.setdefault(peer, {})
+            for item in wanted:
+                box[item.id] = item
+            while len(box) > MAX_ITEMS:  # a peer that takes nothing: the oldest wait for the next sync
+                del box[next(iter(box))]
+            if peer not in self._pushing:
+                self._pushing.add(peer)
+                self._spawn(self._pusher(peer))
 
-    async def _push_to(self, peer: str, items: list[Item]) -> None:
+    async def _pusher(self, peer: str) -> None:
+        try:
+            while box := self._outbox.get(peer):
+                batch = [box.pop(ident) for ident in list(box)[:PUSH_ITEMS]]
+                if not box:
+                    del self._outbox[peer]
+                if not await self._push_to(peer, batch):
+                    self._outbox.pop(peer, None)  # gone or broken: the next sync catches it up
+                    return
+        finally:
+            self._pushing.discard(peer)
+
+    async def _push_to(self, peer: str, items: list[Item]) -> bool:
         try:
             send, recv = await self.mesh.open_stream(peer, StreamKind.BLACKBOARD, {"op": "post", "items": [i.to_doc() for i in items]})
             await send.finish()
             await asyncio.wait_for(FramedReader(recv).read_frame(), SYNC_SECS)
+            return True
         except (PeerGone, TimeoutError, ProtocolError, iroh.IrohError):
-            pass  # the next sync catches it up
+            return False
 
     # -- serving ----------------------------------------------------------------
 
