@@ -116,6 +116,10 @@ def test_no_node_gives_one_line_naming_how_to_start_one(tmp_path):  # type: igno
     port = free_port()
     assert_one_line_error(run_cli("blackboard", "hello", "--port", str(port)), "no mesh-llm node answers", "mesh-llm --client --join TOKEN")
     assert_one_line_error(run_cli("blackboard", "--search", "x", "--join", "eyJfake", "--port", str(port)), "not yet supported")
+    assert_one_line_error(run_cli("blackboard", "text", "--search", "x", "--port", str(port)), "not both")
+    assert_one_line_error(run_cli("blackboard", "--limit", "0", "--port", str(port)), "--limit 0 must be from 1 to 500")
+    assert_one_line_error(run_cli("blackboard", "--since", "-1", "--port", str(port)), "--since -1 must be a positive number")
+    assert_one_line_error(run_cli("blackboard", "--mcp"), "--mcp is not yet supported")
 
 
 def test_a_hostile_peer_sending_malformed_blackboard_frames_does_not_hurt_the_node(start_node, tiny_model, engine):  # type: ignore[no-untyped-def]
