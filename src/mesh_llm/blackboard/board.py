@@ -215,9 +215,7 @@ class Board:
         return {"version": FILE_VERSION, "items": [i.to_doc() for i in self.feed(limit=self.max_items)]}
 
     def save(self, path: Path) -> None:
-        from mesh_llm.files import write_private
-
-        write_private(path, json.dumps(self.to_doc(), separators=(",", ":"), ensure_ascii=False))
+        write_board(path, self.to_doc())
 
     def load(self, path: Path, warn: Callable[[str], None]) -> None:
         """Take the items of the board's file, each checked as if a peer had sent it. A file
@@ -250,6 +248,13 @@ class Board:
         bad += max(0, len(ordered) - self.max_items * 2)
         if bad:
             warn(f"blackboard file {path}: left out {bad} malformed item(s)")
+
+
+def write_board(path: Path, doc: dict[str, Any]) -> None:
+    """Write a board's document (Board.to_doc) atomically, readable by this user only."""
+    from mesh_llm.files import write_private
+
+    write_private(path, json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
 
 
 def _time_of(doc: Any) -> float:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh_llm.blackboard.board import MAX_ITEMS, Board, Item, ItemError
+from mesh_llm.blackboard.board import MAX_ITEMS, Board, Item, ItemError, write_board
 from mesh_llm.blackboard.scrub import scrub
 from mesh_llm.mesh.admission import LogLimiter
 from mesh_llm.mesh.mesh import Mesh, PeerGone
@@ -56,7 +56,6 @@ class BlackboardKeeper:
         self._syncing: set[str] = set()  # peers a sync is under way with (one at a time each)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dirty = asyncio.Event()
-        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -69,11 +68,10 @@ class BlackboardKeeper:
         self._spawn(self._saver())
 
     async def close(self) -> None:
-        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._save_now)
+        await self._save_now()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -103,12 +101,13 @@ class BlackboardKeeper:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            await asyncio.to_thread(self._save_now)
+            await self._save_now()
             await asyncio.sleep(SAVE_DELAY_SECS)
 
-    def _save_now(self) -> None:
+    async def _save_now(self) -> None:
+        doc = self.board.to_doc()  # taken here, on the loop: the board changes under a thread
         try:
-            self.board.save(self.path)
+            await asyncio.to_thread(write_board, self.path, doc)
         except OSError as exc:
             self._say_limited("save", f"cannot write the blackboard to {self.path}: {exc.strerror or exc}")
 
