@@ -12,6 +12,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from mesh_llm import __version__, service
+from mesh_llm.blackboard import commands as blackboard_commands
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
 from mesh_llm.files import ensure_state_dir, read_token_file
@@ -39,6 +40,7 @@ examples:
   mesh-llm load NAME / unload NAME       change what the running node serves, without a restart
   mesh-llm status                        the models this node runs, its memory, the other nodes
   mesh-llm token [--client]              the running node's member token, or its client token
+  mesh-llm blackboard "TEXT"             post to the mesh's blackboard (--search Q, --feed read it)
   mesh-llm --join CLIENT_TOKEN           use a mesh with a client token (API only: serves nothing)
   mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
   mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show, experts)
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="print the running node's invite token (--client: the client token, API use only)")
     tok.add_argument("--client", action="store_true", help="the client token: its holder may use the mesh's API, not serve or lend")
     _port_option(tok)
+    blackboard_commands.add_parser(sub)
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(args: argparse.Namespace, out: Console) -> int:
     bin_dir = getattr(args, "bin_dir", None)
     flavor = getattr(args, "llama_flavor", None)
+    if args.command == "blackboard":
+        return blackboard_commands.blackboard_command(args, out)
     if args.command == "engine":
         from mesh_llm.engine.commands import engine_command
 

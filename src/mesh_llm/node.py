@@ -34,6 +34,8 @@ from mesh_llm.api.proxy import UPSTREAM_START_SECS, ApiProxy, UpstreamTable, por
 from mesh_llm.api.runtime import RuntimeApi
 from mesh_llm.api.status import PeerView, Ports, status_document
 from mesh_llm.api.status_feed import StatusFeed
+from mesh_llm.blackboard.api import BlackboardApi
+from mesh_llm.blackboard.keeper import BlackboardKeeper
 from mesh_llm.engine.binaries import EngineBinaries
 from mesh_llm.engine.provision import device_listing, list_devices, provide_engine
 from mesh_llm.engine.source import LLAMA_CPP
@@ -293,6 +295,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             warn("--listen-all with no API key: anyone who can reach this machine can use the API; make a key with `mesh-llm auth key create`")
         runtime = RuntimeApi(prepare_at_runtime, cfg.allow_remote_runtime, cfg.listen_all)
         proxy.extra_routes.append(runtime.install)
+        blackboard_api = BlackboardApi(cfg.allow_remote_runtime, cfg.listen_all)
+        proxy.extra_routes.append(blackboard_api.install)
         await proxy.start(cfg.host, cfg.port)  # listening early: clients get 503 "loading" rather than refused
         stack.push_async_callback(proxy.close)
 
@@ -345,6 +349,10 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         serve_rpc_tunnels(mesh, fleet.lent_port, warn)
         serve_file_proofs(mesh, fleet.model_path, warn)
         serve_http_tunnels(mesh, fleet.local_server, proxy.gate_has_room)
+        keeper = BlackboardKeeper(mesh, cfg.state_dir, warn)
+        keeper.start()  # before joining: it syncs with each peer as it joins
+        stack.push_async_callback(keeper.close)
+        blackboard_api.keeper = keeper
         if tokens:
             with console.status("Joining the mesh…"):
                 try:

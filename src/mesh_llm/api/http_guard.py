@@ -4,7 +4,7 @@ Every request passes, in order: its Host must be a loopback name (unless --liste
 a browser's Origin must be this node's own page or one the user allowed (--cors-origin),
 which may use /v1 only (not the status with its token, nor the runtime API); its preflight
 is answered here; a /v1 request needs a key once any
-exists, and so does a call to the runtime API, /api/status, /api/events or /metrics from
+exists, and so does a call to the runtime API, /api/status, /api/events, /api/blackboard or /metrics from
 anyone but a caller on this machine. CORS headers are this module's alone: whatever an upstream sent is dropped.
 """
 
@@ -22,7 +22,7 @@ from mesh_llm.api.guard import Origin, cors_headers, host_allowed, is_cors_heade
 
 OPEN_PATHS = frozenset({"/health", "/v1/health"})  # load balancers and `mesh-llm status` probe these without a key
 # Once keys exist, callers not on this machine need one here too (`mesh-llm status/load/unload` call 127.0.0.1 and need none).
-CONTROL_PATHS = frozenset({"/api/runtime", "/api/status", "/api/events", "/metrics"})
+CONTROL_PATHS = frozenset({"/api/runtime", "/api/status", "/api/events", "/metrics", "/api/blackboard"})
 
 
 class KeyCheck(Protocol):

@@ -1,1 +1,1 @@
-"""The blackboard: short notes agents on the mesh leave for each other (SPEC F20)."""
+"""The blackboard: short posts shared with every member and client of the mesh (SPEC F20)."""

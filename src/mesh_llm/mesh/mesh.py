@@ -42,7 +42,7 @@ DIAL_SECS = 10.0
 EXCHANGE_SECS = 3.0
 FIRST_BYTE_SECS = 10.0  # an inbound stream must say what it is within this
 REJOIN_SECS = 10.0  # with no members left, re-dial the invite tokens this often
-CLIENT_STREAMS = frozenset({StreamKind.GOSSIP, StreamKind.HTTP})  # all a client-token peer may open
+CLIENT_STREAMS = frozenset({StreamKind.GOSSIP, StreamKind.HTTP, StreamKind.BLACKBOARD})  # all a client-token peer may open
 DISCOVERY_TTL_SECS = 3 * HEARTBEAT_SECS  # a peer mentioned in gossip is worth dialing this long
 
 # (peer id, header, send stream, reader positioned after the header) -> None

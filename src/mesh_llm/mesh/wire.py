@@ -27,6 +27,7 @@ class StreamKind(IntEnum):
     HTTP = 3  # header {model}, then raw HTTP/1.1 bytes to that model's llama-server
     RPC = 4  # header {model}, then raw bytes to the node's loopback rpc-server for that model
     PROVE = 5  # header {model, nonce, ranges}; one frame back: {hash} or {error} (mesh/file_proof.py)
+    BLACKBOARD = 6  # header {op: sync, ids} or {op: post, items}; frames back (blackboard/keeper.py)
 
 
 class ProtocolError(Exception):

@@ -1,0 +1,141 @@
+"""`mesh-llm blackboard`: post to, search and read the mesh's blackboard through the node on this machine.
+
+    mesh-llm blackboard "TEXT" [--from NAME]      post (PII scrubbed first; says what it replaced)
+    mesh-llm blackboard --search "Q"               best matches, then newest
+    mesh-llm blackboard [--feed] [--since HOURS] [--from NAME] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+
+from mesh_llm.blackboard.board import DEFAULT_LIMIT, MAX_ITEMS
+from mesh_llm.errors import UserError
+from mesh_llm.text import printable, terminal_safe
+
+TIMEOUT_SECS = 30.0
+
+
+def add_parser(sub: Any) -> None:
+    bb = sub.add_parser("blackboard", help="post to the mesh's blackboard, search it, or read its feed (shared with every member and client)",
+                        description="Short posts shared with every member and client of the mesh: status, findings, questions. "
+                                    "E-mail addresses, phone numbers, keys and tokens, private keys and home paths are scrubbed before posting.")
+    bb.add_argument("text", nargs="?", metavar="TEXT", help="post TEXT (at most 4096 bytes; 10 posts a minute per node)")
+    bb.add_argument("--search", metavar="Q", help="items with the words of Q in their text or author: most words first, then newest")
+    bb.add_argument("--feed", action="store_true", help="the newest items (the default without TEXT or --search)")
+    bb.add_argument("--since", type=float, default=None, metavar="HOURS", help="only items of the last HOURS hours")
+    bb.add_argument("--from", dest="author", default=None, metavar="NAME",
+                    help="posting: the author shown (default user@host); reading: only authors containing NAME")
+    bb.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help=f"at most N items (default {DEFAULT_LIMIT}, at most {MAX_ITEMS})")
+    bb.add_argument("--json", action="store_true", help="machine output: the API's JSON")
+    bb.add_argument("--port", type=int, default=argparse.SUPPRESS, metavar="N", help="the node's API port (default 9337)")
+    # HOOK (issue 18): with --join TOKEN and no node on --port, start an ephemeral client (agents/local_node.py)
+    bb.add_argument("--join", dest="blackboard_join", default=None, metavar="TOKEN",
+                    help="with no node running here: join the mesh with TOKEN for this call (not yet supported)")
+    bb.add_argument("--mcp", action="store_true", help="serve the blackboard as an MCP server on stdio (not yet supported)")
+
+
+def blackboard_command(args: argparse.Namespace, out: Console) -> int:
+    port = getattr(args, "port", 9337)
+    if args.mcp:
+        raise UserError("blackboard --mcp is not yet supported in this build")
+    if args.text is not None and (args.search is not None or args.feed):
+        raise UserError("pass TEXT to post, or --search/--feed to read: not both")
+    if not 1 <= args.limit <= MAX_ITEMS:
+        raise UserError(f"--limit {args.limit} must be from 1 to {MAX_ITEMS}")
+    if args.since is not None and not args.since > 0:
+        raise UserError(f"--since {args.since:g} must be a positive number of hours")
+    node = BoardClient(port, args.blackboard_join)
+    if args.text is not None:
+        body: dict[str, Any] = {"text": args.text, "from": args.author}
+        doc = node.call("POST", "/api/blackboard", body)
+        if args.json:
+            out.print(json.dumps(doc), markup=False, highlight=False, soft_wrap=True)
+            return 0
+        out.print("Posted:", markup=False, highlight=False)
+        print_item(out, doc.get("item", {}))
+        scrubbed = [(str(s.get("kind")), int(s.get("count", 0))) for s in doc.get("scrubbed", []) if isinstance(s, dict)]
+        if scrubbed:
+            out.print(f"scrubbed before posting: {describe_kinds(scrubbed)}", markup=False, highlight=False)
+        return 0
+    query: dict[str, str] = {"limit": str(args.limit)}
+    if args.search is not None:
+        query["search"] = args.search
+    if args.since is not None:
+        query["since"] = repr(args.since)
+    if args.author:
+        query["from"] = args.author
+    doc = node.call("GET", "/api/blackboard?" + urllib.parse.urlencode(query))
+    items = [i for i in doc.get("items", []) if isinstance(i, dict)]
+    if args.json:
+        out.print(json.dumps({"items": items}), markup=False, highlight=False, soft_wrap=True)
+        return 0
+    if not items:
+        out.print("No matching items." if args.search is not None else "The blackboard is empty" + (" for that filter." if args.since or args.author else "."),
+                  markup=False, highlight=False)
+    for item in items:
+        print_item(out, item)
+    return 0
+
+
+def describe_kinds(found: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{n} {printable(kind, 32).replace('-', ' ')}{'s' if n != 1 else ''}" for kind, n in found)
+
+
+def print_item(out: Console, item: dict[str, Any]) -> None:
+    try:
+        when = datetime.datetime.fromtimestamp(float(item.get("time", 0))).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = "?"
+    head = f"{when}  {printable(str(item.get('from', '?')), 128)}  node {printable(str(item.get('node', '?')), 64)[:8]}  id {printable(str(item.get('id', '?')), 32)[:12]}"
+    out.print(head, markup=False, highlight=False)
+    for line in terminal_safe(str(item.get("text", ""))).splitlines() or [""]:
+        out.print(f"    {line}", markup=False, highlight=False)
+
+
+class BoardClient:
+    """The node on 127.0.0.1:port, over plain HTTP."""
+
+    def __init__(self, port: int, join: str | None) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.join = join
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_SECS) as r:
+                doc = json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            raise UserError(_error_text(err)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            if self.join is not None:
+                # HOOK (issue 18): start an ephemeral client with --join here (agents/local_node.py), then retry
+                raise UserError(f"no mesh-llm node answers on {self.base}, and starting one for this call with --join is not yet supported: "
+                                "start one with `mesh-llm --client --join TOKEN`") from None
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"no mesh-llm node answers on {self.base} ({reason}): start one with `mesh-llm --client --join TOKEN` "
+                            "(or `mesh-llm --model NAME`), or pass --port") from None
+        except ValueError:
+            raise UserError(f"{self.base} did not answer with JSON: is it a mesh-llm node? (pass --port)") from None
+        return doc if isinstance(doc, dict) else {}
+
+
+def _error_text(err: urllib.error.HTTPError) -> str:
+    try:
+        doc = json.loads(err.read())
+        message = doc["error"]["message"] if isinstance(doc.get("error"), dict) else doc.get("error")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message = None
+    if err.code == 404 and message is None:
+        return f"the node on port {err.url and urllib.parse.urlsplit(err.url).port} has no blackboard: is it an older mesh-llm?"
+    return str(message or f"the node answered HTTP {err.code}")
