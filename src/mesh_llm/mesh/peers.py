@@ -185,6 +185,7 @@ class HostedModel:
     experts: int = 0  # mixture of experts: experts per layer (0: dense), from the GGUF header
     experts_used: int = 0  # of those, how many each token runs through
     shard: str = ""  # expert-sharded: the experts this node's shard keeps, as a hex bit mask ("" the whole model)
+    tools: bool = False  # its chat template renders tool definitions (agents that call tools pick such a model)
 
     @property
     def shard_experts(self) -> tuple[int, ...]:
@@ -223,6 +224,7 @@ class HostedModel:
             experts=experts,
             experts_used=get_int(doc, "experts_used", 0, experts, 0),  # a token cannot run through experts the model lacks
             shard=_shard_mask(get_str(doc, "shard", MAX_EXPERTS // 4, ""), experts),
+            tools=get_bool(doc, "tools", False),  # absent from older peers: not known to
         )
 
 
