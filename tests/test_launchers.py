@@ -213,3 +213,19 @@ def test_the_model_is_the_largest_with_tools_else_the_largest() -> None:
     assert choose_model([small_tools, big], "BIG") == "big"
     with pytest.raises(UserError, match="served: small-tools, big"):
         choose_model([small_tools, big], "other")
+
+
+def test_a_template_handles_tools_when_it_reads_the_tools_variable() -> None:
+    from mesh_llm.mesh.peers import HostedModel
+    from mesh_llm.models.tiny import CHATML_TEMPLATE
+    from mesh_llm.serving.fleet import template_supports_tools
+
+    assert template_supports_tools({"tokenizer.chat_template": "{% if tools %}{{ tools | tojson }}{% endif %}{{ messages }}"})
+    assert not template_supports_tools({"tokenizer.chat_template": CHATML_TEMPLATE})
+    assert not template_supports_tools({"general.architecture": "gemma3"})  # our packaged Gemma template has none
+    assert not template_supports_tools({})
+    hosted = HostedModel("m", "ready", tools=True)
+    assert HostedModel.from_wire(hosted.to_wire()).tools is True
+    old = hosted.to_wire()
+    del old["tools"]
+    assert HostedModel.from_wire(old).tools is False  # a peer that predates the field
