@@ -46,7 +46,8 @@ if name == "claude":
 elif name == "goose":
     config = json.loads((home / ".config/goose/custom_providers/mesh.json").read_text())
     rec["config"] = config
-    post(config["base_url"] + "/v1/chat/completions", {{"model": os.environ["GOOSE_MODEL"], **chat}})
+    key = os.environ.get(config["api_key_env"], "") if config["requires_auth"] else ""
+    post(config["base_url"] + "/v1/chat/completions", {{"model": os.environ["GOOSE_MODEL"], **chat}}, {{"Authorization": "Bearer " + key}} if key else {{}})
 elif name == "pi":
     config = json.loads((home / ".pi/agent/models.json").read_text())
     rec["config"] = config
@@ -57,7 +58,8 @@ elif name == "opencode":
     config = json.loads(os.environ["OPENCODE_CONFIG_CONTENT"])
     rec["config"] = config
     model = argv[argv.index("-m") + 1].split("/", 1)[1]
-    post(config["provider"]["mesh"]["options"]["baseURL"] + "/chat/completions", {{"model": model, **chat}})
+    options = config["provider"]["mesh"]["options"]
+    post(options["baseURL"] + "/chat/completions", {{"model": model, **chat}}, {{"Authorization": "Bearer " + options["apiKey"]}})
 Path(os.environ["STANDIN_RECORD"]).write_text(json.dumps(rec))
 sys.exit(int(os.environ.get("STANDIN_EXIT", "0")))
 '''
@@ -229,3 +231,18 @@ def test_a_template_handles_tools_when_it_reads_the_tools_variable() -> None:
     old = hosted.to_wire()
     del old["tools"]
     assert HostedModel.from_wire(old).tools is False  # a peer that predates the field
+
+
+@pytest.mark.engine
+def test_a_node_that_needs_a_key_gets_the_one_in_mesh_llm_api_key(start_node, tiny_model: Path, engine, agent_env: dict[str, str], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "keyed"
+    made = run_cli("auth", "key", "create", "--label", "agents", "--state-dir", str(state))
+    assert made.returncode == 0, made
+    key = made.stdout.strip()
+    node = start_node("--model", str(tiny_model), *LOCAL, state_dir=state)
+    node.wait_ready()
+    assert_one_line_error(run_cli("claude", "--port", str(node.port), env=agent_env), "needs an API key", "MESH_LLM_API_KEY")
+    for tool in TOOLS:
+        result = run_cli(tool, "--port", str(node.port), env={**agent_env, "MESH_LLM_API_KEY": key})
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert all(r["status"] == 200 for r in _record(agent_env)["requests"]), (tool, _record(agent_env)["requests"])

@@ -163,7 +163,10 @@ def choose_model(models: list[ModelFacts], wanted: str | None) -> str:
 def run_tool(argv: list[str], env: dict[str, str]) -> int:
     """Run the tool in the foreground: the terminal's Ctrl-C reaches it (same process group) and
     not us; a SIGTERM sent to us is passed on. Its exit code (128+N for a signal N) is returned."""
-    proc = subprocess.Popen(argv, env=env)
+    try:
+        proc = subprocess.Popen(argv, env=env)
+    except OSError as exc:
+        raise UserError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     old_term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
@@ -241,6 +244,10 @@ def prepare_goose(exe: str, model: str, models: list[ModelFacts], port: int, hom
             "models": [{"name": m.id, "context_limit": m.ctx or DEFAULT_CONTEXT} for m in listed],
             "supports_streaming": True, "requires_auth": False,
         })
+        if os.environ.get(API_KEY_ENV, "").strip():  # a node that needs a key: goose reads it from that variable
+            doc.update({"requires_auth": True, "api_key_env": API_KEY_ENV})
+        elif doc.get("api_key_env") == API_KEY_ENV:
+            del doc["api_key_env"]
         return doc
 
     write_merged(path, update, say)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mesh_llm.engine.supervisor import _die_with_parent
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.identity import load_last_join
 from mesh_llm.paths import default_state_dir
@@ -50,11 +51,12 @@ def get_json(url: str, timeout: float = PROBE_TIMEOUT) -> Any:
 
 
 def probe(base: str) -> str:
-    """What answers at `base`: "node" (a mesh-llm node), "other" (something else), "none" (nothing)."""
+    """What answers at `base`: "node" (a mesh-llm node), "starting" (one that is not ready to
+    answer yet), "other" (something else), "none" (nothing)."""
     try:
         status = get_json(base + "/api/status")
-    except urllib.error.HTTPError:
-        return "other"  # our node answers /api/status to callers on this machine
+    except urllib.error.HTTPError as exc:
+        return "starting" if exc.code == 503 else "other"  # our node answers /api/status to callers on this machine
     except (OSError, ValueError):
         return "none" if _refused(base) else "other"
     if not (isinstance(status, dict) and isinstance(status.get("node"), dict) and "mesh" in status):
@@ -83,9 +85,14 @@ def _refused(base: str) -> bool:
 
 
 def served_models(base: str) -> list[str]:
-    """The ids /v1/models lists (empty while the mesh serves nothing, or on any error)."""
+    """The ids /v1/models lists (empty while the mesh serves nothing, or on any error but a
+    refused key, which is one line naming the fix)."""
     try:
         doc = get_json(base + "/v1/models")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise UserError(f"the node on {base} needs an API key: set {API_KEY_ENV}=KEY (make one with `mesh-llm auth key create`)") from None
+        return []
     except (OSError, ValueError):
         return []
     data = doc.get("data") if isinstance(doc, dict) else None
@@ -103,6 +110,13 @@ def local_api(port: int = 9337, join: Sequence[str] = (), *, say: Callable[[str]
     `state_dir` is where the last-joined token is read from (default: the user's state dir)."""
     base = f"http://127.0.0.1:{port}"
     found = probe(base)
+    if found == "starting":  # a node on its way up here: wait for it rather than start another
+        say(f"Waiting for the mesh-llm node on {base} to start")
+        deadline = time.monotonic() + timeout
+        while (found := probe(base)) == "starting" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if found != "node":
+            raise UserError(f"the node on port {port} did not finish starting within {timeout:g} s: see its output, or pass --port N")
     if found == "other":
         raise UserError(f"something that is not a mesh-llm node answers on port {port}: pass --port N of a node, or free the port")
     if found == "node":
@@ -162,7 +176,8 @@ def _client_node(port: int, tokens: list[str], timeout: float, say: Callable[[st
     try:
         with log.open("wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)  # the terminal's Ctrl-C is for the agent, not for it
+                                    start_new_session=True,  # the terminal's Ctrl-C is for the agent, not for it
+                                    preexec_fn=_die_with_parent(os.getpid()))  # and it never outlives us (Linux)
         client = _Client(proc, log)
         _wait_ready(f"http://127.0.0.1:{port}", timeout, client)
         say(f"Client node ready on http://127.0.0.1:{port}")
