@@ -12,6 +12,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from mesh_llm import __version__, service
+from mesh_llm.agents.launch import TOOLS, add_parsers, split_tool_args
 from mesh_llm.blackboard import commands as blackboard_commands
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
@@ -46,6 +47,7 @@ examples:
   mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show, experts)
   mesh-llm engine                        show which llama.cpp binaries are used
   mesh-llm engine build                  build llama.cpp into the cache now
+  mesh-llm claude [--model M] [ARGS…]    run Claude Code against the mesh (also: goose, pi, opencode)
 """
 
 
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
     _engine_options(eng)
     service.add_parser(sub)
+    add_parsers(sub)  # goose, claude, pi, opencode
     return p
 
 
@@ -158,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
+    argv, tool_args = split_tool_args(argv)  # `mesh-llm claude -p hi`: `-p hi` is claude's
     args = parser.parse_args(argv)
+    if tool_args is not None:
+        args.tool_args = tool_args
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     try:
@@ -172,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, out: Console) -> int:
+    if args.command in TOOLS:
+        from mesh_llm.agents.launch import launch_command
+
+        return launch_command(args, out)
     bin_dir = getattr(args, "bin_dir", None)
     flavor = getattr(args, "llama_flavor", None)
     if args.command == "blackboard":

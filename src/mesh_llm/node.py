@@ -43,7 +43,16 @@ from mesh_llm.engine.supervisor import ManagedProcess, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.handshake import Refused
 from mesh_llm.mesh.http_tunnel import serve_http_tunnels
-from mesh_llm.mesh.identity import MeshCredentials, load_last_port, load_mesh, load_or_create_key, new_secret_key, save_last_port, save_mesh
+from mesh_llm.mesh.identity import (
+    MeshCredentials,
+    load_last_port,
+    load_mesh,
+    load_or_create_key,
+    new_secret_key,
+    save_last_join,
+    save_last_port,
+    save_mesh,
+)
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.peers import MAX_ON_DEMAND, PeerRecord
 from mesh_llm.mesh.token import InviteToken, TokenError, decode_token
@@ -172,6 +181,13 @@ def decode_tokens(texts: list[str]) -> list[InviteToken]:
     if len({t.mesh.mesh_id for t in tokens}) > 1:
         raise UserError("the --join tokens belong to different meshes: pass tokens of one mesh")
     return sorted(tokens, key=lambda t: t.mesh.kind != "member")  # a member token first: its secret admits us as one
+
+
+def token_to_remember(texts: list[str]) -> str | None:
+    """The --join text a launcher should rejoin with later: a member token if one was given
+    (it is what the node joined as), else the first (a client token)."""
+    kinds = [(decode_token(text).mesh.kind, text) for text in texts]  # decode_tokens checked them all
+    return next((text for kind, text in kinds if kind == "member"), texts[0] if texts else None)
 
 
 def only_client_tokens(tokens: list[InviteToken]) -> bool:
@@ -360,6 +376,12 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
                 except Refused as exc:
                     raise UserError(f"cannot join the mesh: {exc}") from None
             say(f"Joined the mesh: {len(mesh.members())} peer(s) so far")
+            remembered = token_to_remember(cfg.join)
+            if remembered:
+                try:  # `mesh-llm goose` and friends rejoin this mesh when no node runs here
+                    save_last_join(cfg.state_dir, remembered)
+                except (OSError, UserError) as exc:
+                    warn(f"could not remember the mesh joined: {exc}")
         if not cfg.client:
             say(f"Invite token: {token}")
             say(f"Client token: {client_token}   (API use only: no serving, no workers; `mesh-llm token --client` prints it again)")

@@ -53,6 +53,7 @@ def _model_entry(host: PeerRecord, h: HostedModel, names: dict[str, str], ports:
         "ctx": h.ctx,
         "draft": h.draft or None,
         "aliases": list(h.aliases),
+        "tools": h.tools,
         "moe": {"experts": h.experts, "experts_used": h.experts_used, **({"groups": h.expert_groups} if h.expert_groups else {}),
                 "shard": list(h.shard_experts) or None} if h.experts else None,  # shard: the experts this host's shard keeps
         "split": [

@@ -19,6 +19,7 @@ from mesh_llm.files import read_private, write_private
 KEY_FILE = "key"
 MESH_FILE = "mesh.json"
 PORT_FILE = "quic-port"  # the UDP port of the last run: tokens carry it, so a restart binds it again
+LAST_JOIN_FILE = "last-join"  # the invite token this node last joined with: launchers rejoin that mesh
 
 
 def new_secret_key() -> bytes:
@@ -114,3 +115,15 @@ def save_last_port(state_dir: Path, addrs: tuple[str, ...]) -> None:
     ports = {int(a.rsplit(":", 1)[1]) for a in addrs if a.rsplit(":", 1)[-1].isdigit()}
     if len(ports) == 1 and load_last_port(state_dir) not in ports:
         write_private(state_dir / PORT_FILE, f"{ports.pop()}\n")
+
+
+def load_last_join(state_dir: Path) -> str | None:
+    """The invite token this machine last joined a mesh with (`--join`), or None."""
+    text = (read_private(state_dir / LAST_JOIN_FILE, "last-join file") or "").strip()
+    return text or None
+
+
+def save_last_join(state_dir: Path, token: str) -> None:
+    """Remember the token a join succeeded with (private: a member token admits its holder)."""
+    if load_last_join(state_dir) != token:
+        write_private(state_dir / LAST_JOIN_FILE, token + "\n")

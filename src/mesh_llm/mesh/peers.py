@@ -186,6 +186,7 @@ class HostedModel:
     experts_used: int = 0  # of those, how many each token runs through
     expert_groups: int = 0  # the experts come in this many groups (0: none)
     shard: str = ""  # expert-sharded: the experts this node's shard keeps, as a hex bit mask ("" the whole model)
+    tools: bool = False  # its chat template renders tool definitions (agents that call tools pick such a model)
 
     @property
     def shard_experts(self) -> tuple[int, ...]:
@@ -225,6 +226,7 @@ class HostedModel:
             experts_used=get_int(doc, "experts_used", 0, experts, 0),  # a token cannot run through experts the model lacks
             expert_groups=get_int(doc, "expert_groups", 0, experts, 0),
             shard=_shard_mask(get_str(doc, "shard", MAX_EXPERTS // 4, ""), experts),
+            tools=get_bool(doc, "tools", False),  # absent from older peers: not known to
         )
 
 

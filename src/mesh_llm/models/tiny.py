@@ -57,6 +57,7 @@ class TinyModelSpec:
     add_bos: bool = False
     add_eos: bool = False
     hot_expert: int | None = None  # MoE only: the expert every router prefers for every token
+    chat_template: str = ""  # "" is ChatML without tools (CHATML_TEMPLATE); tests of tool calls give one that renders tools
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -144,7 +145,7 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     w.add_add_bos_token(spec.add_bos)
     if spec.add_eos:
         w.add_add_eos_token(True)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_chat_template(spec.chat_template or CHATML_TEMPLATE)
 
     embd = mat(n_vocab, spec.n_embd, 1.0)
     if spec.hot_expert is not None:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mesh_llm.api.proxy import Gate, Server, UpstreamTable
+from mesh_llm.engine.llama_server import fallback_chat_template
 from mesh_llm.engine.supervisor import ManagedProcess, Supervisor
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.mesh import Mesh
@@ -491,6 +494,7 @@ class Fleet:
             aliases=spec.aliases,
             experts=spec.info.n_experts, experts_used=spec.info.n_experts_used, expert_groups=spec.info.n_expert_groups,
             shard=experts_mask(plan.mine) if isinstance(plan, Shards) else "",
+            tools=template_supports_tools(spec.info.metadata),
         )
 
     def _local_routes(self) -> dict[str, LocalRoute]:
@@ -682,3 +686,18 @@ def _ready(loaded: Loaded) -> Callable[[], bool]:
 def _words(loaded: Loaded) -> Callable[[], str]:
     return lambda: "ready" if loaded.life.phase is Phase.READY else loaded.life.detail or loaded.life.phase.value
 
+
+def template_supports_tools(metadata: Mapping[str, object]) -> bool:
+    """Does the chat template llama-server uses for this model render tool definitions itself?
+    Templates that do read the `tools` variable; without it llama-server still accepts tools but
+    only through its generic JSON wrapper, which models were not trained on."""
+    template = metadata.get("tokenizer.chat_template")
+    if not isinstance(template, str):
+        fallback = fallback_chat_template(metadata)
+        template = _packaged_template(fallback) if fallback else ""
+    return re.search(r"\btools\b", template) is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _packaged_template(path: Path) -> str:
+    return path.read_text()
