@@ -112,4 +112,5 @@ class BlackboardApi:
             return error_response(400, f"search is at most {MAX_QUERY_CHARS} characters, from at most {MAX_AUTHOR_CHARS}", "invalid_request_error")
         board = self.keeper.board
         items = board.search(search, since, author, limit) if search is not None and search.strip() else board.feed(since, author, limit)
-        return web.json_response({"items": [i.to_doc() for i in items]})
+        # how far this node is with the mesh: peers it has synced with, pushes still going out
+        return web.json_response({"items": [i.to_doc() for i in items], "synced_with": len(self.keeper.synced), "pending": self.keeper.pending})

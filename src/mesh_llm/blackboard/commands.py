@@ -3,6 +3,9 @@
     mesh-llm blackboard "TEXT" [--from NAME]      post (PII scrubbed first; says what it replaced)
     mesh-llm blackboard --search "Q"               best matches, then newest
     mesh-llm blackboard [--feed] [--since HOURS] [--from NAME] [--limit N]
+    mesh-llm blackboard --mcp                        the same as MCP tools on stdio, for agents
+    mesh-llm blackboard install-skill                the agent skill file and the MCP config snippet
+    (each with --join TOKEN: when no node runs here, a client of that mesh for the call)
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -28,7 +33,8 @@ def add_parser(sub: Any) -> None:
     bb = sub.add_parser("blackboard", help="post to the mesh's blackboard, search it, or read its feed (shared with every member and client)",
                         description="Short posts shared with every member and client of the mesh: status, findings, questions. "
                                     "E-mail addresses, phone numbers, keys and tokens, private keys and home paths are scrubbed before posting.")
-    bb.add_argument("text", nargs="?", metavar="TEXT", help="post TEXT (at most 4096 bytes; 10 posts a minute per node)")
+    bb.add_argument("text", nargs="?", metavar="TEXT",
+                    help="post TEXT (at most 4096 bytes; 10 posts a minute per node); `install-skill` writes the agent skill file instead")
     bb.add_argument("--search", metavar="Q", help="items with the words of Q in their text or author: most words first, then newest")
     bb.add_argument("--feed", action="store_true", help="the newest items (the default without TEXT or --search)")
     bb.add_argument("--since", type=float, default=None, metavar="HOURS", help="only items of the last HOURS hours")
@@ -37,23 +43,50 @@ def add_parser(sub: Any) -> None:
     bb.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help=f"at most N items (default {DEFAULT_LIMIT}, at most {MAX_ITEMS})")
     bb.add_argument("--json", action="store_true", help="machine output: the API's JSON")
     bb.add_argument("--port", type=int, default=argparse.SUPPRESS, metavar="N", help="the node's API port (default 9337)")
-    # HOOK (issue 18): with --join TOKEN and no node on --port, start an ephemeral client (agents/local_node.py)
     bb.add_argument("--join", dest="blackboard_join", default=None, metavar="TOKEN",
-                    help="with no node running here: join the mesh with TOKEN for this call (not yet supported)")
-    bb.add_argument("--mcp", action="store_true", help="serve the blackboard as an MCP server on stdio (not yet supported)")
+                    help="with no node running here: join the mesh with TOKEN as a client for this call (or for as long as --mcp runs)")
+    bb.add_argument("--mcp", action="store_true", help="serve the blackboard's tools to an agent as an MCP server on stdio")
 
 
 def blackboard_command(args: argparse.Namespace, out: Console) -> int:
     port = getattr(args, "port", 9337)
+    join = [args.blackboard_join] if args.blackboard_join else []
     if args.mcp:
-        raise UserError("blackboard --mcp is not yet supported in this build")
+        from mesh_llm.blackboard.mcp_server import run_mcp
+
+        return run_mcp(port, join)
+    if args.text == SKILL_ACTION and args.search is None and not args.feed:
+        from mesh_llm.blackboard.skill import install_skill_report
+
+        out.print(install_skill_report(Path.home(), port), markup=False, highlight=False, soft_wrap=True)
+        return 0
+    if not join:
+        return _run(args, out, BoardClient(f"http://127.0.0.1:{port}", None))
+    from mesh_llm.agents.local_node import local_api
+
+    with local_api(port, join, say=_to_stderr) as base:  # the node here, else a client of that mesh for this call
+        node = BoardClient(base, join[0])
+        node.wait_synced()
+        code = _run(args, out, node)
+        node.wait_sent()
+        return code
+
+
+SKILL_ACTION = "install-skill"
+SYNC_WAIT_SECS = 20.0  # a client started for one call: how long it may take to join and sync
+
+
+def _to_stderr(line: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(terminal_safe(line), markup=False, highlight=False)
+
+
+def _run(args: argparse.Namespace, out: Console, node: BoardClient) -> int:
     if args.text is not None and (args.search is not None or args.feed):
         raise UserError("pass TEXT to post, or --search/--feed to read: not both")
     if not 1 <= args.limit <= MAX_ITEMS:
         raise UserError(f"--limit {args.limit} must be from 1 to {MAX_ITEMS}")
     if args.since is not None and not args.since > 0:
         raise UserError(f"--since {args.since:g} must be a positive number of hours")
-    node = BoardClient(port, args.blackboard_join)
     if args.text is not None:
         body: dict[str, Any] = {"text": args.text, "from": args.author}
         doc = node.call("POST", "/api/blackboard", body)
@@ -102,12 +135,26 @@ def print_item(out: Console, item: dict[str, Any]) -> None:
 
 
 class BoardClient:
-    """The node on 127.0.0.1:port, over plain HTTP."""
+    """The node at `base` (this machine's), over plain HTTP."""
 
-    def __init__(self, port: int, join: str | None) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.port = port
+    def __init__(self, base: str, join: str | None) -> None:
+        self.base = base
         self.join = join
+
+    def wait_synced(self) -> None:
+        """A client started for this call: until it has synced with a peer (bounded), so a read sees the mesh's board."""
+        deadline = time.monotonic() + SYNC_WAIT_SECS
+        while time.monotonic() < deadline:
+            if self.call("GET", "/api/blackboard?limit=1").get("synced_with", 0):
+                return
+            time.sleep(0.2)
+        _to_stderr(f"no peer answered within {SYNC_WAIT_SECS:.0f} s: this reads (or posts to) the board as this node has it")
+
+    def wait_sent(self) -> None:
+        """Until this node's pushes have gone out (bounded): a client stopped at once would lose a post."""
+        deadline = time.monotonic() + SYNC_WAIT_SECS
+        while time.monotonic() < deadline and self.call("GET", "/api/blackboard?limit=1").get("pending", 0):
+            time.sleep(0.2)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -118,13 +165,9 @@ class BoardClient:
         except urllib.error.HTTPError as err:
             raise UserError(_error_text(err)) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            if self.join is not None:
-                # HOOK (issue 18): start an ephemeral client with --join here (agents/local_node.py), then retry
-                raise UserError(f"no mesh-llm node answers on {self.base}, and starting one for this call with --join is not yet supported: "
-                                "start one with `mesh-llm --client --join TOKEN`") from None
             reason = getattr(exc, "reason", exc)
             raise UserError(f"no mesh-llm node answers on {self.base} ({reason}): start one with `mesh-llm --client --join TOKEN` "
-                            "(or `mesh-llm --model NAME`), or pass --port") from None
+                            "(or `mesh-llm --model NAME`), pass --join TOKEN to join for this call, or pass --port") from None
         except ValueError:
             raise UserError(f"{self.base} did not answer with JSON: is it a mesh-llm node? (pass --port)") from None
         return doc if isinstance(doc, dict) else {}

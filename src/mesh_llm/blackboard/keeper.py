@@ -54,6 +54,7 @@ class BlackboardKeeper:
         self._outbox: dict[str, dict[str, Item]] = {}  # peer -> items waiting to be pushed to it
         self._pushing: set[str] = set()  # peers a push stream is open to (one at a time each)
         self._syncing: set[str] = set()  # peers a sync is under way with (one at a time each)
+        self.synced: set[str] = set()  # peers a sync has completed with (a one-call client waits for one)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dirty = asyncio.Event()
 
@@ -163,9 +164,16 @@ class BlackboardKeeper:
             if recv is not None:
                 with contextlib.suppress(Exception):
                     await recv.stop(1)
+        else:
+            self.synced.add(peer)
         if taken:
             self._changed()
             self._push(taken, exclude=peer)
+
+    @property
+    def pending(self) -> int:
+        """Pushes not yet delivered (a one-call client stays until its post has gone out)."""
+        return sum(len(box) for box in self._outbox.values()) + len(self._pushing)
 
     def _take(self, docs: list[Any]) -> list[Item]:
         taken = []

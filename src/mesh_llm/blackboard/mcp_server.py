@@ -260,9 +260,10 @@ def node_api(port: int, join: Sequence[str], say: Callable[[str], None]) -> Iter
     if not join:
         yield f"http://127.0.0.1:{port}"
         return
-    # LOCAL_API: with --join, replace the raise below by `with local_api(port, join, say=say) as base_url: yield base_url`
-    # (from mesh_llm.agents.local_node import local_api); `say` must write to stderr, since stdout carries the MCP protocol.
-    raise UserError("--join with --mcp needs mesh_llm.agents.local_node (not in this build yet): start a node with `mesh-llm --client --join TOKEN` first")
+    from mesh_llm.agents.local_node import local_api
+
+    with local_api(port, join, say=say) as base_url:  # `say` writes to stderr: stdout carries the MCP protocol
+        yield base_url
 
 
 def run_mcp(port: int = DEFAULT_PORT, join: Sequence[str] = ()) -> int:
