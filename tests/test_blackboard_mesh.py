@@ -7,10 +7,12 @@ import asyncio
 import json
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mesh_llm.blackboard.board import Item, item_id
 from mesh_llm.blackboard.keeper import BlackboardKeeper, frames_of
+from mesh_llm.blackboard.signing import signer
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.mesh import Mesh
 from mesh_llm.mesh.token import decode_token
@@ -104,6 +106,15 @@ async def test_malformed_blackboard_streams_close_that_stream_only(tmp_path: Pat
         # the connection and the board still work: an honest post from the same peer is taken
         now = time.time()
         honest = Item(item_id("ok", "r", node, now), "ok", "r", node, now)
+        # unsigned, or signed by this peer in another node's name: refused
+        posing = Item(item_id("ok", "r", a.me.id, now), "ok", "r", a.me.id, now)
+        for bad in (honest, replace(posing, sig=signer(rogue.secret_key)(posing.id))):
+            bi = await link.conn.open_bi()
+            await bi.send().write_all(stream_prefix(StreamKind.BLACKBOARD, {"op": "post", "items": [bad.to_doc()]}))
+            await bi.send().finish()
+            assert await _answer_or_reset(bi) is None
+        assert ka.board.items == {}
+        honest = replace(honest, sig=signer(rogue.secret_key)(honest.id))  # signed with the key its node id is
         bi = await link.conn.open_bi()
         await bi.send().write_all(stream_prefix(StreamKind.BLACKBOARD, {"op": "post", "items": [honest.to_doc()]}))
         await bi.send().finish()

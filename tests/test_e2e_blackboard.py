@@ -8,11 +8,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from mesh_llm.blackboard.board import Item, item_id
+from mesh_llm.blackboard.board import Item, item_id, parse_item
+from mesh_llm.blackboard.signing import signer, verify_item
 from mesh_llm.mesh.token import decode_token
 from mesh_llm.mesh.wire import MAX_FRAME, StreamKind, stream_prefix
 from tests.conftest import LOCAL, assert_one_line_error, free_port, run_cli, wait_for
@@ -91,7 +93,8 @@ def test_the_http_api_enforces_its_limits(start_node, tiny_model, engine):  # ty
     a.wait_ready()
     status, doc, _ = post(a.port, {"text": "call +1 (555) 123-4567", "from": None})
     assert status == 200 and doc["item"]["text"] == "call [phone]" and doc["scrubbed"] == [{"kind": "phone", "count": 1}]
-    assert set(doc["item"]) == {"id", "text", "from", "node", "time"} and doc["item"]["node"] == a.node_id()
+    assert set(doc["item"]) == {"id", "text", "from", "node", "time", "sig"} and doc["item"]["node"] == a.node_id()
+    assert verify_item(parse_item(doc["item"]))  # signed by A's own key
     assert post(a.port, {"text": "   "})[0] == 400
     assert post(a.port, {"text": "bell\x07"})[0] == 400
     assert post(a.port, {"nope": 1})[0] == 400
@@ -115,11 +118,10 @@ def test_the_http_api_enforces_its_limits(start_node, tiny_model, engine):  # ty
 def test_no_node_gives_one_line_naming_how_to_start_one(tmp_path):  # type: ignore[no-untyped-def]
     port = free_port()
     assert_one_line_error(run_cli("blackboard", "hello", "--port", str(port)), "no mesh-llm node answers", "mesh-llm --client --join TOKEN")
-    assert_one_line_error(run_cli("blackboard", "--search", "x", "--join", "eyJfake", "--port", str(port)), "not yet supported")
+    assert_one_line_error(run_cli("blackboard", "--search", "x", "--join", "eyJfake", "--port", str(port)), "--join: invite token is garbled")
     assert_one_line_error(run_cli("blackboard", "text", "--search", "x", "--port", str(port)), "not both")
     assert_one_line_error(run_cli("blackboard", "--limit", "0", "--port", str(port)), "--limit 0 must be from 1 to 500")
     assert_one_line_error(run_cli("blackboard", "--since", "-1", "--port", str(port)), "--since -1 must be a positive number")
-    assert_one_line_error(run_cli("blackboard", "--mcp"), "--mcp is not yet supported")
 
 
 def test_a_hostile_peer_sending_malformed_blackboard_frames_does_not_hurt_the_node(start_node, tiny_model, engine):  # type: ignore[no-untyped-def]
@@ -140,6 +142,7 @@ def test_a_hostile_peer_sending_malformed_blackboard_frames_does_not_hurt_the_no
             raws = [stream_prefix(StreamKind.BLACKBOARD, h) for h in (
                 {"op": "sync", "ids": [1, 2]}, {"op": "post", "items": [{"id": "x"}] * 17}, {"op": "what"},
                 {"op": "post", "items": [Item(item_id("a", "r", me, 1.0), "b", "r", me, 1.0).to_doc()]},
+                {"op": "post", "items": [Item(item_id("hi", "r", me, time.time()), "hi", "r", me, time.time()).to_doc()]},  # unsigned
             )]
             raws += [bytes([StreamKind.BLACKBOARD]) + struct.pack(">I", MAX_FRAME + 1), bytes([StreamKind.BLACKBOARD]) + b"\0\0\0\x02{]",
                      bytes([StreamKind.BLACKBOARD]) + struct.pack(">I", 40) + b"[" * 40]
@@ -153,6 +156,7 @@ def test_a_hostile_peer_sending_malformed_blackboard_frames_does_not_hurt_the_no
                     pass
             now = time.time()
             honest = Item(item_id("rogue says hi", "r", me, now), "rogue says hi", "r", me, now)
+            honest = replace(honest, sig=signer(rogue.secret_key)(honest.id))  # signed by the key its node id is
             bi = await conn.open_bi()
             await bi.send().write_all(stream_prefix(StreamKind.BLACKBOARD, {"op": "post", "items": [honest.to_doc()]}))
             await bi.send().finish()

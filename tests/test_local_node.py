@@ -92,11 +92,12 @@ def test_no_node_and_no_token_is_one_line_naming_both_fixes(tmp_path: Path) -> N
     assert "\n" not in message and "--join TOKEN" in message and "mesh-llm --model" in message
 
 
-def test_an_early_exit_of_the_client_names_its_last_line(tmp_path: Path) -> None:
-    with pytest.raises(UserError) as err, local_api(free_port(), ["not-a-token"], say=lambda line: None, timeout=60):
+def test_a_garbled_token_is_one_line_before_any_client_starts(tmp_path: Path) -> None:
+    said: list[str] = []
+    with pytest.raises(UserError) as err, local_api(free_port(), ["not-a-token"], say=said.append, timeout=60):
         pass
     message = str(err.value)
-    assert "\n" not in message and "the client node stopped" in message and "token" in message
+    assert "\n" not in message and message.startswith("--join: invite token is garbled") and said == []
 
 
 def test_last_join_is_private_and_rewritten_only_when_it_changes(tmp_path: Path) -> None:

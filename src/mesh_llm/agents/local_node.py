@@ -27,6 +27,7 @@ from typing import Any
 from mesh_llm.engine.supervisor import _die_with_parent
 from mesh_llm.errors import UserError
 from mesh_llm.mesh.identity import load_last_join
+from mesh_llm.mesh.token import TokenError, decode_token
 from mesh_llm.paths import default_state_dir
 
 API_KEY_ENV = "MESH_LLM_API_KEY"  # a key for a node whose /v1 needs one (`mesh-llm auth key create`)
@@ -125,7 +126,12 @@ def local_api(port: int = 9337, join: Sequence[str] = (), *, say: Callable[[str]
             _wait_for_model(base, timeout, lambda: None)
         yield base
         return
-    tokens = [t for t in join if t.strip()]
+    tokens = [t.strip() for t in join if t.strip()]
+    for token in tokens:  # a bad token is one line here, not a client that starts and dies
+        try:
+            decode_token(token)
+        except TokenError as exc:
+            raise UserError(f"--join: {exc}") from None
     if not tokens:
         remembered = load_last_join((state_dir or default_state_dir()).expanduser())
         if remembered is None:

@@ -63,9 +63,11 @@ class Item:
     author: str
     node: str
     time: float
+    sig: str = ""  # the posting node's Ed25519 signature of the id (hex), by the key its node id is
 
     def to_doc(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "from": self.author, "node": self.node, "time": self.time}
+        doc: dict[str, Any] = {"id": self.id, "text": self.text, "from": self.author, "node": self.node, "time": self.time}
+        return {**doc, "sig": self.sig} if self.sig else doc
 
 
 def item_id(text: str, author: str, node: str, at: float) -> str:
@@ -92,8 +94,11 @@ def author_problem(author: str) -> ItemError | None:
 
 def parse_item(doc: Any) -> Item:
     """An item document from a peer or a file, checked field by field (not yet for age or rate)."""
-    if not isinstance(doc, dict) or set(doc) != FIELDS:
-        raise ItemError("an item is an object with exactly id, text, from, node, time")
+    if not isinstance(doc, dict) or set(doc) - {"sig"} != FIELDS:
+        raise ItemError("an item is an object with exactly id, text, from, node, time (and sig)")
+    sig = doc.get("sig", "")
+    if not isinstance(sig, str) or not _HEX_SIG.fullmatch(sig or "0" * 128):
+        raise ItemError("'sig' must be 128 lowercase hex digits")
     ident, text, author, node, at = doc["id"], doc["text"], doc["from"], doc["node"], doc["time"]
     if not isinstance(text, str) or (bad := text_problem(text)) is not None:
         raise bad if isinstance(text, str) and bad is not None else ItemError("'text' must be a string")
@@ -106,13 +111,21 @@ def parse_item(doc: Any) -> Item:
     at = float(at)
     if not isinstance(ident, str) or not _HEX_ID.fullmatch(ident) or ident != item_id(text, author, node, at):
         raise ItemError("'id' does not match the item's content")
-    return Item(ident, text, author, node, at)
+    return Item(ident, text, author, node, at, sig)
+
+
+_HEX_SIG = re.compile(r"[0-9a-f]{128}")
 
 
 class Board:
-    def __init__(self, clock: Callable[[], float] = time.time, max_items: int = MAX_ITEMS) -> None:
+    """`sign(item_id) -> sig` signs this node's posts; `verify(item) -> bool` checks a peer's
+    (both None: a board that neither signs nor checks, for tests of its other rules)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_items: int = MAX_ITEMS,
+                 sign: Callable[[str], str] | None = None, verify: Callable[[Item], bool] | None = None) -> None:
         self.clock = clock
         self.max_items = max_items
+        self.sign, self.verify = sign, verify
         self.items: dict[str, Item] = {}
 
     # -- adding -------------------------------------------------------------------
@@ -131,7 +144,8 @@ class Board:
         if len(recent) >= RATE_PER_WINDOW:
             wait = recent[-RATE_PER_WINDOW] + RATE_WINDOW_SECS - now
             raise ItemError(f"at most {RATE_PER_WINDOW} posts a minute from one node: retry in {math.ceil(wait)} s", 429, max(wait, 0.0))
-        item = Item(item_id(text, author, node, now), text, author, node, now)
+        ident = item_id(text, author, node, now)
+        item = Item(ident, text, author, node, now, self.sign(ident) if self.sign else "")
         self._insert(item)
         return item
 
@@ -142,6 +156,8 @@ class Board:
         item = parse_item(doc)
         if item.id in self.items:
             return None
+        if self.verify is not None and not self.verify(item):
+            raise ItemError(f"item {item.id[:12]} is not signed by the node it names ({item.node[:8]})")
         self.prune()
         now = self.clock()
         if item.time > now + SKEW_SECS or item.time <= now - TTL_SECS:

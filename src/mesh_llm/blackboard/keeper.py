@@ -27,6 +27,7 @@ from typing import Any
 
 from mesh_llm.blackboard.board import MAX_ITEMS, Board, Item, ItemError, write_board
 from mesh_llm.blackboard.scrub import scrub
+from mesh_llm.blackboard.signing import signer, verify_item
 from mesh_llm.mesh.admission import LogLimiter
 from mesh_llm.mesh.mesh import Mesh, PeerGone
 from mesh_llm.mesh.peers import EventKind
@@ -48,7 +49,7 @@ class BlackboardKeeper:
         self.mesh = mesh
         self.path = state_dir / FILE_NAME
         self.warn = warn
-        self.board = Board(clock)
+        self.board = Board(clock, sign=signer(mesh.secret_key), verify=verify_item)
         self._logs = LogLimiter()
         self._open: dict[str, int] = {}  # peer -> its BLACKBOARD streams being served here
         self._outbox: dict[str, dict[str, Item]] = {}  # peer -> items waiting to be pushed to it
