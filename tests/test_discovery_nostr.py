@@ -117,3 +117,31 @@ def test_the_nostr_key_is_kept_private_in_the_state_dir(tmp_path: Path) -> None:
     path = tmp_path / "nostr.nsec"
     assert path.stat().st_mode & 0o777 == 0o600 and path.read_text().startswith("nsec1")
     assert load_or_create_nostr_keys(tmp_path).public_key().to_hex() == keys.public_key().to_hex()
+
+
+async def test_a_relay_that_comes_up_later_is_used_then(relay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import mesh_llm.discovery.nostr as shell
+
+    monkeypatch.setattr(shell, "RETRY_ROUNDS", 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    late_url = f"ws://127.0.0.1:{port}"
+    x = make()
+    warnings: list[str] = []
+    p = Publisher(ns.Keys.generate(), [relay, late_url], lambda: x, lambda line: None, warnings.append, interval=0.3)
+    p.start()
+    await wait_until(lambda: p.publishes >= 1, timeout=20)
+    late = ns.LocalRelayBuilder().addr("127.0.0.1").port(port).build()
+    await late.run()
+    found: list[Listing] = []
+    for _ in range(100):
+        found = (await listed(late_url))[0]
+        if found:
+            break
+        await asyncio.sleep(0.2)
+    assert found == [x] and len(warnings) == 1
+    await p.close()
+    late.shutdown()

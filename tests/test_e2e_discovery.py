@@ -105,6 +105,23 @@ def test_auto_mesh_name_starts_the_named_mesh_then_joins_it_and_a_clean_exit_wit
     assert mesh_id not in mesh_ids(relay)  # withdrawn at once, not after 120 s
 
 
+@pytest.mark.engine
+def test_a_mesh_listed_with_its_member_token_is_joined_as_a_member(start_node, tiny_model: Path, engine, relay: str) -> None:  # type: ignore[no-untyped-def]
+    nostr = ("--nostr-relay", relay)
+    first = start_node("--auto", "--mesh-name", "crew", "--publish-member-token", "--model", str(tiny_model), *nostr, *LOCAL)
+    first.wait_ready()
+    mesh_id = first.status()["mesh"]["id"]
+    wait_for(lambda: mesh_id in mesh_ids(relay), timeout=60, what="the crew mesh listed")
+    assert [m["token_kind"] for m in discover(relay)["meshes"] if m["mesh_id"] == mesh_id] == ["member"]
+    second = start_node("--auto", "--mesh-name", "crew", "--model", str(tiny_model), *nostr, *LOCAL)
+    second.wait_ready()
+    assert second.status()["mesh"]["id"] == mesh_id and second.status()["node"]["role"] != "client"
+    wait_for(lambda: second.node_id() in first.peer_ids(), what="first sees second")
+    assert {n["role"] for n in first.status()["nodes"] if not n["self"]} != {"client"}
+    # both publish the one mesh: discovery shows it once, with both nodes
+    wait_for(lambda: [m["nodes"] for m in discover(relay)["meshes"] if m["mesh_id"] == mesh_id] == [2], timeout=90, what="listed once with 2 nodes")
+
+
 @pytest.mark.parametrize("args,fragment", [
     (("--auto", "--join", "x"), "--auto finds a mesh"),
     (("--client", "--publish", "--join", "x"), "cannot publish"),

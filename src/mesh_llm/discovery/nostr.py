@@ -41,6 +41,7 @@ REPUBLISH_ENV = "MESH_LLM_NOSTR_REPUBLISH_SECS"
 FETCH_SECS = 5.0
 CONNECT_SECS = 5.0
 MAX_EVENTS = 500
+RETRY_ROUNDS = 10  # unreachable relays are tried again every tenth republish
 
 
 def republish_secs() -> float:
@@ -78,18 +79,24 @@ def relay_urls(relays: list[str] | tuple[str, ...]) -> list[ns.RelayUrl]:
     return urls
 
 
-async def _connected_client(urls: list[ns.RelayUrl]) -> tuple[ns.Client, list[str]]:
-    """A client connected to every relay that answers; the others named in the second item.
+async def _connected_client(urls: list[ns.RelayUrl], client: ns.Client | None = None) -> tuple[ns.Client, list[str]]:
+    """A client connected to every relay of `urls` that answers; the others named in the second
+    item (and removed again: else every send waits for their acknowledgement in vain).
     It needs no signer: events are signed with our keys before they are sent."""
-    client = ns.Client()
+    client = client or ns.Client()
     for url in urls:
         await client.add_relay(url)
     out = await client.try_connect(timedelta(seconds=CONNECT_SECS))
-    for url in out.failed:  # else every send waits for its acknowledgement in vain
+    for url in out.failed:
         with contextlib.suppress(ns.NostrSdkError):
             await client.remove_relay(url)
     failed = [f"{url} ({reason})" for url, reason in out.failed.items()]
     return client, failed
+
+
+async def _down(client: ns.Client, urls: list[ns.RelayUrl]) -> list[ns.RelayUrl]:
+    present = {str(u) for u in await client.relays()}
+    return [u for u in urls if str(u) not in present]
 
 
 def _raw(event: ns.Event) -> RawListing:
@@ -178,8 +185,13 @@ class Publisher:
             return
         if failed:
             self._warn_once(f"Nostr: {len(failed)} of {len(self.urls)} relay(s) unreachable: {', '.join(failed)[:300]}")
+        rounds = 0
         while True:
+            rounds += 1
             try:
+                down = await _down(self._client, self.urls) if rounds % RETRY_ROUNDS == 0 else []
+                if down:  # relays that were unreachable: tried again now and then
+                    await _connected_client(down, self._client)
                 await self.publish_once()
             except Exception as exc:  # noqa: BLE001 - a relay or SDK hiccup never stops the node
                 self._warn_once(f"Nostr: publishing failed ({exc}); retrying every {self.interval:g} s")
