@@ -87,6 +87,8 @@ def test_two_nodes_publish_discover_lists_them_auto_joins_the_better_and_delists
 @pytest.mark.engine
 def test_auto_mesh_name_starts_the_named_mesh_then_joins_it_and_a_clean_exit_withdraws_it(start_node, tiny_model: Path, engine, relay: str) -> None:  # type: ignore[no-untyped-def]
     nostr = ("--nostr-relay", relay)
+    early = start_node("--auto", "--mesh-name", "poker-night", "--client", *nostr, *LOCAL, env={"MESH_LLM_AUTO_WAIT_SECS": "120"})
+    early.wait_output("No mesh to join yet")  # a client started first waits for the mesh to be listed
     first = start_node("--auto", "--mesh-name", "poker-night", "--model", str(tiny_model), *nostr, *LOCAL)  # default 60 s / 120 s
     first.wait_ready()
     assert "starting it" in first.output()
@@ -96,9 +98,12 @@ def test_auto_mesh_name_starts_the_named_mesh_then_joins_it_and_a_clean_exit_wit
     assert listed["name"] == "poker-night"
     second = start_node("--auto", "--mesh-name", "Poker-Night", "--client", *nostr, *LOCAL)
     second.wait_ready()
+    early.wait_ready()
+    assert early.status()["mesh"]["id"] == mesh_id
     assert second.status()["mesh"]["id"] == mesh_id
     # An unnamed --auto never picks a named mesh; a node that serves needs a member token.
-    assert run_cli("--auto", "--client", "--mesh-name", "nobody-here", *nostr, *LOCAL).returncode == 1
+    nobody = run_cli("--auto", "--client", "--mesh-name", "nobody-here", *nostr, *LOCAL, env={"MESH_LLM_AUTO_WAIT_SECS": "0"})
+    assert nobody.returncode == 1 and "no named 'nobody-here' mesh is listed" in nobody.stderr
     refused = run_cli("--auto", "--mesh-name", "poker-night", "--model", str(tiny_model), *nostr, *LOCAL, "--state-dir", str(first.state_dir.parent / "x"))
     assert refused.returncode == 1 and "client token only" in refused.stderr
     assert first.stop(signal.SIGINT) == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +20,10 @@ from mesh_llm import __version__
 from mesh_llm.discovery.listing import Found, Listing, Query, best_for_auto, check_name, found_json, freshness, listing_from_status, narrow, score
 from mesh_llm.errors import UserError
 from mesh_llm.text import terminal_safe
+
+AUTO_RETRY_SECS = 15.0
+AUTO_WAIT_SECS = 300.0
+AUTO_WAIT_ENV = "MESH_LLM_AUTO_WAIT_SECS"
 
 if TYPE_CHECKING:
     from mesh_llm.discovery.nostr import Publisher
@@ -123,20 +128,20 @@ def discover_command(args: argparse.Namespace, out: Console) -> int:
 def auto_join(cfg: NodeConfig, say: Callable[[str], None]) -> NodeConfig:
     """`--auto`: the config joined to the best listed mesh, or set to start (and publish) the
     named one when none is listed yet, or to start a new mesh (a node that serves)."""
-    found, skipped, unreachable = _fetch(cfg.nostr_relays)
-    note = (f"; skipped: {_skipped_text(skipped)}" if skipped else "")
-    say(f"Discovery: {len(found)} mesh(es) listed{note}")
     need_member = not cfg.client
-    if cfg.client:
-        query = Query(model=cfg.auto_model, region=cfg.region, serving_only=True)
-        best = best_for_auto(found, query, cfg.mesh_name, need_member)
-    else:
-        wanted = Query(model=Path(cfg.models[0]).stem, region=cfg.region) if cfg.models else Query(region=cfg.region)
-        best = best_for_auto(found, wanted, cfg.mesh_name, need_member) or best_for_auto(found, Query(region=cfg.region), cfg.mesh_name, need_member)
-    if best is not None:
-        x = best.listing
-        say(f"Joining {_describe(x)} ({x.node_count} node(s), {_gb(x.total_bytes)}, serving {', '.join(x.serving) or 'nothing yet'})")
-        return replace(cfg, join=[x.token])
+    wait = auto_wait_secs() if cfg.client else 0.0
+    deadline, interval = time.monotonic() + wait, max(1.0, min(AUTO_RETRY_SECS, wait / 10))
+    while True:
+        found, skipped, unreachable = _fetch(cfg.nostr_relays)
+        note = (f"; skipped: {_skipped_text(skipped)}" if skipped else "")
+        say(f"Discovery: {len(found)} mesh(es) listed{note}")
+        joined = _auto_choice(cfg, found, need_member, say)
+        if joined is not None or time.monotonic() + interval > deadline:
+            break
+        say(f"No mesh to join yet: looking again in {interval:g} s (Ctrl-C stops)")  # a client waits for it to be listed
+        time.sleep(interval)
+    if joined is not None:
+        return joined
     what = f"named {cfg.mesh_name!r}" if cfg.mesh_name else "unnamed"
     if need_member and best_for_auto(found, Query(region=cfg.region), cfg.mesh_name, False) is not None:
         raise UserError(f"the {what} mesh is listed with its client token only: join it with --auto --client, or ask a member for the member token")
@@ -148,6 +153,28 @@ def auto_join(cfg: NodeConfig, say: Callable[[str], None]) -> NodeConfig:
     else:
         say("No listed mesh to join: starting a new one")
     return replace(cfg, publish=True) if cfg.mesh_name else cfg
+
+
+def _auto_choice(cfg: NodeConfig, found: list[Found], need_member: bool, say: Callable[[str], None]) -> NodeConfig | None:
+    if cfg.client:
+        query = Query(model=cfg.auto_model, region=cfg.region, serving_only=True)
+        best = best_for_auto(found, query, cfg.mesh_name, need_member)
+    else:
+        wanted = Query(model=Path(cfg.models[0]).stem, region=cfg.region) if cfg.models else Query(region=cfg.region)
+        best = best_for_auto(found, wanted, cfg.mesh_name, need_member) or best_for_auto(found, Query(region=cfg.region), cfg.mesh_name, need_member)
+    if best is None:
+        return None
+    x = best.listing
+    say(f"Joining {_describe(x)} ({x.node_count} node(s), {_gb(x.total_bytes)}, serving {', '.join(x.serving) or 'nothing yet'})")
+    return replace(cfg, join=[x.token])
+
+
+def auto_wait_secs() -> float:
+    """How long `--auto --client` keeps looking for a mesh to be listed (the original: 20 × 15 s)."""
+    try:
+        return max(0.0, min(3600.0, float(os.environ.get(AUTO_WAIT_ENV, "") or AUTO_WAIT_SECS)))
+    except ValueError:
+        return AUTO_WAIT_SECS
 
 
 def _describe(x: Listing) -> str:
