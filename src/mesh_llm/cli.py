@@ -14,6 +14,7 @@ from rich.console import Console
 from mesh_llm import __version__, service
 from mesh_llm.agents.launch import TOOLS, add_parsers, split_tool_args
 from mesh_llm.blackboard import commands as blackboard_commands
+from mesh_llm.discovery import commands as discovery_commands
 from mesh_llm.engine.flavor import FLAVORS
 from mesh_llm.errors import UserError
 from mesh_llm.files import ensure_state_dir, read_token_file
@@ -43,6 +44,9 @@ examples:
   mesh-llm token [--client]              the running node's member token, or its client token
   mesh-llm blackboard "TEXT"             post to the mesh's blackboard (--search Q, --feed read it)
   mesh-llm --join CLIENT_TOKEN           use a mesh with a client token (API only: serves nothing)
+  mesh-llm --model M --publish           list the mesh on Nostr (with its client token) so others find it
+  mesh-llm discover [--model M]          the meshes listed on Nostr; `--auto` joins the best one
+  mesh-llm --auto --mesh-name NAME ...   join the mesh named NAME, or start (and list) it
   mesh-llm download                      list the catalog; `download NAME --draft` fetches a model and its draft
   mesh-llm models installed              models in the Hugging Face cache (also: recommended, search, show, experts)
   mesh-llm engine                        show which llama.cpp binaries are used
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--no-relay", action="store_true", help="no relays: direct addresses only (air-gapped LANs)")
     net.add_argument("--bind-port", type=int, default=0, metavar="PORT", help="UDP port for the mesh's QUIC socket (default: any free port)")
     net.add_argument("--bind-host", default="0.0.0.0", metavar="IP", help="IP the QUIC socket binds to (default 0.0.0.0; 127.0.0.1 keeps a mesh on one machine)")
+    discovery_commands.add_node_options(p)
     _engine_options(p)
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR", help=f"logs and node state (default {default_state_dir()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--client", action="store_true", help="the client token: its holder may use the mesh's API, not serve or lend")
     _port_option(tok)
     blackboard_commands.add_parser(sub)
+    discovery_commands.add_parser(sub)
     eng = sub.add_parser("engine", help="show the llama.cpp engine in use; `engine build` builds it")
     eng.add_argument("action", nargs="?", choices=["show", "build"], default="show")
     eng.add_argument("--force", action="store_true", help="rebuild even when the cache has a build")
@@ -186,6 +192,8 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     flavor = getattr(args, "llama_flavor", None)
     if args.command == "blackboard":
         return blackboard_commands.blackboard_command(args, out)
+    if args.command == "discover":
+        return discovery_commands.discover_command(args, out)
     if args.command == "engine":
         from mesh_llm.engine.commands import engine_command
 
@@ -243,6 +251,8 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         raise UserError(f"--max-inflight {args.max_inflight} must be a number of requests from 1 to 100000")
     if args.upstream_timeout is not None and not (math.isfinite(args.upstream_timeout) and args.upstream_timeout > 0):
         raise UserError(f"--upstream-timeout {args.upstream_timeout:g} must be a positive number of seconds")
+    discovery_commands.check_node_options(args)
+    auto_client = args.auto and args.client  # its --model picks a mesh serving it
     if args.client and args.on_demand:
         raise UserError("--client runs no model, so it serves none on demand: drop --on-demand, or drop --client")
     if args.idle_unload is not None and not (math.isfinite(args.idle_unload) and args.idle_unload > 0):
@@ -254,7 +264,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
     from mesh_llm.node import NodeConfig, run_node
 
     cfg = NodeConfig(
-        models=args.model,
+        models=[] if auto_client else args.model,
         port=args.port,
         listen_all=args.listen_all,
         allow_remote_runtime=args.allow_remote_runtime,
@@ -278,6 +288,9 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         upstream_timeout=args.upstream_timeout,
         api_key_file=args.api_key_file.expanduser() if args.api_key_file else None,
         on_demand=args.on_demand,
+        publish=args.publish or args.publish_member_token, publish_member_token=args.publish_member_token, mesh_name=args.mesh_name,
+        region=args.region, max_clients=args.max_clients, auto=args.auto, auto_model=args.model[0] if auto_client and args.model else None,
+        nostr_relays=args.nostr_relay,
     )
     if args.idle_unload is not None:
         cfg.idle_unload = args.idle_unload

@@ -100,6 +100,15 @@ class NodeConfig:
     api_key_file: Path | None = None  # keys accepted besides the state dir's (`mesh-llm auth key create`)
     on_demand: list[str] = field(default_factory=list)  # --on-demand: files this node loads when the mesh wants them
     idle_unload: float = DEFAULT_IDLE_UNLOAD_SECS  # a model it picked up itself is unloaded after this long without requests
+    # finding meshes (discovery/): list this one on Nostr, or join the best listed one
+    publish: bool = False
+    publish_member_token: bool = False  # the listing carries the member token, not the client token
+    mesh_name: str | None = None
+    region: str | None = None
+    max_clients: int | None = None  # delisted while the mesh has this many clients
+    auto: bool = False
+    auto_model: str | None = None  # --auto --client --model M: a mesh serving M
+    nostr_relays: list[str] = field(default_factory=list)  # empty: the default relays
 
     @property
     def host(self) -> str:
@@ -122,6 +131,11 @@ def check_port_free(host: str, port: int, in_use: Callable[[str, int], UserError
 
 
 def run_node(cfg: NodeConfig, console: Console) -> int:
+    if cfg.auto:
+        from mesh_llm.discovery.commands import auto_join
+
+        with console.status("Looking for meshes on Nostr…"):
+            cfg = auto_join(cfg, lambda line: console.print(terminal_safe(line), markup=False, highlight=False))
     tokens = decode_tokens(cfg.join)
     if only_client_tokens(tokens):
         if cfg.models:
@@ -406,6 +420,10 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             await fleet.sync_routes()
             print_passive_ready(console, cfg, table)
         fleet.announced = True
+        if (cfg.publish or cfg.mesh_name) and token and client_token:
+            from mesh_llm.discovery.commands import start_publisher
+
+            stack.push_async_callback(start_publisher(cfg, build_status, token, client_token, say, warn).close)  # withdrawn on exit
         await stop.wait()
         console.print("Leaving the mesh…" if not loaded else "Shutting down…")
         return 0
