@@ -160,3 +160,13 @@ async def test_hint_retries_the_same_addresses_only_after_the_backoff() -> None:
         assert b.hint(gone, ["127.0.0.1:10"])  # new addresses: at once
     finally:
         await b.close()
+
+
+def test_only_members_on_a_reachable_socket_announce() -> None:
+    from mesh_llm.mesh.transport import TransportConfig
+    from mesh_llm.node import NodeConfig
+
+    assert NodeConfig().announces_on_lan
+    assert not NodeConfig(lan=False).announces_on_lan  # --no-lan
+    assert not NodeConfig(client=True).announces_on_lan
+    assert not NodeConfig(transport=TransportConfig.loopback()).announces_on_lan  # a mesh kept on this machine

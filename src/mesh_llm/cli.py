@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--relay", action="append", default=[], metavar="URL", help="relay server to use instead of iroh's defaults (repeatable)")
     net.add_argument("--no-relay", action="store_true", help="no relays: direct addresses only (air-gapped LANs)")
     net.add_argument("--bind-port", type=int, default=0, metavar="PORT", help="UDP port for the mesh's QUIC socket (default: any free port)")
+    net.add_argument("--no-lan", action="store_true", help="don't announce this mesh on the local network (mDNS: mesh id, node id, addresses; never the secret)")
     net.add_argument("--bind-host", default="0.0.0.0", metavar="IP", help="IP the QUIC socket binds to (default 0.0.0.0; 127.0.0.1 keeps a mesh on one machine)")
     _engine_options(p)
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR", help=f"logs and node state (default {default_state_dir()})")
@@ -278,6 +279,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         upstream_timeout=args.upstream_timeout,
         api_key_file=args.api_key_file.expanduser() if args.api_key_file else None,
         on_demand=args.on_demand,
+        lan=not args.no_lan,
     )
     if args.idle_unload is not None:
         cfg.idle_unload = args.idle_unload

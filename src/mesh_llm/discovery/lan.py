@@ -332,15 +332,18 @@ class LanAnnouncer:
                                 server=f"{label}.local.", parsed_addresses=hosts or None)
 
     async def start(self) -> None:
+        """Announce and watch; a LAN that cannot carry mDNS costs one line, never the node."""
         interfaces = self.interfaces if self.interfaces is not None else lan_interfaces()
-        self.azc = _zeroconf(interfaces)
-        self.announced = self._addrs()
-        self.info = self._info(self.announced)
         try:
+            self.azc = _zeroconf(interfaces)
+            self.announced = self._addrs()
+            self.info = self._info(self.announced)
             await self.azc.async_register_service(self.info)  # the name is the node's: unique
+            self.watcher = _Watcher(self.azc, self._seen, lambda name, why: None)
         except Exception as exc:  # noqa: BLE001 - the LAN is a convenience: the node runs on without it
-            self.say(f"LAN announcement failed ({type(exc).__name__}: {exc}); peers on this LAN will not see this node")
-        self.watcher = _Watcher(self.azc, self._seen, lambda name, why: None)
+            self.say(f"LAN announcement failed ({type(exc).__name__}: {exc}); peers on this LAN will not see this node (--no-lan hides this)")
+            await self.close()
+            return
         self._refresh = asyncio.ensure_future(self._refresh_loop())
 
     def _seen(self, m: LanMesh) -> None:
