@@ -30,7 +30,8 @@ async def node(args: argparse.Namespace) -> None:
     await mesh.start()
     if args.join:
         await mesh.join([decode_token(args.join)])
-    lan = LanAnnouncer(mesh, name="ns-test", say=lambda line: out({"log": line}))
+    listing = {**json.loads(args.listing), "token": mesh.token()} if args.listing else None
+    lan = LanAnnouncer(mesh, name="ns-test", listing=listing, say=lambda line: out({"log": line}))
     await lan.start()
     out({"id": mesh.me.id, "addrs": list(mesh.me.addrs), "token": mesh.token()})
     stop = asyncio.Event()
@@ -63,6 +64,7 @@ def main() -> None:
     n.add_argument("--port", type=int, required=True)
     n.add_argument("--name", default="n")
     n.add_argument("--join", default="")
+    n.add_argument("--listing", default="", help="JSON: announce as a published mesh (its token added)")
     b = sub.add_parser("browse")
     b.add_argument("--timeout", type=float, default=4.0)
     args = p.parse_args()

@@ -154,3 +154,37 @@ def test_lan_browse_sees_a_mesh_and_a_member_is_found_again_after_its_address_ch
     finally:
         for p in procs:
             p.stop()
+
+
+def test_a_published_mesh_announces_its_listing_with_the_token(netns: Netns) -> None:
+    secret = os.urandom(32).hex()
+    a = Proc(netns.ns[0], "node", "--key", os.urandom(32).hex(), "--mesh", f"{os.urandom(16).hex()}:{secret}", "--port", "47313",
+             "--listing", json.dumps({"name": "poker-night", "nodes": 1, "models": ["tiny"]}))
+    try:
+        first = a.wait_for("token")
+        listings = browse(netns.ns[1])["listings"]
+        assert {"name": "poker-night", "nodes": 1, "models": ["tiny"], "token": first["token"]} in listings, listings
+    finally:
+        a.stop()
+
+
+@pytest.mark.engine
+def test_a_real_node_announces_unless_told_not_to(netns: Netns, tiny_model: Path, engine: Any, tmp_path: Path) -> None:
+    from mesh_llm.mesh.token import decode_token
+    from tests.conftest import NodeProcess
+
+    prefix = ("ip", "netns", "exec", netns.ns[0])
+    node = NodeProcess(["--model", str(tiny_model), "--no-relay"], tmp_path / "a", 9337, prefix=prefix, env=ENV)
+    try:
+        node_id = decode_token(node.token()).endpoint_id.hex()
+        assert node_id in [e.get("node_id") for e in browse(netns.ns[1])["listings"]]
+    finally:
+        node.proc.terminate()
+        node.proc.wait(30)
+    quiet = NodeProcess(["--model", str(tiny_model), "--no-relay", "--no-lan"], tmp_path / "a", 9337, prefix=prefix, env=ENV)
+    try:
+        quiet.token()
+        assert browse(netns.ns[1])["listings"] == []
+    finally:
+        quiet.proc.terminate()
+        quiet.proc.wait(30)
