@@ -36,6 +36,7 @@ from mesh_llm.api.status import PeerView, Ports, status_document
 from mesh_llm.api.status_feed import StatusFeed
 from mesh_llm.blackboard.api import BlackboardApi
 from mesh_llm.blackboard.keeper import BlackboardKeeper
+from mesh_llm.discovery.lan import LanAnnouncer, lan_interfaces
 from mesh_llm.engine.binaries import EngineBinaries
 from mesh_llm.engine.provision import device_listing, list_devices, provide_engine
 from mesh_llm.engine.source import LLAMA_CPP
@@ -109,6 +110,13 @@ class NodeConfig:
     auto: bool = False
     auto_model: str | None = None  # --auto --client --model M: a mesh serving M
     nostr_relays: list[str] = field(default_factory=list)  # empty: the default relays
+    lan: bool = True  # announce the mesh on the LAN (mDNS) and refresh members' addresses from it; --no-lan: off
+    listing: dict[str, Any] | None = None  # a published mesh's public listing: announced on the LAN too (token included)
+
+    @property
+    def announces_on_lan(self) -> bool:
+        """Members only (a client is not dialable), and not a mesh kept on this machine (loopback QUIC)."""
+        return self.lan and not self.client and not self.transport.bind_host.startswith(("127.", "::1"))
 
     @property
     def host(self) -> str:
@@ -155,6 +163,11 @@ def run_node(cfg: NodeConfig, console: Console) -> int:
     if len(cfg.models) > 1 and cfg.tensor_split:
         raise UserError("--tensor-split sets the shares of one model: pass a single --model with it")
     api_keys(cfg)  # a missing --api-key-file fails before slow work
+    if cfg.announces_on_lan:
+        try:
+            lan_interfaces()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     check_port_free(cfg.host, cfg.port)
     if cfg.console_port is not None:
         if cfg.console_port == cfg.port:
@@ -347,6 +360,10 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
             save_last_port(cfg.state_dir, mesh.me.addrs)
         if not cfg.client:  # a client is not dialable: its tokens would lead nowhere
             token, client_token = mesh.token("member"), mesh.token("client")
+        if cfg.announces_on_lan:
+            lan = LanAnnouncer(mesh, listing=cfg.listing, say=say)
+            await lan.start()
+            stack.push_async_callback(lan.close)
 
         settings = None
         if engine is not None:

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,6 +20,9 @@ from mesh_llm.mesh.admission import ADMISSION_SECS, MAX_PENDING_HANDSHAKES, LogL
 from mesh_llm.mesh.identity import MeshCredentials
 from mesh_llm.mesh.peers import (
     HEARTBEAT_SECS,
+    MAX_DIAL_ADDRS,
+    MAX_MEMBERS,
+    REDIAL_BACKOFF_SECS,
     DialHint,
     DialLimiter,
     EventKind,
@@ -29,6 +33,7 @@ from mesh_llm.mesh.peers import (
     as_client,
     decode_gossip,
     encode_gossip,
+    is_dial_addr,
     keep_new_connection,
     own_dial_addrs,
     rank_hints,
@@ -44,6 +49,7 @@ FIRST_BYTE_SECS = 10.0  # an inbound stream must say what it is within this
 REJOIN_SECS = 10.0  # with no members left, re-dial the invite tokens this often
 CLIENT_STREAMS = frozenset({StreamKind.GOSSIP, StreamKind.HTTP, StreamKind.BLACKBOARD})  # all a client-token peer may open
 DISCOVERY_TTL_SECS = 3 * HEARTBEAT_SECS  # a peer mentioned in gossip is worth dialing this long
+MAX_KNOWN_IDS = 2 * MAX_MEMBERS  # members (and token endpoints) this run remembers, for outside hints
 
 # (peer id, header, send stream, reader positioned after the header) -> None
 StreamHandler = Callable[[str, dict[str, Any], Any, FramedReader], Awaitable[None]]
@@ -81,6 +87,8 @@ class Mesh:
         self.pending_handshakes = 0
         self.handlers: dict[StreamKind, StreamHandler] = {}
         self.join_tokens: list[InviteToken] = []
+        self.known_ids: OrderedDict[str, None] = OrderedDict()  # ids that were members this run: `hint` may redial them
+        self.outside_tries: dict[str, tuple[tuple[str, ...], float]] = {}  # id -> addrs of its last outside hint, when
         self._subscribers: list[asyncio.Queue[MeshEvent]] = []
         self._dialing: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -169,9 +177,42 @@ class Mesh:
             raise PeerGone(f"peer {peer_id[:8]}: {describe(exc)}") from None
         return send, bi.recv()
 
+    def hint(self, peer_id: str, addrs: Sequence[str]) -> bool:
+        """Addresses for a peer heard of outside the mesh (a LAN announcement naming this mesh):
+        dial it there if it was a member this run (or a join token's member) and is not connected.
+
+        Anyone on the LAN can announce anything, so: unknown ids are ignored, at most
+        MAX_DIAL_ADDRS valid addresses are used, the same addresses are retried only after
+        REDIAL_BACKOFF_SECS, and the dial counts against the hinted-dial limits. The handshake
+        still proves the mesh secret both ways. Returns whether a dial started."""
+        addrs = tuple(a for a in addrs if isinstance(a, str) and is_dial_addr(a))[:MAX_DIAL_ADDRS]
+        if not addrs or peer_id == self.me.id or peer_id not in self.known_ids or self._closing:
+            return False
+        if peer_id in self.links or peer_id in self._dialing:
+            return False
+        now = time.monotonic()
+        last = self.outside_tries.get(peer_id)
+        if last is not None and last[0] == addrs and now - max(last[1], self.membership.dial_failed_at.get(peer_id, 0.0)) < REDIAL_BACKOFF_SECS:
+            return False
+        if not self.hinted_dials.try_start(now):
+            return False
+        self.outside_tries[peer_id] = (addrs, now)
+        self._dial_soon(peer_id, addrs, None, hinted=True)
+        return True
+
+    def _know(self, peer_id: str) -> None:
+        self.known_ids[peer_id] = None
+        self.known_ids.move_to_end(peer_id)
+        while len(self.known_ids) > MAX_KNOWN_IDS:
+            gone, _ = self.known_ids.popitem(last=False)
+            self.outside_tries.pop(gone, None)
+
     async def join(self, tokens: list[InviteToken]) -> None:
         """Dial every token; succeed if one admits us, else raise Refused with the reason."""
         self.join_tokens = list(tokens)
+        for tok in tokens:
+            if tok.endpoint_id != self.my_id:
+                self._know(tok.endpoint_id.hex())
         errors: list[str] = []
         for tok in tokens:
             if tok.endpoint_id == self.my_id:
@@ -312,6 +353,8 @@ class Mesh:
             if old.incarnation != link.incarnation:
                 self._emit(self.membership.remove(record.id, "restarted"))
         self.links[record.id] = link
+        if not client and record.role != "client":
+            self._know(record.id)
         if record.id not in self.membership.members:
             self._emit(self.membership.admit(record, time.monotonic()))
         self._spawn(self._serve_streams(link))
