@@ -22,11 +22,14 @@ LOAD_WAIT_SECS = 900.0  # a large model can take minutes to load
 
 
 class Node:
-    """The node listening on 127.0.0.1:port, over plain HTTP."""
+    """The node listening on 127.0.0.1:port (or at `base`), over plain HTTP. `hint`: what to do when none answers."""
 
-    def __init__(self, port: int) -> None:
+    NO_NODE_HINT = "start one (`mesh-llm --model NAME`, or `mesh-llm --join TOKEN` for one without a model) or pass --port"
+
+    def __init__(self, port: int, base: str | None = None, hint: str = NO_NODE_HINT) -> None:
         self.port = port
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = base or f"http://127.0.0.1:{port}"
+        self.hint = hint
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -35,22 +38,27 @@ class Node:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 doc = json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as err:
-            raise UserError(_error_text(err)) from None
+            raise UserError(self.error_text(err)) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UserError(f"no mesh-llm node answers on {self.base} ({reason}): start one (`mesh-llm --model NAME`, or "
-                            "`mesh-llm --join TOKEN` for one without a model) or pass --port") from None
+            raise UserError(f"no mesh-llm node answers on {self.base} ({reason}): {self.hint}") from None
         except ValueError:
             raise UserError(f"{self.base} did not answer with JSON: is it a mesh-llm node? (pass --port)") from None
         return doc if isinstance(doc, dict) else {}
 
+    def error_text(self, err: urllib.error.HTTPError) -> str:
+        return node_error_text(err)
 
-def _error_text(err: urllib.error.HTTPError) -> str:
+
+def node_error_text(err: urllib.error.HTTPError, missing: str | None = None) -> str:
+    """The node's one-line error; `missing`: what a 404 without one means (an older node lacking the route)."""
     try:
         doc = json.loads(err.read())
         message = doc["error"]["message"] if isinstance(doc.get("error"), dict) else doc.get("error")
     except (ValueError, KeyError, TypeError, AttributeError):
         message = None
+    if err.code == 404 and message is None and missing:
+        return missing
     return str(message or f"the node answered HTTP {err.code}")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from mesh_llm.blackboard.board import DEFAULT_LIMIT, MAX_ITEMS
+from mesh_llm.control import Node, node_error_text
 from mesh_llm.errors import UserError
 from mesh_llm.text import printable, terminal_safe
 
@@ -134,11 +135,12 @@ def print_item(out: Console, item: dict[str, Any]) -> None:
         out.print(f"    {line}", markup=False, highlight=False)
 
 
-class BoardClient:
-    """The node at `base` (this machine's), over plain HTTP."""
+class BoardClient(Node):
+    """The node at `base` (this machine's), over plain HTTP (the blackboard's waits added)."""
 
     def __init__(self, base: str, join: str | None) -> None:
-        self.base = base
+        super().__init__(0, base, "start one with `mesh-llm --client --join TOKEN` (or `mesh-llm --model NAME`), "
+                                  "pass --join TOKEN to join for this call, or pass --port")
         self.join = join
 
     def wait_synced(self) -> None:
@@ -156,29 +158,8 @@ class BoardClient:
         while time.monotonic() < deadline and self.call("GET", "/api/blackboard?limit=1").get("pending", 0):
             time.sleep(0.2)
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_SECS) as r:
-                doc = json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            raise UserError(_error_text(err)) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserError(f"no mesh-llm node answers on {self.base} ({reason}): start one with `mesh-llm --client --join TOKEN` "
-                            "(or `mesh-llm --model NAME`), pass --join TOKEN to join for this call, or pass --port") from None
-        except ValueError:
-            raise UserError(f"{self.base} did not answer with JSON: is it a mesh-llm node? (pass --port)") from None
-        return doc if isinstance(doc, dict) else {}
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = TIMEOUT_SECS) -> dict[str, Any]:
+        return super().call(method, path, body, timeout)
 
-
-def _error_text(err: urllib.error.HTTPError) -> str:
-    try:
-        doc = json.loads(err.read())
-        message = doc["error"]["message"] if isinstance(doc.get("error"), dict) else doc.get("error")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        message = None
-    if err.code == 404 and message is None:
-        return f"the node on port {err.url and urllib.parse.urlsplit(err.url).port} has no blackboard: is it an older mesh-llm?"
-    return str(message or f"the node answered HTTP {err.code}")
+    def error_text(self, err: urllib.error.HTTPError) -> str:
+        return node_error_text(err, missing=f"the node at {self.base} has no blackboard: is it an older mesh-llm?")
