@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,12 +23,14 @@ from mesh_llm.discovery.listing import (
     found_json,
     freshness,
     listing_from_status,
+    merge_found,
     narrow,
+    read_lan,
     read_listings,
     score,
 )
 from mesh_llm.mesh.identity import MeshCredentials
-from mesh_llm.mesh.token import InviteToken
+from mesh_llm.mesh.token import InviteToken, decode_token
 
 NOW = 1_800_000_000
 
@@ -128,22 +131,56 @@ def test_reading_skips_forged_expired_malformed_and_other_versions_with_counts()
         raw(good),
         raw(make(), signed=False),  # a bad signature
         raw(make(), expires=NOW - 1),
-        raw(make(), expires=None),  # no expiration tag: still read (relays may strip it)
+        raw(make(), expires=None),  # no expiration tag: ours always carry one, so this one never goes away
         raw("{nope"),
         raw(make(), d="11" * 16),  # d tag names another mesh
         RawListing("p", NOW, make().encode(), (("d", "x"), ("expiration", "soon"))),  # an expiration that is no number
+        RawListing("p", NOW, make().encode(), (("expiration", "\u00b2"),)),  # "²": a digit to isdigit, not to int()
+        raw(make(), created=NOW + 3600, expires=NOW + 3700),  # dated an hour ahead: always "fresh", always the newest
+        raw(make(), created=NOW - 5, expires=NOW + 10**8),  # says it stays valid for years
         raw(other),
         raw('{"withdrawn": true}'),
     ]
     skipped = Skipped()
-    found = read_listings(raws, NOW, "0.2.0", skipped)
-    assert [f.listing.mesh_id for f in found][0] == good.mesh_id and len(found) == 2
-    assert skipped.as_dict() == {"expired": 1, "forged": 1, "malformed": 3, "version": 1}
+    found = read_listings(raws, NOW, "0.1.0", skipped)
+    assert [f.listing.mesh_id for f in found] == [good.mesh_id]
+    assert skipped.as_dict() == {"bad times": 2, "expired": 1, "forged": 1, "malformed": 5, "version": 1}
+
+
+def test_a_token_nested_without_end_is_malformed_not_a_crash() -> None:
+    import base64
+
+    doc = json.loads(make().encode())
+    doc["token"] = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    skipped = Skipped()
+    assert read_listings([raw(json.dumps(doc), d=doc["mesh_id"])], NOW, "0.1.0", skipped) == []
+    assert skipped.as_dict() == {"malformed": 1}
+    found, _ = read_lan([lan(None, mesh_id=doc["mesh_id"], doc=doc)], NOW, "0.1.0", skipped)
+    assert found == [] and skipped.as_dict() == {"malformed": 2}
+
+
+def test_a_copycat_under_another_meshs_id_cannot_hide_it() -> None:
+    """The mesh id is public: a stranger can list it again with a token of their own (their own
+    secret, their own node) and a newer date. That listing stands beside the real one, never in its place."""
+    real = make("poker", nodes=2)
+    creds = MeshCredentials(bytes.fromhex(real.mesh_id), b"\x07" * 32).for_clients()
+    fake_token = InviteToken(creds, b"\x09" * 32, ("203.0.113.9:4000",)).encode()
+    fake = replace(real, token=fake_token, node_count=50)
+    found = read_listings([raw(real, created=NOW - 30), raw(fake, created=NOW - 1, publisher="ee" * 32)], NOW, "0.1.0")
+    assert sorted(f.listing.token for f in found) == sorted([real.token, fake_token])
+    assert len({f.listing.group for f in found}) == 2
+    lan_found, _ = read_lan([lan(fake)], NOW, "0.1.0")
+    assert {f.listing.token for f in merge_found(found, lan_found)} == {real.token, fake_token}
+    # the same mesh's member and client tokens are one mesh: one replaces the other
+    member = make("crew", kind="member")
+    as_client = replace(member, token=InviteToken(decode_token(member.token).mesh.for_clients(), b"\x01" * 32, ("127.0.0.1:5000",)).encode())
+    one = read_listings([raw(member, created=NOW - 9), raw(as_client, created=NOW - 1)], NOW, "0.1.0")
+    assert len(one) == 1 and one[0].listing.token == as_client.token
 
 
 def test_the_newest_listing_of_a_mesh_wins() -> None:
     x = make(nodes=1)
-    newer = Listing(**{**x.__dict__, "node_count": 4})
+    newer = replace(x, node_count=4)
     found = read_listings([raw(x, created=NOW - 50), raw(newer, created=NOW - 2, publisher="bb" * 32)], NOW, "0.1.0")
     assert len(found) == 1 and found[0].listing.node_count == 4
 
@@ -188,7 +225,8 @@ def test_auto_picks_unnamed_unless_named_and_needs_a_member_token_to_serve() -> 
 
 def test_freshness_and_versions() -> None:
     assert [freshness(NOW - age, NOW) for age in (0, 119, 120, 299, 300, 10**6)] == ["fresh", "fresh", "ok", "ok", "stale", "stale"]
-    assert compatible("0.9.1", "0.1.0") and not compatible("1.0.0", "0.1.0")
+    assert compatible("0.1.9", "0.1.0") and not compatible("0.2.0", "0.1.0") and not compatible("1.0.0", "0.1.0")
+    assert compatible("1.4.0", "1.0.2") and not compatible("2.0.0", "1.9.9")  # from 1.0 on, the major alone
 
 
 def test_names_typed_by_the_user_are_checked() -> None:
@@ -213,3 +251,41 @@ def test_a_listing_from_the_status_document() -> None:
     assert decode_listing(x.encode()) == x
     out = found_json(Found(x, "p", NOW - 130, NOW + 10), NOW)
     assert (out["freshness"], out["age_secs"], out["token_kind"], out["nodes"]) == ("ok", 130, "client", 3)
+    member_token = InviteToken(creds, b"\x01" * 32, ("127.0.0.1:5000",)).encode()
+    shared = listing_from_status(doc, token=member_token, version="0.1.0", name="n", region=None, max_clients=None)
+    assert shared.token_kind == "member" == decode_listing(shared.encode()).token_kind  # what it says is what the token is
+
+
+def lan(x: Listing | None, mesh_id: str | None = None, node: str = "bb" * 32, name: str = "", version: str = "0.1.0",
+        doc: dict[str, Any] | None = None) -> tuple[str, str, str, str, dict[str, Any] | None]:
+    """One LAN announcement as read_lan takes it."""
+    listing = doc if doc is not None else (json.loads(x.encode()) if x is not None else None)
+    return (mesh_id or (x.mesh_id if x is not None else "cc" * 16), node, version, name, listing)
+
+
+def test_lan_announcements_give_listings_checked_like_a_relays_and_private_meshes_apart() -> None:
+    published, other = make("lan-party", nodes=2), make()
+    skipped = Skipped()
+    forged_doc = json.loads(other.encode())
+    found, private = read_lan([
+        lan(published), lan(None, mesh_id=published.mesh_id, node="dd" * 32),  # a second member of it, private record
+        lan(None, mesh_id="ee" * 16, name="home"), lan(None, mesh_id="ee" * 16, node="ff" * 32),  # a private mesh, two members
+        lan(other, mesh_id="12" * 16),  # a listing under another mesh's id than its token's: refused
+        lan(None, mesh_id="34" * 16, doc=forged_doc | {"token": "nonsense"}),
+        lan(replace(make(), version="9.0.0")),  # another major version
+        lan(None, mesh_id="56" * 16, doc={"withdrawn": True}),
+    ], NOW, "0.1.0", skipped)
+    assert [f.listing for f in found] == [published]
+    assert found[0].source == "lan" and found[0].published_at == NOW and found[0].publisher == "lan:" + "bb" * 32
+    assert [(p.mesh_id, p.name, p.nodes) for p in private] == [("ee" * 16, "home", 2)]  # the published one is not private
+    assert skipped.as_dict() == {"malformed": 2, "version": 1}
+    assert freshness(found[0].published_at, NOW) == "fresh"
+
+
+def test_what_the_lan_says_wins_over_a_relays_copy_and_both_are_named() -> None:
+    x, y, z = make("a", nodes=3), make("b", nodes=2), make("c", nodes=1)
+    newer = replace(x, node_count=4)
+    nostr = [Found(x, "aa" * 32, NOW - 50), Found(y, "aa" * 32, NOW - 10)]
+    merged = merge_found(nostr, [Found(newer, "lan:1", NOW, source="lan"), Found(z, "lan:2", NOW, source="lan")])
+    assert [(f.listing.name, f.source, f.listing.node_count) for f in merged] == [("a", "nostr+lan", 4), ("b", "nostr", 2), ("c", "lan", 1)]
+    assert found_json(merged[0], NOW)["source"] == "nostr+lan"

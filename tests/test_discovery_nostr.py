@@ -142,6 +142,43 @@ async def test_a_relay_that_comes_up_later_is_used_then(relay: str, monkeypatch:
         if found:
             break
         await asyncio.sleep(0.2)
-    assert found == [x] and len(warnings) == 1
+    assert found == [x] and sum("unreachable" in w for w in warnings) == 1 and len(warnings) <= 2  # said once, not every round
     await p.close()
     late.shutdown()
+
+
+async def test_without_relays_each_rounds_listing_still_goes_to_the_lan_and_status_says_so() -> None:
+    x = make("lan-only")
+    state: dict[str, Listing | None] = {"listing": x}
+    told: list[Listing | None] = []
+
+    async def tell(listing: Listing | None) -> None:
+        told.append(listing)
+
+    lines: list[str] = []
+    p = Publisher(ns.Keys.generate(), None, lambda: state["listing"], lines.append, lines.append, interval=0.5, on_listing=tell)
+    p.start()
+    await wait_until(lambda: len(told) >= 2, timeout=10)
+    assert told[:2] == [x, x] and p.published is None  # no relay was asked
+    st = p.state()
+    assert st["listed"] is True and st["name"] == "lan-only" and st["relays"] == [] and st["nostr_listed"] is False
+    assert st["token_kind"] == "client" and x.token not in json.dumps(st)  # the status shows the kind, never the token
+    state["listing"] = None
+    await wait_until(lambda: told[-1] is None, timeout=10)
+    assert p.state()["listed"] is False and any("Delisted" in line for line in lines)
+    state["listing"] = x
+    await wait_until(lambda: told[-1] == x, timeout=10)
+    await p.close()
+    assert told[-1] is None  # a clean exit takes it off the LAN too
+
+
+async def test_status_counts_the_relays_that_took_the_listing(relay: str) -> None:
+    x = make()
+    p = Publisher(ns.Keys.generate(), [relay, "ws://127.0.0.1:1"], lambda: x, lambda line: None, lambda line: None, interval=0.5)
+    p.start()
+    try:
+        await wait_until(lambda: p.publishes >= 1, timeout=20)
+        st = p.state()
+        assert st["nostr_listed"] is True and st["relays_up"] == 1 and len(st["relays"]) == 2 and st["last_published_at"]
+    finally:
+        await p.close()

@@ -11,11 +11,11 @@ import pytest
 from mesh_llm.engine.llama_server import ServerConfig, server_argv
 from mesh_llm.errors import UserError
 from mesh_llm.models.catalog import by_name
+from mesh_llm.models.draft import choose_draft
 from mesh_llm.models.gguf_file import inspect_model
 from mesh_llm.models.resolve import ResolvedModel
 from mesh_llm.models.tiny import COMMON_PAIRS, TinyModelSpec, tiny_vocab, write_tiny_model
 from mesh_llm.models.vocab import vocab_mismatch
-from mesh_llm.models.draft import choose_draft
 from tests.conftest import LOCAL, assert_one_line_error, run_cli
 from tests.hub_standin import HubStandIn
 

@@ -52,6 +52,9 @@ def test_two_nodes_publish_discover_lists_them_auto_joins_the_better_and_delists
     b.wait_ready()
     ids = {a.status()["mesh"]["id"]: "a", b.status()["mesh"]["id"]: "b"}
     wait_for(lambda: set(ids) <= mesh_ids(relay), timeout=60, what="both meshes listed")
+    listed = a.status()["discovery"]["listing"]
+    assert listed["listed"] is True and listed["nostr_listed"] is True and listed["relays"] == [relay] and listed["relays_up"] == 1
+    assert listed["token_kind"] == "client" and a.status()["discovery"]["lan_announced"] is False  # loopback QUIC: nothing on the LAN
     meshes = {m["mesh_id"]: m for m in discover(relay)["meshes"]}
     ma, mb = (next(m for i, m in meshes.items() if ids.get(i) == x) for x in "ab")
     assert ma["region"] == "eu" and mb["region"] == "us" and ma["serving"] == mb["serving"] == ["tiny-llama"]
@@ -125,6 +128,12 @@ def test_a_mesh_listed_with_its_member_token_is_joined_as_a_member(start_node, t
     assert {n["role"] for n in first.status()["nodes"] if not n["self"]} != {"client"}
     # both publish the one mesh: discovery shows it once, with both nodes
     wait_for(lambda: [m["nodes"] for m in discover(relay)["meshes"] if m["mesh_id"] == mesh_id] == [2], timeout=90, what="listed once with 2 nodes")
+    # the second lists it the way it found it, with the member token: a client-token listing of
+    # its own would replace the first's and turn the next serving node away
+    wait_for(lambda: (second.status()["discovery"]["listing"] or {}).get("nostr_listed"), timeout=60, what="second lists the mesh")
+    assert second.status()["discovery"]["listing"]["token_kind"] == "member", second.output()
+    third = run_cli("discover", "--json", "--nostr-relay", relay)
+    assert [m["token_kind"] for m in json.loads(third.stdout)["meshes"] if m["mesh_id"] == mesh_id] == ["member"]
 
 
 @pytest.mark.parametrize("args,fragment", [

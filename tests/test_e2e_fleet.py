@@ -200,9 +200,9 @@ def test_requests_for_a_model_spread_over_its_servers_and_a_conversation_stays(s
     before = served()
     complete(b, "tiny-0", user="alice")
     home, away = (a, c) if served()[0] > before[0] else (c, a)
-    busy = [open_stream(b.port, "tiny-0", 4000)]
+    busy = [open_stream(b.port, "tiny-0", 20000)]
     if runtime(home)["tiny-0"]["in_flight"] == 0:  # it went the other way: the next one goes home
-        busy.append(open_stream(b.port, "tiny-0", 4000))
+        busy.append(open_stream(b.port, "tiny-0", 20000))
         busy.pop(0).close()
     wait_for(lambda: runtime(home)["tiny-0"]["in_flight"] == 1 and runtime(away)["tiny-0"]["in_flight"] == 0, what="a stream busy on alice's server only")
     before = served()

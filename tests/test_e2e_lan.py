@@ -188,3 +188,67 @@ def test_a_real_node_announces_unless_told_not_to(netns: Netns, tiny_model: Path
     finally:
         quiet.proc.terminate()
         quiet.proc.wait(30)
+
+
+def ns_http(ns: str, url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> Any:
+    """GET (or POST `body` as JSON) from inside a namespace: its loopback is not ours."""
+    code = ("import json,sys,urllib.request as u;b=sys.argv[2];"
+            "r=u.Request(sys.argv[1],b.encode() if b else None,{'Content-Type':'application/json'});"
+            "print(u.urlopen(r,timeout=50).read().decode())")
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, url, json.dumps(body) if body else ""],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def ns_cli(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "mesh_llm", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.engine
+def test_a_named_mesh_is_found_and_joined_over_the_lan_with_no_relay_and_no_token(netns: Netns, tiny_model: Path, engine: Any,
+                                                                                   tmp_path: Path) -> None:
+    """Two shells, no token pasted, no relay: `--mesh-name lan-party --no-nostr` lists the mesh on
+    the LAN only; `discover --no-nostr` in the other namespace shows it; `--auto --mesh-name
+    lan-party --client` joins it there and answers through its own :9337."""
+    from tests.conftest import NodeProcess
+
+    a = NodeProcess(["--model", str(tiny_model), "--no-relay", "--mesh-name", "lan-party", "--no-nostr"], tmp_path / "a", 9337,
+                    prefix=("ip", "netns", "exec", netns.ns[0]), env=ENV)
+    c: NodeProcess | None = None
+    try:
+        a.wait_output("Listing the mesh on this LAN only")
+        status = ns_http(netns.ns[0], "http://127.0.0.1:9337/api/status")
+        mesh_id = status["mesh"]["id"]
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while not found and time.monotonic() < deadline:  # the first listing goes out once the node is ready
+            result = ns_cli(netns.ns[1], "discover", "--no-nostr", "--json")
+            assert result.returncode == 0, result.stderr
+            doc = json.loads(result.stdout)
+            found = [m for m in doc["meshes"] if m["mesh_id"] == mesh_id]
+        assert found, doc
+        m = found[0]
+        assert (m["name"], m["source"], m["token_kind"], m["serving"], m["freshness"]) == ("lan-party", "lan", "client", ["tiny-llama"], "fresh")
+        assert doc["unreachable"] == [] and doc["private_on_lan"] == []
+        discovery = ns_http(netns.ns[0], "http://127.0.0.1:9337/api/status")["discovery"]
+        assert discovery["mesh_name"] == "lan-party" and discovery["lan_announced"] is True
+        assert discovery["listing"]["listed"] is True and discovery["listing"]["relays"] == [] and discovery["listing"]["token_kind"] == "client"
+
+        c = NodeProcess(["--auto", "--mesh-name", "lan-party", "--client", "--no-nostr", "--no-relay"], tmp_path / "c", 9337,
+                        prefix=("ip", "netns", "exec", netns.ns[1]), env=ENV)
+        c.wait_output("ready as a client", timeout=90)
+        assert "Joining mesh 'lan-party', listed on this LAN" in c.output()
+        assert ns_http(netns.ns[1], "http://127.0.0.1:9337/api/status")["mesh"]["id"] == mesh_id
+        deadline = time.monotonic() + 60
+        while "tiny-llama" not in ns_http(netns.ns[1], "http://127.0.0.1:9337/api/status")["api"]["models"]:
+            assert time.monotonic() < deadline, c.output()
+            time.sleep(0.5)
+        answer = ns_http(netns.ns[1], "http://127.0.0.1:9337/v1/completions", {"model": "tiny-llama", "prompt": "ab", "max_tokens": 4})
+        assert answer["choices"][0]["text"] is not None and answer["usage"]["completion_tokens"] > 0
+    finally:
+        for node in (c, a):
+            if node is not None:
+                node.proc.terminate()
+                node.proc.wait(30)

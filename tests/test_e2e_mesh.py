@@ -65,7 +65,8 @@ def test_three_nodes_and_a_client_form_one_mesh_from_single_tokens(start_node, t
         assert reply["choices"][0]["message"]["content"], reply
         assert reply["model"].startswith(model)
     # A node that does not serve a model reaches it over the mesh too, streaming included.
-    req = urllib.request.Request(f"{a.base_url}/v1/chat/completions", json.dumps({"model": "tiny-other", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}).encode(), {"Content-Type": "application/json"})
+    body = {"model": "tiny-other", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+    req = urllib.request.Request(f"{a.base_url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 3

@@ -138,4 +138,4 @@ def _requests(node) -> int:  # type: ignore[no-untyped-def]
 
 
 def _first_difference(a: str, b: str) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))

@@ -7,9 +7,9 @@ import pytest
 from mesh_llm.engine.build import BASE_CMAKE_ARGS, cmake_build_args, cmake_configure_args, engine_dir, parse_progress
 from mesh_llm.engine.flavor import Toolchains, pick_flavor
 from mesh_llm.engine.llama_server import ServerConfig, choose_ctx, server_argv
-from mesh_llm.plan.capacity import parse_device_memory
 from mesh_llm.engine.source import LLAMA_CPP, PinnedSource, extract_tree, fetch_sdist, sha256_of
 from mesh_llm.errors import UserError
+from mesh_llm.plan.capacity import parse_device_memory
 
 
 def test_pick_flavor() -> None:

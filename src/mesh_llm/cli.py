@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--relay", action="append", default=[], metavar="URL", help="relay server to use instead of iroh's defaults (repeatable)")
     net.add_argument("--no-relay", action="store_true", help="no relays: direct addresses only (air-gapped LANs)")
     net.add_argument("--bind-port", type=int, default=0, metavar="PORT", help="UDP port for the mesh's QUIC socket (default: any free port)")
-    net.add_argument("--no-lan", action="store_true", help="don't announce this mesh on the local network (mDNS: mesh id, node id, addresses; never the secret)")
+    net.add_argument("--no-lan", action="store_true", help="don't announce this mesh on the local network (mDNS: mesh id, node id, addresses; never the secret), nor look there with --auto")
     net.add_argument("--bind-host", default="0.0.0.0", metavar="IP", help="IP the QUIC socket binds to (default 0.0.0.0; 127.0.0.1 keeps a mesh on one machine)")
     discovery_commands.add_node_options(p)
     _engine_options(p)
@@ -292,6 +292,7 @@ def dispatch(args: argparse.Namespace, out: Console) -> int:
         publish=args.publish or args.publish_member_token, publish_member_token=args.publish_member_token, mesh_name=args.mesh_name,
         region=args.region, max_clients=args.max_clients, auto=args.auto, auto_model=args.model[0] if auto_client and args.model else None,
         nostr_relays=args.nostr_relay,
+        nostr=not args.no_nostr,
         lan=not args.no_lan,
     )
     if args.idle_unload is not None:

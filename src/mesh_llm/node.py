@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -73,6 +73,9 @@ from mesh_llm.text import for_markup, terminal_safe
 
 RPC_DELAY_ENV = "MESH_LLM_RPC_DELAY_MS"  # injected latency on RPC tunnels, for benchmarks
 
+if TYPE_CHECKING:
+    from mesh_llm.discovery.nostr import Publisher
+
 
 @dataclass
 class NodeConfig:
@@ -110,8 +113,8 @@ class NodeConfig:
     auto: bool = False
     auto_model: str | None = None  # --auto --client --model M: a mesh serving M
     nostr_relays: list[str] = field(default_factory=list)  # empty: the default relays
+    nostr: bool = True  # --no-nostr: publish and look on the LAN only, ask no relay
     lan: bool = True  # announce the mesh on the LAN (mDNS) and refresh members' addresses from it; --no-lan: off
-    listing: dict[str, Any] | None = None  # a published mesh's public listing: announced on the LAN too (token included)
 
     @property
     def announces_on_lan(self) -> bool:
@@ -296,6 +299,12 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
     demand: DemandKeeper | None = None
     token: str | None = None
     client_token: str | None = None
+    lan: LanAnnouncer | None = None
+    publisher: Publisher | None = None
+
+    def discovery_state() -> dict[str, Any]:
+        return {"mesh_name": cfg.mesh_name, "lan_announced": lan is not None and lan.azc is not None,
+                "listing": publisher.state() if publisher is not None else None}
 
     def build_status() -> dict[str, Any]:
         assert mesh is not None and fleet is not None
@@ -303,7 +312,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         peers = [PeerView(m.record, m.rtt_ms, now - m.last_seen) for m in mesh.members()]
         return status_document(mesh.me, peers, mesh_id=mesh.creds.mesh_id.hex(), token=token, client_token=client_token,
                                ports=Ports(cfg.port, cfg.console_port, cfg.listen_all), routes=table.models(), local=fleet.snapshot(), servers=table.ready_servers(),
-                               demand=demand.snapshot() if demand is not None else None)
+                               demand=demand.snapshot() if demand is not None else None, discovery=discovery_state())
 
     def on_process_change(mp: ManagedProcess) -> None:
         if fleet is not None:
@@ -361,7 +370,7 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         if not cfg.client:  # a client is not dialable: its tokens would lead nowhere
             token, client_token = mesh.token("member"), mesh.token("client")
         if cfg.announces_on_lan:
-            lan = LanAnnouncer(mesh, listing=cfg.listing, say=say)
+            lan = LanAnnouncer(mesh, name=cfg.mesh_name, say=say)
             await lan.start()
             stack.push_async_callback(lan.close)
 
@@ -440,7 +449,8 @@ async def _serve(cfg: NodeConfig, tokens: list[InviteToken], specs: list[ModelSp
         if (cfg.publish or cfg.mesh_name) and token and client_token:
             from mesh_llm.discovery.commands import start_publisher
 
-            stack.push_async_callback(start_publisher(cfg, build_status, token, client_token, say, warn).close)  # withdrawn on exit
+            publisher = start_publisher(cfg, build_status, token, client_token, say, warn, on_listing=lan.announce_listing if lan else None)
+            stack.push_async_callback(publisher.close)  # withdrawn on exit
         await stop.wait()
         console.print("Leaving the mesh…" if not loaded else "Shutting down…")
         return 0

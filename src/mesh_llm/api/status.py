@@ -91,7 +91,7 @@ def _node_entry(view: PeerView, is_self: bool, used: dict[str, int]) -> dict[str
 
 def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, token: str | None, ports: Ports, client_token: str | None = None,
                     routes: list[str], local: list[dict[str, Any]] | None = None, servers: dict[str, list[str]] | None = None,
-                    demand: dict[str, Any] | None = None) -> dict[str, Any]:
+                    demand: dict[str, Any] | None = None, discovery: dict[str, Any] | None = None) -> dict[str, Any]:
     """This node, its token, every node with its memory and share, every model the mesh runs.
 
     `routes` are the models this node's API answers for now (`servers`: for each, the nodes
@@ -121,6 +121,8 @@ def status_document(me: PeerRecord, peers: list[PeerView], *, mesh_id: str, toke
         "models": models,
         "serving": local or [],
         "demand": demand or {"models": [], "decisions": [], "on_demand": [], "promoted": []},
+        # how strangers find this mesh: the LAN announcement and the public listing (Publisher.state), if any
+        "discovery": discovery or {"mesh_name": None, "lan_announced": False, "listing": None},
     }
 
 
@@ -129,6 +131,9 @@ def stable_view(doc: dict[str, Any]) -> dict[str, Any]:
     out = dict(doc)
     out["nodes"] = [{k: v for k, v in n.items() if k not in VOLATILE} for n in doc.get("nodes", [])]
     out["node"] = {k: v for k, v in doc.get("node", {}).items() if k not in VOLATILE}
+    if isinstance((doc.get("discovery") or {}).get("listing"), dict):  # republishing every minute changes nothing a viewer sees
+        listing = {k: v for k, v in doc["discovery"]["listing"].items() if k not in ("last_published_at", "publishes")}
+        out["discovery"] = {**doc["discovery"], "listing": listing}
     if isinstance(doc.get("serving"), list):  # RPC counters and request counts tick with every token
         out["serving"] = [{k: v for k, v in m.items() if k not in ("rpc_traffic", "requests", "in_flight")} for m in doc["serving"]]
     return out

@@ -9,15 +9,30 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from mesh_llm import __version__
-from mesh_llm.discovery.listing import Found, Listing, Query, best_for_auto, check_name, found_json, freshness, listing_from_status, narrow, score
+from mesh_llm.discovery.listing import (
+    Found,
+    Listing,
+    PrivateMesh,
+    Query,
+    Skipped,
+    best_for_auto,
+    check_name,
+    found_json,
+    freshness,
+    listing_from_status,
+    merge_found,
+    narrow,
+    read_lan,
+    score,
+)
 from mesh_llm.errors import UserError
 from mesh_llm.text import terminal_safe
 
@@ -39,6 +54,7 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-clients", type=int, default=None, metavar="N", help="delist the mesh while it has N or more clients")
     g.add_argument("--auto", action="store_true", help="join the best listed mesh (with --client, --model M picks one serving M)")
     g.add_argument("--nostr-relay", action="append", default=[], metavar="URL", help="Nostr relay to use instead of the defaults (repeatable)")
+    g.add_argument("--no-nostr", action="store_true", help="ask no Nostr relay: publish and look on this LAN only (mDNS)")
 
 
 def add_parser(sub: Any) -> None:
@@ -48,6 +64,8 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--min-vram", type=float, default=None, metavar="GB", help="only meshes with at least this much memory in all")
     d.add_argument("--json", action="store_true", help="machine-readable: {meshes: [...], skipped: {reason: count}, unreachable: [...]}")
     d.add_argument("--nostr-relay", action="append", default=[], metavar="URL", help="Nostr relay to ask instead of the defaults (repeatable)")
+    d.add_argument("--no-nostr", action="store_true", help="ask no relay: only the meshes announced on this LAN")
+    d.add_argument("--no-lan", action="store_true", help="don't look on this LAN (mDNS), only on the relays")
 
 
 def check_node_options(args: argparse.Namespace) -> None:
@@ -64,6 +82,12 @@ def check_node_options(args: argparse.Namespace) -> None:
         raise UserError("a client cannot publish a mesh (it has no token to share): drop --publish, or drop --client")
     if args.client and args.mesh_name is not None and not args.auto:
         raise UserError("--client --mesh-name NAME needs --auto: a client joins the named mesh, it cannot start one")
+    if args.no_nostr and args.nostr_relay:
+        raise UserError("--no-nostr asks no relay: drop it, or drop --nostr-relay")
+    if (args.publish or args.publish_member_token or args.mesh_name is not None) and args.no_nostr and args.no_lan and not args.auto:
+        raise UserError("--no-nostr and --no-lan leave nowhere to publish the mesh: drop one of them")
+    if args.auto and args.no_nostr and args.no_lan:
+        raise UserError("--auto with --no-nostr and --no-lan has nowhere to look: drop one of them")
     for url in args.nostr_relay:
         if not url.startswith(("ws://", "wss://")) or len(url) > 500:
             raise UserError(f"--nostr-relay {url[:100]!r} must be a ws:// or wss:// URL")
@@ -78,10 +102,55 @@ def _checked(text: str, what: str) -> str:
         raise UserError(str(exc)) from None
 
 
-def _fetch(relays: list[str]) -> tuple[list[Found], dict[str, int], list[str]]:
-    from mesh_llm.discovery.nostr import fetch_listings
+@dataclass
+class Seen:
+    """What one look around found: listed meshes (relays and LAN merged), private meshes on
+    the LAN, skipped listings by reason, and the relays that could not be reached."""
 
-    return asyncio.run(fetch_listings(relays, __version__))
+    found: list[Found]
+    private: list[PrivateMesh]
+    skipped: dict[str, int]
+    unreachable: list[str]
+
+
+LAN_BROWSE_SECS = 3.0
+
+
+def look(relays: list[str], *, nostr: bool = True, lan: bool = True) -> Seen:
+    """Ask the relays and browse the LAN at the same time (one shell call for discover and --auto)."""
+    return asyncio.run(_look(relays, nostr, lan))
+
+
+async def _look(relays: list[str], nostr: bool, lan: bool) -> Seen:
+    from mesh_llm.discovery.lan import browse_lan
+
+    async def relays_part() -> tuple[list[Found], dict[str, int], list[str]]:
+        if not nostr:
+            return [], {}, []
+        from mesh_llm.discovery.nostr import fetch_listings
+
+        return await fetch_listings(relays, __version__)
+
+    async def lan_part(bad: list[str]) -> list[Any]:
+        if not lan:
+            return []
+        try:
+            return await browse_lan(LAN_BROWSE_SECS, skipped=bad)
+        except Exception as exc:  # noqa: BLE001 - a LAN without multicast: the relays still answer
+            bad.append(f"LAN: {type(exc).__name__}: {exc}")
+            return []
+
+    bad: list[str] = []
+    (from_relays, skipped, unreachable), heard = await asyncio.gather(relays_part(), lan_part(bad))
+    counts = Skipped()
+    for reason, n in skipped.items():
+        counts.add(reason, n)
+    if bad:
+        counts.add("unreadable LAN announcements", len(bad))
+    from_lan, private = read_lan(((m.mesh_id, m.node_id, m.version, m.name, m.listing) for m in heard), time.time(), __version__, counts)
+    found = merge_found(from_relays, from_lan)
+    listed = {f.listing.mesh_id for f in found}
+    return Seen(found, [p for p in private if p.mesh_id not in listed], counts.as_dict(), unreachable)
 
 
 def _gb(n: int) -> str:
@@ -95,12 +164,17 @@ def _skipped_text(skipped: dict[str, int]) -> str:
 def discover_command(args: argparse.Namespace, out: Console) -> int:
     if args.min_vram is not None and not args.min_vram >= 0:
         raise UserError(f"--min-vram {args.min_vram:g} must be a number of GB (0 or more)")
-    found, skipped, unreachable = _fetch(args.nostr_relay)
+    if args.no_nostr and (args.nostr_relay or args.no_lan):
+        raise UserError("--no-nostr looks on the LAN only: drop --nostr-relay and --no-lan, or drop --no-nostr")
+    seen = look(args.nostr_relay, nostr=not args.no_nostr, lan=not args.no_lan)
+    found, skipped, unreachable = seen.found, seen.skipped, seen.unreachable
     now = time.time()
     shown = narrow(found, Query(model=args.model, region=args.region, min_vram_gb=args.min_vram))
+    private = [p for p in seen.private if not (args.model or args.min_vram is not None or args.region)]
     if args.json:
         doc = {"meshes": [found_json(f, now) for f in shown], "skipped": skipped, "unreachable": unreachable,
-               "filtered_out": len(found) - len(shown)}
+               "filtered_out": len(found) - len(shown),
+               "private_on_lan": [{"mesh_id": p.mesh_id, "name": p.name, "nodes": p.nodes, "version": p.version} for p in private]}
         out.print(json.dumps(doc, indent=2), markup=False, highlight=False, soft_wrap=True)
         return 0
 
@@ -109,17 +183,19 @@ def discover_command(args: argparse.Namespace, out: Console) -> int:
 
     if unreachable:
         line(f"{len(unreachable)} relay(s) unreachable: {'; '.join(unreachable)[:300]}")
+    for p in private:
+        line(f"Private mesh on this LAN: {p.name or p.mesh_id[:8]!s} ({p.nodes} node(s) announcing; join with a token from one of its members)")
     if not shown:
         line("No meshes listed" + (" that match" if len(found) else "") + (f" (skipped: {_skipped_text(skipped)})" if skipped else ""))
         return 0
-    line(f"{'NAME':<20} {'NODES':>5} {'MEMORY':>18} {'CLIENTS':>8} {'REGION':<10} {'FRESH':<6} {'SCORE':>5}  MODELS")
+    line(f"{'NAME':<20} {'NODES':>5} {'MEMORY':>18} {'CLIENTS':>8} {'REGION':<10} {'FRESH':<6} {'SCORE':>5} {'WHERE':<9}  MODELS")
     for f in shown:
         x = f.listing
         clients = f"{x.client_count}/{x.max_clients}" if x.max_clients is not None else str(x.client_count)
         memory = f"{_gb(x.free_bytes)} free/{_gb(x.total_bytes)}"
         models = ", ".join(x.serving) + (f" (wanted: {', '.join(x.wanted)})" if x.wanted else "")
         line(f"{(x.name or '(unnamed)')[:20]:<20} {x.node_count:>5} {memory:>18} {clients:>8} {(x.region or '-')[:10]:<10} "
-             f"{freshness(f.published_at, now):<6} {score(x):>5}  {models or '-'}")
+             f"{freshness(f.published_at, now):<6} {score(x):>5} {f.source:<9}  {models or '-'}")
     line(f"{len(shown)} mesh(es)" + (f"; skipped: {_skipped_text(skipped)}" if skipped else "") +
          "   Join one: mesh-llm --auto [--mesh-name NAME] [--client]")
     return 0
@@ -132,9 +208,11 @@ def auto_join(cfg: NodeConfig, say: Callable[[str], None]) -> NodeConfig:
     wait = auto_wait_secs() if cfg.client else 0.0
     deadline, interval = time.monotonic() + wait, max(1.0, min(AUTO_RETRY_SECS, wait / 10))
     while True:
-        found, skipped, unreachable = _fetch(cfg.nostr_relays)
+        seen = look(cfg.nostr_relays, nostr=cfg.nostr, lan=cfg.lan)
+        found, skipped = seen.found, seen.skipped
         note = (f"; skipped: {_skipped_text(skipped)}" if skipped else "")
-        say(f"Discovery: {len(found)} mesh(es) listed{note}")
+        where = " and ".join(w for w, on in (("on Nostr", cfg.nostr), ("on this LAN", cfg.lan)) if on)
+        say(f"Discovery: {len(found)} mesh(es) listed {where}{note}")
         joined = _auto_choice(cfg, found, need_member, say)
         if joined is not None or time.monotonic() + interval > deadline:
             break
@@ -143,8 +221,9 @@ def auto_join(cfg: NodeConfig, say: Callable[[str], None]) -> NodeConfig:
     if joined is not None:
         return joined
     what = f"named {cfg.mesh_name!r}" if cfg.mesh_name else "unnamed"
-    if need_member and best_for_auto(found, Query(region=cfg.region), cfg.mesh_name, False) is not None:
-        raise UserError(f"the {what} mesh is listed with its client token only: join it with --auto --client, or ask a member for the member token")
+    if need_member and best_for_auto(found, Query(region=cfg.region), cfg.mesh_name, False, time.time()) is not None:
+        raise UserError(f"the {what} mesh is listed with its client token only: join it with --auto --client, ask a member for the member "
+                        "token, or have the mesh listed with --publish-member-token")
     if cfg.client:
         model = f" serving {cfg.auto_model!r}" if cfg.auto_model else ""
         raise UserError(f"no {what} mesh{model} is listed{note}: see `mesh-llm discover`, or join with --join TOKEN")
@@ -158,15 +237,20 @@ def auto_join(cfg: NodeConfig, say: Callable[[str], None]) -> NodeConfig:
 def _auto_choice(cfg: NodeConfig, found: list[Found], need_member: bool, say: Callable[[str], None]) -> NodeConfig | None:
     if cfg.client:
         query = Query(model=cfg.auto_model, region=cfg.region, serving_only=True)
-        best = best_for_auto(found, query, cfg.mesh_name, need_member)
+        best = best_for_auto(found, query, cfg.mesh_name, need_member, time.time())
     else:
         wanted = Query(model=Path(cfg.models[0]).stem, region=cfg.region) if cfg.models else Query(region=cfg.region)
-        best = best_for_auto(found, wanted, cfg.mesh_name, need_member) or best_for_auto(found, Query(region=cfg.region), cfg.mesh_name, need_member)
+        now = time.time()
+        best = best_for_auto(found, wanted, cfg.mesh_name, need_member, now) or best_for_auto(found, Query(region=cfg.region), cfg.mesh_name,
+                                                                                             need_member, now)
     if best is None:
         return None
     x = best.listing
-    say(f"Joining {_describe(x)} ({x.node_count} node(s), {_gb(x.total_bytes)}, serving {', '.join(x.serving) or 'nothing yet'})")
-    return replace(cfg, join=[x.token])
+    via = {"lan": "on this LAN", "nostr": "on Nostr", "nostr+lan": "on this LAN and Nostr"}.get(best.source, best.source)
+    say(f"Joining {_describe(x)}, listed {via} ({x.node_count} node(s), {_gb(x.total_bytes)}, serving {', '.join(x.serving) or 'nothing yet'})")
+    # A member that joined through a listing with the member token lists it the same way (the
+    # mesh's publishers chose to share it): else its client-token listing would hide that one.
+    return replace(cfg, join=[x.token], publish_member_token=cfg.publish_member_token or (x.token_kind == "member" and not cfg.client))
 
 
 def auto_wait_secs() -> float:
@@ -182,8 +266,10 @@ def _describe(x: Listing) -> str:
 
 
 def start_publisher(cfg: NodeConfig, status: Callable[[], dict[str, Any]], member_token: str, client_token: str,
-                    say: Callable[[str], None], warn: Callable[[str], None]) -> Publisher:
-    """The node's publisher: its listing from the node's own status, delisted at --max-clients."""
+                    say: Callable[[str], None], warn: Callable[[str], None],
+                    on_listing: Callable[[Listing | None], Awaitable[None]] | None = None) -> Publisher:
+    """The node's publisher: its listing from the node's own status, delisted at --max-clients;
+    each round's listing also goes to `on_listing` (the LAN announcer)."""
     from mesh_llm.discovery.nostr import Publisher, load_or_create_nostr_keys
 
     publisher: Publisher
@@ -196,6 +282,9 @@ def start_publisher(cfg: NodeConfig, status: Callable[[], dict[str, Any]], membe
             return None
         return listing
 
-    publisher = Publisher(load_or_create_nostr_keys(cfg.state_dir), cfg.nostr_relays, current, say, warn)
+    publisher = Publisher(load_or_create_nostr_keys(cfg.state_dir), cfg.nostr_relays if cfg.nostr else None, current, say, warn,
+                          on_listing=on_listing)
     publisher.start()
+    if not cfg.nostr:
+        say(f"Listing the mesh on this LAN only (--no-nostr; {'member' if cfg.publish_member_token else 'client'} token)")
     return publisher

@@ -139,7 +139,7 @@ def _listing(txt: dict[str, str]) -> dict[str, Any] | None:
     n_text = txt.get("ln")
     if n_text is None:
         return None
-    if not n_text.isdigit() or not 1 <= int(n_text) <= MAX_LISTING_CHUNKS:
+    if not n_text.isascii() or not n_text.isdigit() or not 1 <= int(n_text) <= MAX_LISTING_CHUNKS:  # "²" is a digit to isdigit
         raise BadAnnouncement("bad listing chunk count")
     parts = []
     for i in range(int(n_text)):
@@ -353,9 +353,17 @@ class LanAnnouncer:
             self.say(f"LAN: {m.node_id[:8]} of this mesh announces {', '.join(m.addrs)}: dialing it there")
 
     async def update(self, *, listing: dict[str, Any] | None = None, name: str | None = None) -> None:
-        """Announce a new listing (or name): the publisher calls this when it republishes."""
-        self.listing, self.name = listing, name if name is not None else self.name
+        """Announce a new listing (or name); unchanged ones are not sent again."""
+        name = name if name is not None else self.name
+        if (listing, name) == (self.listing, self.name):
+            return
+        self.listing, self.name = listing, name
         await self._reannounce()
+
+    async def announce_listing(self, listing: Any) -> None:
+        """The publisher's hook: each round's public listing (a `Listing`, None when delisted),
+        announced on the LAN exactly as the relays get it."""
+        await self.update(listing=json.loads(listing.encode()) if listing is not None else None)
 
     async def _reannounce(self) -> None:
         if self.azc is None:

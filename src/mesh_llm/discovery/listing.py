@@ -13,11 +13,12 @@ Discovery sorts meshes by node count, then memory (both descending), as the orig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh_llm.mesh.token import TokenError, decode_token
@@ -66,6 +67,7 @@ class Listing:
     client_count: int = 0
     max_clients: int | None = None
     token_kind: str = "client"  # derived from the token on decode, never trusted from the document
+    group: str = field(default="", compare=False)  # digest of the mesh's clients' secret (from the token): listings of one mesh share it, a copycat's differ
 
     def encode(self) -> str:
         doc: dict[str, Any] = {
@@ -160,6 +162,8 @@ def decode_listing(text: object) -> Listing:
         raise ListingError("malformed", "token does not decode") from None
     if decoded.mesh.mesh_id.hex() != mesh_id:
         raise ListingError("malformed", "token belongs to another mesh than the listing names")
+    clients_secret = decoded.mesh.secret_for("client")
+    assert clients_secret is not None  # every holder can derive the clients' secret
     max_clients = doc.get("max_clients")
     if max_clients is not None:
         max_clients = _int(doc, "max_clients", MAX_COUNT)
@@ -173,16 +177,18 @@ def decode_listing(text: object) -> Listing:
         mesh_id=mesh_id, token=token, version=str(version), name=_optional_text(doc, "name", MAX_NAME_CHARS),
         region=_optional_text(doc, "region", MAX_REGION_CHARS), serving=_models(doc, "serving"), wanted=_models(doc, "wanted"),
         node_count=nodes, total_bytes=total, free_bytes=free, client_count=clients, max_clients=max_clients,
-        token_kind=decoded.mesh.kind,
+        token_kind=decoded.mesh.kind, group=hashlib.sha256(b"mesh-llm/listing-group/v1" + clients_secret).hexdigest()[:32],
     )
 
 
 def major(version: str) -> str:
-    return version.split(".", 1)[0]
+    """The part of a version that must match: the major, or major.minor before 1.0 (0.x may break at each minor)."""
+    parts = version.split(".")
+    return ".".join(parts[:2]) if parts[0] == "0" else parts[0]
 
 
 def compatible(version: str, ours: str) -> bool:
-    """Meshes of another major version speak another protocol: not offered."""
+    """Meshes of another major version (another minor before 1.0) speak another protocol: not offered."""
     return major(version) == major(ours)
 
 
@@ -196,9 +202,10 @@ class Found:
     """A listing as read from a relay: who signed it and when."""
 
     listing: Listing
-    publisher: str  # hex public key of the Nostr key that signed it
+    publisher: str  # hex public key of the Nostr key that signed it ("lan:" + node id when heard on the LAN)
     published_at: int
     expires_at: int | None = None
+    source: str = "nostr"  # "nostr", "lan", or "nostr+lan" when both carried it
 
 
 def score(listing: Listing) -> int:
@@ -242,40 +249,109 @@ def _tag(tags: Iterable[tuple[str, ...]], name: str) -> str | None:
     return next((t[1] for t in tags if len(t) >= 2 and t[0] == name), None)
 
 
+MAX_CLOCK_SKEW_SECS = 600  # a listing dated further ahead than this is not believed
+MAX_LIFETIME_SECS = 3600  # nor one that says it stays valid longer than this after it was made
+_DIGITS = re.compile(r"[0-9]{1,15}")
+
+
+def _key(listing: Listing) -> tuple[str, str]:
+    """Listings replace each other only within one mesh: same id and same clients' secret.
+    A stranger's copy under another mesh's id (its own secret) cannot hide the real one."""
+    return listing.mesh_id, listing.group
+
+
 def read_listings(raws: Iterable[RawListing], now: float, our_version: str, skipped: Skipped | None = None) -> list[Found]:
-    """The usable listings among raw events: signed, well-formed, unexpired, our major version;
-    the newest per mesh id. Everything dropped is counted in `skipped` by reason."""
+    """The usable listings among raw events: signed, well-formed, unexpired, not from the future,
+    our version; the newest per mesh. Everything dropped is counted in `skipped` by reason."""
     skipped = skipped if skipped is not None else Skipped()
-    newest: dict[str, Found] = {}
+    newest: dict[tuple[str, str], Found] = {}
     for raw in raws:
-        if not raw.signed:
-            skipped.add("forged")
-            continue
-        expiration = _tag(raw.tags, "expiration")
-        expires_at = int(expiration) if expiration is not None and expiration.isdigit() and len(expiration) < 16 else None
-        if expiration is not None and expires_at is None:
-            skipped.add("malformed")
-            continue
-        if expires_at is not None and expires_at <= now:
-            skipped.add("expired")
-            continue
         try:
-            listing = decode_listing(raw.content)
+            found = _read_one(raw, now, our_version)
         except ListingError as exc:
             if exc.reason != "withdrawn":  # a clean exit, not a fault
                 skipped.add(exc.reason)
             continue
-        if _tag(raw.tags, "d") != listing.mesh_id:
+        except Exception:  # noqa: BLE001 - whatever a stranger published is skipped, never a crash
+            skipped.add("malformed")
+            continue
+        seen = newest.get(_key(found.listing))
+        if seen is None or seen.published_at < found.published_at:
+            newest[_key(found.listing)] = found
+    return sort_found(newest.values())
+
+
+def _read_one(raw: RawListing, now: float, our_version: str) -> Found:
+    if not raw.signed:
+        raise ListingError("forged", "bad signature")
+    expiration = _tag(raw.tags, "expiration")
+    if expiration is None or not _DIGITS.fullmatch(expiration):
+        raise ListingError("malformed", "no expiration")  # ours always carry one: a listing that never expires is not ours
+    expires_at = int(expiration)
+    if expires_at <= now:
+        raise ListingError("expired", "expired")
+    if raw.created_at > now + MAX_CLOCK_SKEW_SECS or expires_at > raw.created_at + MAX_LIFETIME_SECS:
+        raise ListingError("bad times", "dated in the future or valid for too long")
+    listing = decode_listing(raw.content)
+    if _tag(raw.tags, "d") != listing.mesh_id:
+        raise ListingError("malformed", "d tag is not the mesh id")
+    if not compatible(listing.version, our_version):
+        raise ListingError("version", "another version")
+    return Found(listing, raw.publisher, raw.created_at, expires_at)
+
+
+@dataclass(frozen=True)
+class PrivateMesh:
+    """A mesh heard on the LAN that is not published: it cannot be joined without a token."""
+
+    mesh_id: str
+    name: str | None
+    nodes: int  # how many of its members announce here
+    version: str
+
+
+def read_lan(announced: Iterable[tuple[str, str, str, str, dict[str, Any] | None]], now: float, our_version: str,
+             skipped: Skipped | None = None) -> tuple[list[Found], list[PrivateMesh]]:
+    """LAN announcements -> the published meshes' listings (checked exactly like a relay's, and
+    for the mesh the announcement names) and the private meshes, one entry per mesh.
+    `announced`: (mesh id, node id, version, name, listing or None) per announcing node."""
+    skipped = skipped if skipped is not None else Skipped()
+    listed: dict[tuple[str, str], Found] = {}
+    private: dict[str, list[tuple[str, str]]] = {}
+    for mesh_id, node_id, version, name, doc in announced:
+        if doc is None:
+            private.setdefault(mesh_id, []).append((name, version))
+            continue
+        try:
+            listing = decode_listing(json.dumps(doc))
+        except ListingError as exc:
+            if exc.reason != "withdrawn":
+                skipped.add(exc.reason)
+            continue
+        except Exception:  # noqa: BLE001 - a stranger's announcement is skipped, never a crash
+            skipped.add("malformed")
+            continue
+        if listing.mesh_id != mesh_id:
             skipped.add("malformed")
             continue
         if not compatible(listing.version, our_version):
             skipped.add("version")
             continue
-        found = Found(listing, raw.publisher, raw.created_at, expires_at)
-        seen = newest.get(listing.mesh_id)
-        if seen is None or seen.published_at < found.published_at:
-            newest[listing.mesh_id] = found
-    return sort_found(newest.values())
+        listed.setdefault(_key(listing), Found(listing, f"lan:{node_id}", int(now), None, "lan"))
+    ids = {m for m, _ in listed}
+    hidden = [PrivateMesh(m, next((n for n, _ in seen if n), None), len(seen), seen[0][1])
+              for m, seen in sorted(private.items()) if m not in ids]
+    return sort_found(listed.values()), hidden
+
+
+def merge_found(nostr: Iterable[Found], lan: Iterable[Found]) -> list[Found]:
+    """One entry per mesh: what the LAN says now (it was heard live) wins over a relay's copy of
+    the same mesh (same id and secret); a copycat's never replaces the other's."""
+    out = {_key(f.listing): f for f in nostr}
+    for f in lan:
+        both = _key(f.listing) in out
+        out[_key(f.listing)] = replace(f, source="nostr+lan") if both else f
+    return sort_found(out.values())
 
 
 def sort_found(found: Iterable[Found]) -> list[Found]:
@@ -302,13 +378,15 @@ def narrow(found: Iterable[Found], query: Query) -> list[Found]:
     return [f for f in found if query.matches(f.listing)]
 
 
-def best_for_auto(found: Iterable[Found], query: Query, mesh_name: str | None, need_member: bool) -> Found | None:
-    """The mesh `--auto` joins: the first (in discovery order) that matches, is not full, and
-    is the named mesh (by name, case-insensitive) or, without a name, an unnamed one.
+def best_for_auto(found: Iterable[Found], query: Query, mesh_name: str | None, need_member: bool, now: float | None = None) -> Found | None:
+    """The mesh `--auto` joins: the first (in discovery order) that matches, is not full, not
+    stale, and is the named mesh (by name, case-insensitive) or, without a name, an unnamed one.
     A node that serves needs a listing carrying the member token."""
     for f in sort_found(narrow(found, query)):
         listing = f.listing
         if listing.full or (need_member and listing.token_kind != "member"):
+            continue
+        if now is not None and freshness(f.published_at, now) == "stale":
             continue
         if mesh_name is not None:
             if (listing.name or "").lower() == mesh_name.lower():
@@ -332,7 +410,7 @@ def listing_from_status(doc: dict[str, Any], *, token: str, version: str, name: 
         serving=tuple(m for m in served if printable(m, MAX_MODEL_CHARS))[:MAX_MODELS],
         wanted=tuple(m for m in wanted if printable(m, MAX_MODEL_CHARS))[:MAX_MODELS],
         node_count=max(1, len(nodes)), total_bytes=total, free_bytes=free, client_count=len(nodes) - len(members),
-        max_clients=max_clients,
+        max_clients=max_clients, token_kind=decode_token(token).mesh.kind,
     )
 
 
@@ -345,5 +423,5 @@ def found_json(f: Found, now: float) -> dict[str, Any]:
         "clients": x.client_count, "max_clients": x.max_clients, "full": x.full, "version": x.version,
         "token_kind": x.token_kind, "token": x.token, "publisher": f.publisher, "published_at": f.published_at,
         "expires_at": f.expires_at, "age_secs": max(0, int(now - f.published_at)), "freshness": freshness(f.published_at, now),
-        "score": score(x),
+        "score": score(x), "source": f.source, "group": x.group,
     }

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,6 +42,7 @@ FETCH_SECS = 5.0
 CONNECT_SECS = 5.0
 MAX_EVENTS = 500
 RETRY_ROUNDS = 10  # unreachable relays are tried again every tenth republish
+OUTAGE_WARN_SECS = 600.0  # "no relay took the listing" at most this often
 
 
 def republish_secs() -> float:
@@ -157,41 +158,61 @@ def withdrawal_events(keys: ns.Keys, mesh_id: str, event_id: str | None, now: fl
 
 class Publisher:
     """Keeps this mesh listed while the node runs: republishes its listing (from `listing()`,
-    None to delist: e.g. --max-clients reached), and withdraws it on close."""
+    None to delist: e.g. --max-clients reached), and withdraws it on close. Each round's listing
+    also goes to `on_listing` (the LAN announcer), relays or not; `relays=None`: the LAN only."""
 
-    def __init__(self, keys: ns.Keys, relays: list[str] | tuple[str, ...], listing: Callable[[], Listing | None],
-                 say: Callable[[str], None], warn: Callable[[str], None], interval: float | None = None) -> None:
+    def __init__(self, keys: ns.Keys, relays: list[str] | tuple[str, ...] | None, listing: Callable[[], Listing | None],
+                 say: Callable[[str], None], warn: Callable[[str], None], interval: float | None = None,
+                 on_listing: Callable[[Listing | None], Awaitable[None]] | None = None) -> None:
         self.keys = keys
-        self.urls = relay_urls(relays)
+        self.urls = relay_urls(relays) if relays is not None else []
         self.listing = listing
+        self.on_listing = on_listing
         self.say, self.warn = say, warn
         self.interval = interval or republish_secs()
         self.expiry = self.interval * (EXPIRY_SECS / REPUBLISH_SECS)
-        self.published: tuple[str, str] | None = None  # (mesh id, event id) last listed
+        self.published: tuple[str, str] | None = None  # (mesh id, event id) last listed on the relays
+        self.current: Listing | None = None  # the listing of the last round (None: delisted)
+        self.listed_at: float | None = None  # when a relay last took it
+        self.relays_up = 0
         self.delisted_reason: str | None = None
         self.publishes = 0
         self._client: ns.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._warned = False
+        self._failing = False
+        self._warned_at = -OUTAGE_WARN_SECS
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    def state(self) -> dict[str, object]:
+        """For /api/status: whether and where the mesh is listed (the token itself is not shown)."""
+        x = self.current
+        return {
+            "listed": x is not None, "name": x.name if x else None, "token_kind": x.token_kind if x else None,
+            "relays": [str(u) for u in self.urls], "relays_up": self.relays_up, "nostr_listed": self.published is not None and not self._failing,
+            "last_published_at": self.listed_at, "publishes": self.publishes, "interval_secs": self.interval,
+            "delisted_reason": self.delisted_reason if x is None else None,
+        }
+
     async def _run(self) -> None:
-        try:
-            self._client, failed = await _connected_client(self.urls)
-        except Exception as exc:  # noqa: BLE001 - a relay or SDK hiccup never stops the node
-            self._warn_once(f"Nostr: cannot use the relays ({exc}); the mesh is not listed")
-            return
-        if failed:
-            self._warn_once(f"Nostr: {len(failed)} of {len(self.urls)} relay(s) unreachable: {', '.join(failed)[:300]}")
+        if self.urls:
+            try:
+                self._client, failed = await _connected_client(self.urls)
+                self.relays_up = len(self.urls) - len(failed)
+                if failed:
+                    self._warn_once(f"Nostr: {len(failed)} of {len(self.urls)} relay(s) unreachable: {', '.join(failed)[:300]}")
+            except Exception as exc:  # noqa: BLE001 - a relay or SDK hiccup never stops the node (nor the LAN listing)
+                self._warn_once(f"Nostr: cannot use the relays ({exc}); the mesh is not listed there")
         rounds = 0
         while True:
             rounds += 1
             try:
-                down = await _down(self._client, self.urls) if rounds % RETRY_ROUNDS == 0 else []
-                if down:  # relays that were unreachable: tried again now and then
-                    await _connected_client(down, self._client)
+                down = await _down(self._client, self.urls) if self._client is not None and rounds % RETRY_ROUNDS == 0 else []
+                if down and self._client is not None:  # relays that were unreachable: tried again now and then
+                    _, failed = await _connected_client(down, self._client)
+                    self.relays_up = len(self.urls) - len(failed)
                 await self.publish_once()
             except Exception as exc:  # noqa: BLE001 - a relay or SDK hiccup never stops the node
                 self._warn_once(f"Nostr: publishing failed ({exc}); retrying every {self.interval:g} s")
@@ -205,32 +226,42 @@ class Publisher:
     async def _send(self, event: ns.Event) -> bool:
         assert self._client is not None
         out = await self._client.send_event(event, ok_timeout=timedelta(seconds=CONNECT_SECS))
-        if not out.success:
-            self._warn_once(f"Nostr: no relay took the listing: {'; '.join(f'{u}: {r}' for u, r in out.failed.items())[:300]}")
+        self.relays_up = len(out.success)
+        self._failing = not out.success
+        now = time.monotonic()
+        if self._failing and now - self._warned_at >= OUTAGE_WARN_SECS:  # an outage is told, a flapping relay not every round
+            self._warned_at = now
+            self.warn(f"Nostr: no relay took the listing: {'; '.join(f'{u}: {r}' for u, r in out.failed.items())[:300]}; retrying every {self.interval:g} s")
         return bool(out.success)
 
     async def publish_once(self) -> None:
         listing = self.listing()
+        if listing is None and self.current is not None:
+            self.say("Delisted the mesh" + (f": {self.delisted_reason}" if self.delisted_reason else ""))
+        self.current = listing
+        if self.on_listing is not None:
+            await self.on_listing(listing)
+        if self._client is None:
+            return
         if listing is None:
-            if self.published is not None:
-                await self._withdraw()
-                self.say("Delisted the mesh from Nostr" + (f": {self.delisted_reason}" if self.delisted_reason else ""))
+            await self._withdraw()
             return
         event = listing_event(self.keys, listing, self.expiry, time.time())
         if await self._send(event):
             if self.published is None:
                 self.say(f"Listed the mesh on Nostr ({len(self.urls)} relay(s); {listing.token_kind} token; republished every {self.interval:g} s)")
             self.published = (listing.mesh_id, event.id().to_hex())
+            self.listed_at = time.time()
             self.publishes += 1
 
     async def _withdraw(self) -> None:
         if self.published is None or self._client is None:
             return
         mesh_id, event_id = self.published
-        self.published = None
         for event in withdrawal_events(self.keys, mesh_id, event_id, time.time()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._client.send_event(event), 5)
+        self.published = None  # only now: until the withdrawal went out, the listing was up
 
     async def close(self) -> None:
         if self._task is not None:
@@ -239,6 +270,10 @@ class Publisher:
                 await self._task
         try:
             await self._withdraw()
+            if self.on_listing is not None and self.current is not None:
+                self.current = None
+                with contextlib.suppress(Exception):
+                    await self.on_listing(None)
         finally:
             if self._client is not None:
                 with contextlib.suppress(Exception):

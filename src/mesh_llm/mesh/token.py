@@ -66,7 +66,7 @@ def decode_token(text: str) -> InviteToken:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         doc = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):  # a token from a stranger may nest without end
         raise garbled from None
     if not isinstance(doc, dict):
         raise garbled
