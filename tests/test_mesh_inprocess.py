@@ -247,6 +247,28 @@ async def test_a_hello_past_the_hello_limit_is_dropped_unread() -> None:
     await a.close()
 
 
+async def test_a_stranger_that_says_hello_then_stalls_is_cut_off_at_the_admission_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 3 s HELLO limit is only the first step: one deadline covers the whole admission, so a
+    stranger that sends a proper HELLO and then never answers the challenge gives its slot back."""
+    import mesh_llm.mesh.mesh as mesh_module
+
+    monkeypatch.setattr(mesh_module, "ADMISSION_SECS", 1.5)
+    creds = MeshCredentials.generate()
+    a = make_mesh(creds, name="a")
+    await a.start()
+    stranger = await bind_endpoint(LOOPBACK, os.urandom(32))
+    try:
+        conn = await stranger.connect(endpoint_addr(a.me.id, a.me.addrs, None), ALPN)
+        bi = await conn.open_bi()
+        await bi.send().write_all(stream_prefix(StreamKind.HELLO, {"v": 3, "mesh": creds.mesh_id.hex(), "kind": "member", "nonce": "00" * 32}))
+        await wait_until(lambda: a.pending_handshakes == 1, timeout=10)  # its admission is under way
+        await wait_until(lambda: any("no answer to the mesh handshake within 2 s" in line for line in a.logs), timeout=10)
+        assert a.pending_handshakes == 0 and a.members() == []
+    finally:
+        await stranger.close()
+        await a.close()
+
+
 async def test_a_full_node_refuses_admission_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     from mesh_llm.mesh import peers
 
