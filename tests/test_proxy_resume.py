@@ -122,3 +122,16 @@ async def test_an_answer_whose_connection_breaks_after_its_last_words_is_not_gen
     events, ups = await ask([complete, complete], ASK)
     assert contents(events) == "all of it" and events[-1] == "[DONE]" and events.count("[DONE]") == 1
     assert sum(len(up.bodies) for up in ups) == 1
+
+
+async def test_a_stream_cut_again_and_again_is_continued_twice_then_ends_with_an_error() -> None:
+    """At most MAX_RESUMES (2) continuations: four servers that each cut the stream see three
+    attempts in all, and the caller gets the text so far and then one error event, not a hang."""
+    async def cut(request: web.Request, response: web.StreamResponse) -> None:
+        await response.write(chunk(role="assistant") + chunk("w "))
+        await vanish(request)
+
+    events, ups = await asyncio.wait_for(ask([cut, cut, cut, cut], {**ASK, "max_tokens": 50}), 120)
+    assert proxy_module.MAX_RESUMES == 2
+    assert sum(len(u.bodies) for u in ups) == 1 + proxy_module.MAX_RESUMES
+    assert contents(events).startswith("w ") and isinstance(events[-1], dict) and "error" in events[-1], events[-2:]
