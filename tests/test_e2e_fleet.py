@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mesh_llm.api.routing import affinity
 from mesh_llm.models.tiny import TinyModelSpec, write_tiny_model
 from tests.conftest import LOCAL, SPLIT_SPEC, assert_one_line_error, llama_servers, open_stream, run_cli, wait_for
 from tests.test_e2e_split import need_gb
@@ -208,7 +209,10 @@ def test_requests_for_a_model_spread_over_its_servers_and_a_conversation_stays(s
     before = served()
     for _ in range(4):
         complete(b, "tiny-0", user="alice")  # without stickiness each would go where nothing is in flight
-    complete(b, "tiny-0", user="bob")  # a new conversation does go there
+    # a new conversation whose hash picks the other server does go there (conversations are
+    # placed by rendezvous hashing over node ids, so the name is chosen for this run's ids)
+    other = next(f"bob{i}" for i in range(1000) if affinity(f"u:bob{i}", away.node_id()) > affinity(f"u:bob{i}", home.node_id()))
+    complete(b, "tiny-0", user=other)
     after = served()
     assert runtime(home)["tiny-0"]["in_flight"] == 1, "the busy stream ended early: nothing was shown"
     moved = {home: after[0 if home is a else 1] - before[0 if home is a else 1], away: after[0 if away is a else 1] - before[0 if away is a else 1]}

@@ -105,9 +105,14 @@ def test_streams_continue_on_another_node_when_theirs_is_killed(start_node, byte
     Stream(client.port, "completions").finish()  # the conversation's server, remembered by the client
     victim = next(n for n in (a, b) if _requests(n) > served[n])
     generator = victim.llama_server()
+    # The three requests reach a stopped llama-server (its node's gate counts them in), so none
+    # can run ahead while another is still on its way through the mesh on a loaded machine...
+    generator.send_signal(signal.SIGSTOP)
     streams = {d: Stream(client.port, d) for d in ASKS}  # at once, all there
-    # Let the server generate in short bursts until every stream has its first words, so that on
-    # a loaded machine, too, none can finish before the cut; then the node is gone, like a pulled cable.
+    wait_for(lambda: next(m["in_flight"] for m in victim.status()["serving"] if m["model"] == "tiny-bytes") == len(ASKS),
+             timeout=60, what="all three requests at the victim's stopped server")
+    # ... then it generates in short bursts until every stream has its first words, so that none
+    # can finish before the cut; then the node is gone, like a pulled cable.
     deadline = time.monotonic() + 60
     while True:
         generator.send_signal(signal.SIGSTOP)
