@@ -85,6 +85,22 @@ def test_sigterm_also_stops_children(engine, tiny_model: Path, start_node) -> No
     assert not psutil.wait_procs(children, timeout=10)[1]
 
 
+def test_ctrl_c_while_the_model_loads_stops_cleanly_in_one_line(engine, tiny_model: Path, start_node) -> None:
+    """Its llama-server is held stopped, so the node is surely still loading when Ctrl-C comes:
+    one line, exit 0, no stray asyncio message, no child left."""
+    node = start_node("--model", str(tiny_model))
+    server = wait_for(lambda: (found := llama_servers(node.proc.pid)) and found[0], timeout=60, what="llama-server started")
+    server.send_signal(signal.SIGSTOP)
+    children = psutil.Process(node.proc.pid).children(recursive=True)
+    assert node.stop(signal.SIGINT) == 0
+    out = node.output()
+    assert "Stopped before the models finished loading." in out and "never retrieved" not in out and "Traceback" not in out, out
+    for child in children:  # a stopped child ignores SIGTERM until it runs again
+        if child.is_running():
+            child.send_signal(signal.SIGCONT)
+    assert not psutil.wait_procs(children, timeout=15)[1]
+
+
 def test_kill_9_of_node_takes_llama_server_with_it(engine, tiny_model: Path, start_node) -> None:
     node = start_node("--model", str(tiny_model))
     node.wait_ready()

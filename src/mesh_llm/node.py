@@ -467,6 +467,8 @@ async def _first_outcomes(loaded: list[Loaded], stop: asyncio.Event) -> list[Lif
         stopper.cancel()
     if settled not in done:
         settled.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # retrieved, so asyncio does not print it at exit
+            await settled
         return None
     return list(settled.result())
 
