@@ -85,19 +85,23 @@ def test_sigterm_also_stops_children(engine, tiny_model: Path, start_node) -> No
     assert not psutil.wait_procs(children, timeout=10)[1]
 
 
-def test_ctrl_c_while_the_model_loads_stops_cleanly_in_one_line(engine, tiny_model: Path, start_node) -> None:
-    """Its llama-server is held stopped, so the node is surely still loading when Ctrl-C comes:
-    one line, exit 0, no stray asyncio message, no child left."""
-    node = start_node("--model", str(tiny_model))
-    server = wait_for(lambda: (found := llama_servers(node.proc.pid)) and found[0], timeout=60, what="llama-server started")
-    server.send_signal(signal.SIGSTOP)
+def test_ctrl_c_while_the_model_loads_stops_cleanly_in_one_line(engine, tiny_model: Path, start_node, tmp_path: Path) -> None:
+    """Its llama-server takes its time to start (a wrapper sleeps before it), so the node is
+    surely still loading when Ctrl-C comes: one line, exit 0, no stray asyncio message, no child left."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    wrapper = slow / "llama-server"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" --model "*) sleep 120;; esac\nexec {engine.llama_server} "$@"\n')
+    wrapper.chmod(0o755)
+    for other in engine.llama_server.parent.iterdir():
+        if other.name != "llama-server" and not (slow / other.name).exists():
+            (slow / other.name).symlink_to(other)
+    node = start_node("--model", str(tiny_model), "--bin-dir", str(slow))
+    node.wait_output("Client token: ")  # the mesh is up; the model cannot be ready for 120 s
     children = psutil.Process(node.proc.pid).children(recursive=True)
     assert node.stop(signal.SIGINT) == 0
     out = node.output()
     assert "Stopped before the models finished loading." in out and "never retrieved" not in out and "Traceback" not in out, out
-    for child in children:  # a stopped child ignores SIGTERM until it runs again
-        if child.is_running():
-            child.send_signal(signal.SIGCONT)
     assert not psutil.wait_procs(children, timeout=15)[1]
 
 
