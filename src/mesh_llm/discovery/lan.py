@@ -18,13 +18,11 @@ Two uses:
     the LAN for announcements of its own mesh; a node id that was a member this run and is not
     connected is handed to `Mesh.hint` with its announced addresses (a DHCP change: peers find
     each other again without a new token; the handshake still proves the secret both ways).
-  * The pure interface for `mesh-llm discover` / `--auto`:
-        await lan_listings(timeout) -> list[dict]
-    one dict per announcing node: a published mesh's listing exactly as announced (the same
-    dict as on Nostr: validate it like one), or for a private mesh
-        {"private": True, "mesh_id": hex, "name": str, "node_id": hex, "addrs": [..], "version": str}
-    which cannot be joined without a token ("private, on this LAN"). `browse_lan(timeout)` gives
-    the parsed `LanMesh` objects instead.
+  * Browsing, for `mesh-llm discover` / `--auto`: `browse_lan(timeout)` -> the parsed `LanMesh`
+    of every announcing node; discovery/listing.read_lan checks a published mesh's listing
+    exactly like one from a relay and keeps private meshes apart (not joinable without a token).
+    `lan_listings(timeout)` gives the same as plain dicts (a private mesh as
+        {"private": True, "mesh_id": hex, "name": str, "node_id": hex, "addrs": [..], "version": str}).
 
 Interfaces: IPv4 multicast on every interface (zeroconf's InterfaceChoice.All); set
 MESH_LLM_LAN_INTERFACES to a comma-separated list of local IP addresses to choose.
