@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--model", default=None, metavar="M", help="only meshes serving or wanting a model whose name contains M")
     d.add_argument("--region", default=None, metavar="R", help="only meshes in region R")
     d.add_argument("--min-vram", type=float, default=None, metavar="GB", help="only meshes with at least this much memory in all")
-    d.add_argument("--json", action="store_true", help="machine-readable: {meshes: [...], skipped: {reason: count}, unreachable: [...]}")
+    d.add_argument("--json", action="store_true", help="machine-readable: {meshes: [...], skipped: {reason: count}, unreachable: [...], private_on_lan: [...]}")
     d.add_argument("--nostr-relay", action="append", default=[], metavar="URL", help="Nostr relay to ask instead of the defaults (repeatable)")
     d.add_argument("--no-nostr", action="store_true", help="ask no relay: only the meshes announced on this LAN")
     d.add_argument("--no-lan", action="store_true", help="don't look on this LAN (mDNS), only on the relays")
